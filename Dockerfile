@@ -1,0 +1,15 @@
+# tessera: one image, configured entirely by TESSERA_* environment variables.
+FROM python:3.12-slim AS base
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /srv/tessera
+RUN useradd --system --uid 10001 --home-dir /srv/tessera tessera
+COPY pyproject.toml README.md alembic.ini ./
+COPY alembic ./alembic
+COPY app ./app
+COPY tessera_verify ./tessera_verify
+RUN pip install -e . && mkdir -p /srv/tessera/data && chown tessera /srv/tessera/data
+USER tessera
+ENV TESSERA_DATA_DIR=/srv/tessera/data
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)" || exit 1
+CMD ["tessera", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "2", "--proxy-headers"]

@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh clone (Python 3.11+ and make only):
+#   make run    serve on embedded defaults (SQLite + embedded Redis in ./data)
+#   make test   run the test suite on embedded defaults
+PYTHON ?= $(shell for p in python3.12 python3.11 python3.13 python3; do \
+            command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+            && echo $$p && break; done)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install run test demo bench lint clean
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "tessera needs Python 3.11 or newer on PATH"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+install: $(STAMP)
+
+# Local development is plain HTTP, so cookies are not Secure here (set TESSERA_COOKIE_SECURE=true
+# behind TLS). Open http://$(HOST):$(PORT)/docs to try it.
+run: install
+	TESSERA_COOKIE_SECURE=$${TESSERA_COOKIE_SECURE:-false} $(BIN)/tessera serve --host $(HOST) --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/python -m pip install -q ruff mypy && $(BIN)/ruff check app tests && $(BIN)/mypy app
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

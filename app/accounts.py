@@ -1,0 +1,106 @@
+"""Account rules: register, authenticate, open and close sessions."""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from app.errors import Problem
+from app.models import AuditEvent, User, utcnow
+from app.policy import PolicyState
+from app.security.passwords import PasswordHasher
+from app.security.tokens import IssuedToken, issue_token, new_session_id, token_hash
+from app.sessions import SessionRecord
+from app.state import Tessera
+
+
+def email_key(email: str) -> str:
+    return email.strip().casefold()
+
+
+def invalid_credentials() -> Problem:
+    return Problem(401, "invalid_credentials", "The email or password is wrong.")
+
+
+async def find_by_email(db: AsyncSession, email: str) -> User | None:
+    return (await db.exec(select(User).where(User.email_key == email_key(email)))).first()
+
+
+async def register_user(db: AsyncSession, hasher: PasswordHasher, *, email: str, password: str,
+                        policy: PolicyState, is_admin: bool = False) -> User:
+    if await find_by_email(db, email) is not None:
+        raise Problem(409, "email_taken", "An account with this email exists.")
+    now = utcnow()
+    user = User(email=email, email_key=email_key(email), password_hash=await hasher.hash(password),
+                is_admin=is_admin, created_at=now, updated_at=now,
+                policy_version=policy.current.version, policy_seq=policy.current.seq or 0,
+                policy_accepted_at=now)
+    db.add(user)
+    try:
+        await db.commit()
+    except IntegrityError:  # a concurrent registration won the race
+        await db.rollback()
+        raise Problem(409, "email_taken", "An account with this email exists.") from None
+    await db.refresh(user)
+    return user
+
+
+async def authenticate(db: AsyncSession, hasher: PasswordHasher, email: str,
+                       password: str) -> User:
+    """The user for these credentials; an unknown email costs one hash, like a wrong password."""
+    user = await find_by_email(db, email)
+    ok, new_hash = await hasher.verify(password, user.password_hash if user else None)
+    if user is None or not ok:
+        raise invalid_credentials()
+    if new_hash is not None:  # the cost setting changed since this hash was made
+        user.password_hash = new_hash
+        db.add(user)
+        await db.commit()
+    if not user.is_active:
+        raise Problem(403, "account_inactive", "This account is deactivated.")
+    return user
+
+
+async def verify_password(hasher: PasswordHasher, user: User, password: str) -> bool:
+    ok, _ = await hasher.verify(password, user.password_hash)
+    return ok
+
+
+async def open_session(t: Tessera, user: User, user_agent: str | None) -> IssuedToken:
+    s = t.settings
+    issued = issue_token(t.keys, sub=user.id, sid=new_session_id(), ttl_seconds=s.session_ttl_seconds,
+                         issuer=s.issuer, audience=s.audience, now=int(time.time()))
+    await t.sessions.create(SessionRecord(
+        sid=issued.sid, user_id=user.id, token_hash=token_hash(issued.token),
+        created_at=issued.iat, expires_at=issued.exp,
+        user_agent=(user_agent or "")[:256] or None))
+    t.metrics.sessions_issued.inc()
+    return issued
+
+
+async def revoke_session(t: Tessera, user_id: str, sid: str, reason: str) -> bool:
+    deleted = await t.sessions.delete(user_id, sid)
+    if deleted:
+        t.metrics.sessions_revoked.labels(reason).inc()
+    return deleted
+
+
+async def revoke_all_sessions(t: Tessera, user_id: str, reason: str,
+                              keep_sid: str | None = None) -> int:
+    count = await t.sessions.delete_all(user_id, keep_sid=keep_sid)
+    if count:
+        t.metrics.sessions_revoked.labels(reason).inc(count)
+    return count
+
+
+async def audit(db: AsyncSession, event: str, *, user_id: str | None = None,
+                actor_id: str | None = None, outcome: str | None = None,
+                detail: str | None = None, commit: bool = True) -> None:
+    """Security event: ids only, never an email, password or token."""
+    db.add(AuditEvent(event=event, user_id=user_id, actor_id=actor_id, outcome=outcome,
+                      detail=detail))
+    if commit:
+        await db.commit()

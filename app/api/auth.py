@@ -1,0 +1,225 @@
+"""/auth: register, login, logout, sessions, introspection, revocation feed."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Request, Response
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+
+from app import accounts
+from app.api.cookies import clear_login_cookies, set_login_cookies
+from app.api.deps import (
+    CurrentSession,
+    CurrentUser,
+    DbDep,
+    OptionalSession,
+    TesseraDep,
+    csrf_token_for,
+)
+from app.api.schemas import LoginJSON, RegisterIn, SessionOut, TokenOut, UserOut
+from app.errors import Problem
+from app.models import User
+from app.policy import must_consent
+from app.security.passwords import normalise_password
+from app.security.tokens import peek_claims, token_hash
+from app.timeutil import from_epoch
+
+router = APIRouter(prefix="/auth", tags=["auth"])
+
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def _client_key(request: Request) -> str:
+    client = request.scope.get("client")
+    return client[0] if client else "unknown"
+
+
+@router.post("/register", status_code=201, response_model=UserOut,
+             responses={409: {"description": "email_taken or policy_outdated"},
+                        422: {"description": "underage or validation_error"}})
+async def register(body: RegisterIn, request: Request, response: Response, db: DbDep,
+                   t: TesseraDep) -> UserOut:
+    if body.is_adult is not True:
+        raise Problem(422, "underage", "tessera accepts no users under 18: is_adult must be true.")
+    policy = await t.policy.get()
+    if body.policy_version is not None and body.policy_version != policy.current.version:
+        raise Problem(409, "policy_outdated", "That is not the current policy version.",
+                      extra={"current_version": policy.current.version})
+    s = t.settings
+    limit = [("register-ip", _client_key(request), s.register_max_per_ip)]
+    await t.limiter.check(limit)
+    await t.limiter.hit(limit, s.register_window_seconds)
+    user = await accounts.register_user(db, t.hasher, email=str(body.email),
+                                        password=body.password, policy=policy)
+    await accounts.audit(db, "register", user_id=user.id, outcome="ok")
+    response.headers.update(NO_STORE)
+    assert user.email is not None
+    return UserOut(id=user.id, email=user.email, created_at=user.created_at)
+
+
+_LOGIN_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {
+                "type": "object", "required": ["email", "password"],
+                "properties": {"email": {"type": "string", "format": "email"},
+                               "password": {"type": "string", "format": "password"}}}},
+            "application/x-www-form-urlencoded": {"schema": {
+                "type": "object", "required": ["username", "password"],
+                "properties": {"username": {"type": "string", "description": "the email"},
+                               "password": {"type": "string", "format": "password"},
+                               "grant_type": {"type": "string"},
+                               "scope": {"type": "string"}}}},
+        },
+    }
+}
+
+
+async def _read_credentials(request: Request) -> tuple[str, str]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        try:
+            raw: Any = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise Problem(400, "malformed_body", "The body is not valid JSON.") from None
+        if not isinstance(raw, dict):
+            raise Problem(422, "validation_error", "The body must be a JSON object.",
+                          extra={"errors": [{"loc": ["body"], "msg": "must be an object"}]})
+        try:
+            creds = LoginJSON.model_validate(raw)
+        except ValidationError as exc:
+            errors = [{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]
+            raise Problem(422, "validation_error", "The request is not valid.",
+                          extra={"errors": errors}) from None
+        return creds.email, creds.password
+    if content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        form = await request.form()
+        username, password = form.get("username"), form.get("password")
+        errors = [{"loc": ["body", name], "msg": "Field required"}
+                  for name, value in (("username", username), ("password", password))
+                  if not isinstance(value, str) or not value]
+        if errors:
+            raise Problem(422, "validation_error", "The request is not valid.",
+                          extra={"errors": errors})
+        assert isinstance(username, str) and isinstance(password, str)
+        if len(username) > 320 or len(password) > 1024:
+            raise Problem(422, "validation_error", "The request is not valid.",
+                          extra={"errors": [{"loc": ["body"], "msg": "value too long"}]})
+        return username, password
+    raise Problem(415, "unsupported_media_type",
+                  "Send JSON {email, password} or the OAuth2 password form.")
+
+
+@router.post("/login", response_model=TokenOut, openapi_extra=_LOGIN_BODY,
+             responses={401: {"description": "invalid_credentials"},
+                        403: {"description": "account_inactive"},
+                        429: {"description": "too_many_attempts"}})
+async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
+    email, password = await _read_credentials(request)
+    s = t.settings
+    limits = [("login-account", accounts.email_key(email), s.login_max_failures_per_account),
+              ("login-ip", _client_key(request), s.login_max_failures_per_ip)]
+    await t.limiter.check(limits)
+    try:
+        try:
+            password = normalise_password(password)
+        except ValueError:
+            password = ""  # can match no stored hash; still costs one hash below
+        user = await accounts.authenticate(db, t.hasher, email, password)
+    except Problem as problem:
+        outcome = "inactive" if problem.code == "account_inactive" else "failed"
+        t.metrics.logins.labels(outcome).inc()
+        if problem.code == "invalid_credentials":
+            await t.limiter.hit(limits, s.login_failure_window_seconds)
+        user_row = await accounts.find_by_email(db, email)
+        await accounts.audit(db, "login", user_id=user_row.id if user_row else None,
+                             outcome=outcome)
+        raise
+    await t.limiter.clear("login-account", accounts.email_key(email))
+    issued = await accounts.open_session(t, user, request.headers.get("user-agent"))
+    t.metrics.logins.labels("ok").inc()
+    await accounts.audit(db, "login", user_id=user.id, outcome="ok")
+    body = TokenOut(access_token=issued.token, expires_in=issued.exp - issued.iat,
+                    expires_at=from_epoch(issued.exp), session_id=issued.sid)
+    response = JSONResponse(body.model_dump(), headers=NO_STORE)
+    set_login_cookies(response, s, issued, csrf_token_for(t.csrf_key, issued.sid))
+    return response
+
+
+@router.post("/logout", status_code=204, response_class=Response)
+async def logout(principal: OptionalSession, db: DbDep, t: TesseraDep) -> Response:
+    response = Response(status_code=204, headers=NO_STORE)
+    if principal is not None:
+        await accounts.revoke_session(t, principal.user_id, principal.sid, "logout")
+        await accounts.audit(db, "logout", user_id=principal.user_id)
+    clear_login_cookies(response, t.settings)
+    return response
+
+
+@router.post("/logout-all", status_code=204, response_class=Response)
+async def logout_all(principal: CurrentSession, db: DbDep, t: TesseraDep) -> Response:
+    await accounts.revoke_all_sessions(t, principal.user_id, "logout_all")
+    await accounts.audit(db, "logout_all", user_id=principal.user_id)
+    response = Response(status_code=204, headers=NO_STORE)
+    clear_login_cookies(response, t.settings)
+    return response
+
+
+@router.get("/sessions", response_model=list[SessionOut])
+async def list_sessions(user: CurrentUser, principal: CurrentSession, response: Response,
+                        t: TesseraDep) -> list[SessionOut]:
+    response.headers.update(NO_STORE)
+    return [SessionOut(id=r.sid, created_at=from_epoch(r.created_at),
+                       expires_at=from_epoch(r.expires_at), user_agent=r.user_agent,
+                       current=r.sid == principal.sid)
+            for r in await t.sessions.list(user.id)]
+
+
+@router.delete("/sessions/{session_id}", status_code=204, response_class=Response)
+async def delete_session(session_id: str, user: CurrentUser, t: TesseraDep) -> Response:
+    if len(session_id) > 64 or not await accounts.revoke_session(t, user.id, session_id,
+                                                                  "ended_by_user"):
+        raise Problem(404, "not_found", "No such session of yours.")
+    return Response(status_code=204, headers=NO_STORE)
+
+
+def check_service_key(request: Request, t: TesseraDep) -> None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, presented = auth.partition(" ")
+    presented = presented.strip()
+    ok = False
+    for key in t.settings.service_keys:  # no early exit: every key is compared
+        ok |= bool(presented) and hmac.compare_digest(presented.encode(),
+                                                     key.get_secret_value().encode())
+    if scheme.lower() != "bearer" or not ok:
+        raise Problem(401, "invalid_client", "A valid service key is required.",
+                      headers={"WWW-Authenticate": 'Bearer realm="tessera-services"'})
+
+
+@router.post("/introspect", responses={401: {"description": "invalid_client"}})
+async def introspect(request: Request, t: TesseraDep, db: DbDep,
+                     token: Annotated[str, Form(max_length=4096)] = "") -> JSONResponse:
+    check_service_key(request, t)
+    inactive = JSONResponse({"active": False}, headers=NO_STORE)
+    claims = peek_claims(token)
+    if claims is None:
+        return inactive
+    record = await t.sessions.check(claims.sub, claims.sid, token_hash(token))
+    if record is None:
+        return inactive
+    user = await db.get(User, record.user_id)
+    if user is None or not user.is_active:
+        return inactive
+    raw = claims.raw
+    return JSONResponse({
+        "active": True, "sub": record.user_id, "sid": record.sid, "exp": raw.get("exp"),
+        "iat": raw.get("iat"), "iss": raw.get("iss"), "aud": raw.get("aud"),
+        "jti": raw.get("jti"), "token_type": "Bearer",
+        "policy_accepted": not must_consent(user, await t.policy.get()),
+    }, headers=NO_STORE)
+

@@ -1,0 +1,151 @@
+"""Typed dependencies: route signatures read like sentences."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import OAuth2PasswordBearer
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from app.errors import Problem, not_authenticated
+from app.models import User
+from app.policy import must_consent
+from app.privacy import attribute_usage, forbid_tracking
+from app.security.tokens import peek_claims, token_hash
+from app.sessions import SessionRecord
+from app.state import Tessera
+
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+# Declared for the OpenAPI "Authorize" button; the token is read by `authenticate` below.
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/auth/login", auto_error=False)
+
+
+def get_tessera(request: Request) -> Tessera:
+    return request.app.state.tessera  # type: ignore[no-any-return]
+
+
+TesseraDep = Annotated[Tessera, Depends(get_tessera)]
+
+
+async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
+    async with get_tessera(request).db_factory() as db:
+        yield db
+
+
+DbDep = Annotated[AsyncSession, Depends(get_db)]
+
+
+def csrf_token_for(csrf_key: bytes, sid: str) -> str:
+    """Signed double-submit: the csrf cookie's value is an HMAC of the session id."""
+    mac = hmac.new(csrf_key, sid.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request is authenticated as: the session, and how its token travelled."""
+
+    user_id: str
+    session: SessionRecord
+    token: str
+    via_cookie: bool
+
+    @property
+    def sid(self) -> str:
+        return self.session.sid
+
+
+def _presented_token(request: Request, t: Tessera) -> tuple[str | None, bool]:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip(), False
+        return None, False
+    cookie = request.cookies.get(t.settings.session_cookie)
+    return (cookie, True) if cookie else (None, False)
+
+
+def check_csrf(request: Request, t: Tessera, sid: str) -> None:
+    header = request.headers.get("x-csrf-token", "")
+    cookie = request.cookies.get(t.settings.csrf_cookie, "")
+    expected = csrf_token_for(t.csrf_key, sid)
+    if not (header and hmac.compare_digest(header.encode(), cookie.encode())
+            and hmac.compare_digest(header.encode(), expected.encode())):
+        raise Problem(403, "csrf_failed", "The X-CSRF-Token header must match the csrf cookie.")
+
+
+async def resolve_principal(request: Request, t: Tessera) -> Principal | None:
+    """The session this request's token belongs to, or None. Checks CSRF for cookies."""
+    token, via_cookie = _presented_token(request, t)
+    if token is None:
+        return None
+    claims = peek_claims(token)
+    if claims is None:
+        return None
+    record = await t.sessions.check(claims.sub, claims.sid, token_hash(token))
+    if record is None:
+        return None
+    if via_cookie and request.method in UNSAFE_METHODS:
+        check_csrf(request, t, record.sid)
+    return Principal(record.user_id, record, token, via_cookie)
+
+
+async def require_principal(
+    request: Request, t: TesseraDep, _bearer: Annotated[str | None, Depends(oauth2_scheme)]
+) -> Principal:
+    principal = await resolve_principal(request, t)
+    if principal is None:
+        raise not_authenticated()
+    return principal
+
+
+async def optional_principal(request: Request, t: TesseraDep) -> Principal | None:
+    return await resolve_principal(request, t)
+
+
+CurrentSession = Annotated[Principal, Depends(require_principal)]
+OptionalSession = Annotated[Principal | None, Depends(optional_principal)]
+
+
+async def load_user(request: Request, db: AsyncSession, principal: Principal) -> User:
+    user = await db.get(User, principal.user_id)
+    if user is None or not user.is_active:
+        raise not_authenticated()
+    if user.restrict_processing or user.object_to_processing:
+        forbid_tracking(request.scope)
+    attribute_usage(request.scope, user.id)
+    return user
+
+
+async def user_any_policy(request: Request, db: DbDep, principal: CurrentSession) -> User:
+    return await load_user(request, db, principal)
+
+
+async def user_policy_gated(request: Request, db: DbDep, principal: CurrentSession,
+                            t: TesseraDep) -> User:
+    user = await load_user(request, db, principal)
+    if must_consent(user, await t.policy.get()):
+        raise Problem(403, "policy_consent_required",
+                      "The policy changed substantially; accept the current version first.")
+    return user
+
+
+async def admin_user(user: Annotated[User, Depends(user_policy_gated)]) -> User:
+    if not user.is_admin:
+        raise Problem(403, "forbidden", "This needs the admin role.")
+    return user
+
+
+# Exempt from the policy gate (API.md): GET /me, GET /me/export, DELETE /me,
+# POST /me/policy-consent, POST /auth/logout, POST /auth/logout-all.
+CurrentUserAnyPolicy = Annotated[User, Depends(user_any_policy)]
+CurrentUser = Annotated[User, Depends(user_policy_gated)]
+AdminUser = Annotated[User, Depends(admin_user)]

@@ -1,0 +1,59 @@
+"""Request and response bodies (the HTTP shape; rules live in the service modules)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_serializer, field_validator
+
+from app.security.passwords import normalise_password
+from app.timeutil import rfc3339
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", str_max_length=4096)
+
+
+class RegisterIn(Strict):
+    email: EmailStr = Field(max_length=254)
+    password: str
+    # Any JSON value: only the boolean `true` passes, checked by the route (422 `underage`).
+    is_adult: Any = None
+    policy_version: str | None = Field(default=None, max_length=64)
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, value: str) -> str:
+        return normalise_password(value)
+
+
+class LoginJSON(Strict):
+    email: str = Field(min_length=1, max_length=320)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class UserOut(BaseModel):
+    id: str
+    email: str
+    created_at: datetime
+
+    @field_serializer("created_at")
+    def _ts(self, v: datetime) -> str:
+        return rfc3339(v)
+
+
+class TokenOut(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int
+    expires_at: str
+    session_id: str
+
+
+class SessionOut(BaseModel):
+    id: str
+    created_at: str
+    expires_at: str
+    user_agent: str | None
+    current: bool

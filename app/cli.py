@@ -1,0 +1,147 @@
+"""The `tessera` command line: serve, migrate, create-admin, keys rotate, purge."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Annotated
+
+import typer
+
+from app.settings import Settings
+
+cli = typer.Typer(help="tessera: auth and sessions that enforce a privacy policy.",
+                  no_args_is_help=True, add_completion=False)
+keys_cli = typer.Typer(help="Signing keys.", no_args_is_help=True)
+cli.add_typer(keys_cli, name="keys")
+
+
+@cli.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    proxy_headers: Annotated[bool, typer.Option(help="Trust X-Forwarded-* from "
+                                                "--forwarded-allow-ips.")] = False,
+    forwarded_allow_ips: Annotated[str, typer.Option()] = "127.0.0.1",
+) -> None:
+    """Apply pending migrations, then serve (uvloop, httptools, no access log)."""
+    import uvicorn
+
+    from app import migrate
+    from app.embedded import EmbeddedRedis
+    from app.logs import configure_logging
+
+    settings = Settings()
+    configure_logging(settings.log_level)
+    migrate.upgrade(settings)
+    embedded = None
+    if settings.embedded_redis:
+        # Started once here, so every worker shares one embedded Redis.
+        embedded = EmbeddedRedis(settings.data_dir)
+        os.environ["TESSERA_REDIS_URL"] = embedded.start()
+    try:
+        uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers,
+                    loop="uvloop", http="httptools", access_log=False, log_config=None,
+                    proxy_headers=proxy_headers, forwarded_allow_ips=forwarded_allow_ips,
+                    timeout_graceful_shutdown=20, server_header=False)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+@cli.command()
+def migrate() -> None:
+    """Upgrade the configured database to the newest schema (alembic upgrade head)."""
+    from app import migrate as migrations
+
+    migrations.upgrade(Settings())
+    typer.echo("database is at the newest schema")
+
+
+async def _with_db(fn):  # type: ignore[no-untyped-def]
+    from app.db import create_engine, session_factory
+
+    settings = Settings()
+    engine = create_engine(settings.resolved_database_url)
+    try:
+        async with session_factory(engine)() as db:
+            return await fn(settings, db)
+    finally:
+        await engine.dispose()
+
+
+@cli.command("create-admin")
+def create_admin(email: str) -> None:
+    """Create an admin (password from TESSERA_ADMIN_PASSWORD or a prompt), or promote a user."""
+    from app import accounts
+    from app import migrate as migrations
+    from app.policy import load_policy_state
+    from app.security.passwords import PasswordHasher, normalise_password
+
+    settings = Settings()
+    migrations.upgrade(settings)
+
+    async def run(settings: Settings, db):  # type: ignore[no-untyped-def]
+        user = await accounts.find_by_email(db, email)
+        if user is not None:
+            user.is_admin = True
+            db.add(user)
+            await accounts.audit(db, "admin_promoted", user_id=user.id, commit=False)
+            await db.commit()
+            return f"promoted {user.id} to admin"
+        raw = (settings.admin_password.get_secret_value() if settings.admin_password
+               else typer.prompt("Password", hide_input=True, confirmation_prompt=True))
+        try:
+            password = normalise_password(raw)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        user = await accounts.register_user(db, PasswordHasher(settings.bcrypt_rounds),
+                                            email=email, password=password,
+                                            policy=await load_policy_state(db), is_admin=True)
+        await accounts.audit(db, "admin_created", user_id=user.id)
+        return f"created admin {user.id}"
+
+    from email_validator import EmailNotValidError, validate_email
+
+    try:
+        validate_email(email, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(asyncio.run(_with_db(run)))
+
+
+@keys_cli.command("rotate")
+def rotate() -> None:
+    """Add a new signing key and make it current; old keys stay published until their tokens expire."""
+    from app.security.keys import KeyCipher, create_signing_key
+    from app.security.secret import load_or_create_secret
+
+    async def run(settings: Settings, db):  # type: ignore[no-untyped-def]
+        cipher = KeyCipher(load_or_create_secret(settings))
+        return await create_signing_key(db, cipher, ttl_seconds=settings.session_ttl_seconds)
+
+    kid = asyncio.run(_with_db(run))
+    typer.echo(f"new current signing key: {kid}")
+
+
+@cli.command()
+def purge() -> None:
+    """Delete usage events past retention, and signing keys past their last token."""
+    from app.security.keys import purge_expired_keys
+    from app.usage import purge_usage
+
+    async def run(settings: Settings, db):  # type: ignore[no-untyped-def]
+        events = await purge_usage(db, settings.usage_retention_days)
+        keys = await purge_expired_keys(db)
+        return f"purged {events} usage events and {keys} expired signing keys"
+
+    typer.echo(asyncio.run(_with_db(run)))
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""create_app(): settings -> lifespan (db, redis, keys) -> middleware -> routers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+from app import __version__
+from app.api import auth, health, me, wellknown
+from app.db import create_engine, session_factory
+from app.embedded import EmbeddedRedis
+from app.errors import install_error_handlers, install_unavailable_handlers
+from app.metrics import Metrics, MetricsMiddleware
+from app.middleware import BodyLimitMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
+from app.policy import PolicyCache
+from app.privacy import PrivacyMiddleware
+from app.ratelimit import AttemptLimiter
+from app.redis import create_redis
+from app.security.keys import KeyCipher, KeyRing, derive_key
+from app.security.passwords import PasswordHasher
+from app.security.secret import load_or_create_secret
+from app.sessions import SessionStore
+from app.settings import Settings
+from app.state import Tessera
+from app.usage import UsageRecorder
+
+DESCRIPTION = """tessera issues and checks login sessions and enforces a privacy policy in code.
+Use **Authorize** with your email as the username to try authenticated endpoints."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    engine = create_engine(settings.resolved_database_url)
+    db_factory = session_factory(engine)
+    metrics = Metrics()
+    usage = UsageRecorder(db_factory, flush_events=settings.usage_flush_events,
+                          flush_seconds=settings.usage_flush_seconds)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        secret = load_or_create_secret(settings)
+        embedded = None
+        redis_url = settings.redis_url
+        if not redis_url:
+            embedded = EmbeddedRedis(settings.data_dir)
+            redis_url = embedded.start()
+        redis = create_redis(redis_url)
+        keys = KeyRing(db_factory, KeyCipher(secret), ttl_seconds=settings.session_ttl_seconds,
+                       cache_seconds=settings.keys_cache_seconds)
+        try:
+            await keys.ensure_key()
+            app.state.tessera = Tessera(
+                settings=settings, secret=secret, engine=engine, db_factory=db_factory,
+                redis=redis, sessions=SessionStore(redis), keys=keys,
+                hasher=PasswordHasher(settings.bcrypt_rounds), usage=usage, metrics=metrics,
+                policy=PolicyCache(db_factory), csrf_key=derive_key(secret, b"csrf"),
+                limiter=AttemptLimiter(redis, derive_key(secret, b"rate-limit")),
+                embedded_redis=embedded)
+            usage.start()
+            yield
+        finally:
+            await usage.stop()
+            await redis.aclose()
+            await engine.dispose()
+            if embedded is not None:
+                embedded.stop()
+
+    app = FastAPI(title="tessera", version=__version__, description=DESCRIPTION,
+                  lifespan=lifespan)
+    install_error_handlers(app)
+    install_unavailable_handlers(app)
+    for module in (health, wellknown, auth, me):
+        app.include_router(module.router)
+
+    # Added innermost first: a request meets them in the reverse order.
+    app.add_middleware(PrivacyMiddleware, settings=settings, usage=usage)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=True,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-CSRF-Token", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Tk", "Retry-After"], max_age=600)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(SecurityHeadersMiddleware, hsts=settings.cookie_secure)
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,120 @@
+"""SQLModel tables. Times are timezone-aware UTC; ids are opaque strings."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return secrets.token_hex(16)
+
+
+def _ts(**kw: object) -> object:
+    return Field(sa_type=sa.DateTime(timezone=True), **kw)  # type: ignore[arg-type]
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    # Shown as the user typed it; `email_key` (casefolded) carries the uniqueness.
+    # Both are NULL once a minor's personal data has been erased (P7).
+    email: str | None = Field(default=None, max_length=320)
+    email_key: str | None = Field(default=None, max_length=320, unique=True, index=True)
+    password_hash: str | None = Field(default=None, max_length=255)
+    is_active: bool = True
+    is_admin: bool = False
+    created_at: datetime = _ts(default_factory=utcnow)  # type: ignore[assignment]
+    updated_at: datetime = _ts(default_factory=utcnow)  # type: ignore[assignment]
+    policy_version: str | None = Field(default=None, max_length=64)
+    policy_seq: int = 0
+    policy_accepted_at: datetime | None = _ts(default=None)  # type: ignore[assignment]
+    restrict_processing: bool = False
+    object_to_processing: bool = False
+    deactivated_at: datetime | None = _ts(default=None)  # type: ignore[assignment]
+
+
+class PolicyVersion(SQLModel, table=True):
+    __tablename__ = "policy_versions"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    version: str = Field(max_length=64, unique=True)
+    substantial: bool = False
+    published_at: datetime = _ts(default_factory=utcnow)  # type: ignore[assignment]
+
+
+class SigningKey(SQLModel, table=True):
+    __tablename__ = "signing_keys"
+
+    kid: str = Field(primary_key=True, max_length=64)
+    public_x: str = Field(max_length=64)  # base64url raw Ed25519 public key
+    private_enc: str = Field(max_length=512)  # AES-GCM under a key derived from the secret
+    created_at: datetime = _ts(default_factory=utcnow)  # type: ignore[assignment]
+    retired_at: datetime | None = _ts(default=None)  # type: ignore[assignment]
+    # Published until this moment: the last token it may have signed has expired by then.
+    publish_until: datetime | None = _ts(default=None)  # type: ignore[assignment]
+
+
+class ConsentEvent(SQLModel, table=True):
+    """Every grant and withdrawal, kept so the export shows the history (P8)."""
+
+    __tablename__ = "consent_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str = Field(foreign_key="users.id", index=True, max_length=32, ondelete="CASCADE")
+    purpose: str = Field(max_length=32)
+    granted: bool
+    at: datetime = _ts(default_factory=utcnow)  # type: ignore[assignment]
+
+
+class PrivacyRequest(SQLModel, table=True):
+    __tablename__ = "privacy_requests"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    user_id: str = Field(foreign_key="users.id", index=True, max_length=32, ondelete="CASCADE")
+    kind: str = Field(max_length=32)
+    region: str = Field(max_length=2)
+    message: str | None = Field(default=None, max_length=2000)
+    status: str = Field(default="open", max_length=16, index=True)
+    created_at: datetime = _ts(default_factory=utcnow)  # type: ignore[assignment]
+    due_at: datetime = _ts(index=True)  # type: ignore[assignment]
+    resolved_at: datetime | None = _ts(default=None)  # type: ignore[assignment]
+    resolution: str | None = Field(default=None, max_length=2000)
+
+
+class UsageEvent(SQLModel, table=True):
+    """One request by a user for whom tracking is allowed (P4)."""
+
+    __tablename__ = "usage_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str = Field(foreign_key="users.id", index=True, max_length=32, ondelete="CASCADE")
+    at: datetime = _ts(index=True)  # type: ignore[assignment]
+    ip: str | None = Field(default=None, max_length=64)
+    method: str = Field(max_length=16)
+    path: str = Field(max_length=512)
+    host: str | None = Field(default=None, max_length=255)
+    status: int
+    bytes: int
+
+
+class AuditEvent(SQLModel, table=True):
+    """Security events: who did what, by user id (never the email)."""
+
+    __tablename__ = "audit_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = _ts(default_factory=utcnow, index=True)  # type: ignore[assignment]
+    event: str = Field(max_length=64)
+    user_id: str | None = Field(default=None, max_length=32, index=True)
+    actor_id: str | None = Field(default=None, max_length=32)
+    outcome: str | None = Field(default=None, max_length=32)
+    detail: str | None = Field(default=None, max_length=512)

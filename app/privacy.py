@@ -1,0 +1,140 @@
+"""Privacy middleware (pure ASGI): Do-Not-Track / Global Privacy Control, and the usage log.
+
+The one place that decides whether a request may be tracked:
+- not when it carries `DNT: 1` or `Sec-GPC: 1`;
+- not when the authenticated user restricted or objected to processing
+  (the auth dependency calls `forbid_tracking`).
+An untracked response loses every non-essential `Set-Cookie`, says `Tk: N`, and records
+no usage event; a tracked one says `Tk: T` and gets a `visitor` cookie if it had none.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import MutableMapping
+from http.cookies import SimpleCookie
+from typing import Any
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.models import utcnow
+from app.settings import VISITOR_COOKIE, Settings
+from app.usage import UsageRecorder
+
+# The cookies that serve login. Every other cookie is non-essential.
+ESSENTIAL_COOKIES = frozenset({"session", "csrf", "__Host-session", "__Host-csrf"})
+VISITOR_MAX_AGE = 365 * 24 * 3600
+
+_TRACKING = "tracking_allowed"
+_USAGE_USER = "usage_user_id"
+
+
+def _state(scope: Scope) -> MutableMapping[str, Any]:
+    return scope.setdefault("state", {})  # type: ignore[no-any-return]
+
+
+def forbid_tracking(scope: Scope) -> None:
+    _state(scope)[_TRACKING] = False
+
+
+def tracking_allowed(scope: Scope) -> bool:
+    return bool(_state(scope).get(_TRACKING, True))
+
+
+def attribute_usage(scope: Scope, user_id: str) -> None:
+    """Mark the request as made by this user, for the usage log."""
+    _state(scope)[_USAGE_USER] = user_id
+
+
+def client_ip(scope: Scope) -> str | None:
+    """The client's IP, or None where tracking is not allowed (no IP is kept then)."""
+    if not tracking_allowed(scope):
+        return None
+    client = scope.get("client")
+    return client[0] if client else None
+
+
+def _opted_out(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name in (b"dnt", b"sec-gpc") and value.strip() == b"1":
+            return True
+    return False
+
+
+def _has_visitor_cookie(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"cookie" and b"visitor=" in value:
+            cookie = SimpleCookie()
+            try:
+                cookie.load(value.decode("latin-1"))
+            except Exception:
+                return False
+            return VISITOR_COOKIE in cookie
+    return False
+
+
+def _cookie_name(set_cookie: str) -> str:
+    return set_cookie.split("=", 1)[0].strip()
+
+
+class PrivacyMiddleware:
+    def __init__(self, app: ASGIApp, settings: Settings, usage: UsageRecorder) -> None:
+        self.app = app
+        self.usage = usage
+        secure = "; Secure" if settings.cookie_secure else ""
+        self._visitor_attrs = f"; Max-Age={VISITOR_MAX_AGE}; Path=/; SameSite=Lax; HttpOnly{secure}"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        state = _state(scope)
+        state[_TRACKING] = not _opted_out(headers)
+        state[_USAGE_USER] = None
+        status = 0
+        nbytes = 0
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, nbytes
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                self._edit_headers(message, state, headers)
+            elif message["type"] == "http.response.body":
+                nbytes += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    self._record(scope, state, status, nbytes)
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+    def _edit_headers(self, message: Message, state: MutableMapping[str, Any],
+                      request_headers: list[tuple[bytes, bytes]]) -> None:
+        response_headers = MutableHeaders(scope=message)
+        response_headers.append("Vary", "DNT, Sec-GPC")
+        if state.get(_TRACKING, True):
+            response_headers["Tk"] = "T"
+            if not _has_visitor_cookie(request_headers):
+                visitor = secrets.token_urlsafe(16)
+                response_headers.append("Set-Cookie",
+                                        f"{VISITOR_COOKIE}={visitor}{self._visitor_attrs}")
+            return
+        response_headers["Tk"] = "N"
+        cookies = response_headers.getlist("set-cookie")
+        if cookies:
+            del response_headers["set-cookie"]
+            for cookie in cookies:
+                if _cookie_name(cookie) in ESSENTIAL_COOKIES:
+                    response_headers.append("Set-Cookie", cookie)
+
+    def _record(self, scope: Scope, state: MutableMapping[str, Any], status: int,
+                nbytes: int) -> None:
+        user_id = state.get(_USAGE_USER)
+        if not user_id or not state.get(_TRACKING, True):
+            return
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+        client = scope.get("client")
+        self.usage.record(user_id=user_id, at=utcnow(), ip=client[0] if client else None,
+                          method=scope["method"], path=scope["path"], host=host, status=status,
+                          nbytes=nbytes)

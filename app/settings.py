@@ -1,0 +1,95 @@
+"""Settings: the one place configuration is read (environment `TESSERA_*` or `.env`)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def normalise_database_url(url: str) -> str:
+    """Give plain `sqlite://` and `postgresql://` URLs their async driver."""
+    for plain, driver in (
+        ("sqlite://", "sqlite+aiosqlite://"),
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgres://", "postgresql+asyncpg://"),
+    ):
+        if url.startswith(plain):
+            return driver + url[len(plain) :]
+    return url
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TESSERA_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    data_dir: Path = Path("./data")
+    database_url: str | None = None
+    redis_url: str | None = None
+    secret_key: SecretStr | None = None
+    session_ttl_seconds: int = Field(604800, ge=1)
+    cookie_secure: bool = True
+    service_keys: Annotated[list[SecretStr], NoDecode] = []
+    admin_password: SecretStr | None = None
+    max_body_bytes: int = Field(65536, ge=1024)
+    usage_retention_days: int = Field(90, ge=0)
+    cors_origins: Annotated[list[str], NoDecode] = []
+
+    issuer: str = "tessera"
+    audience: str = "tessera"
+    bcrypt_rounds: int = Field(12, ge=4, le=31)
+    # Brute-force limits (failures in a sliding window, shared by all instances via Redis).
+    login_max_failures_per_account: int = Field(10, ge=1)
+    login_max_failures_per_ip: int = Field(50, ge=1)
+    login_failure_window_seconds: int = Field(900, ge=1)
+    register_max_per_ip: int = Field(20, ge=1)
+    register_window_seconds: int = Field(3600, ge=1)
+    # Usage log buffering: flush at this many events or this many seconds, whichever comes first.
+    usage_flush_events: int = Field(500, ge=1)
+    usage_flush_seconds: float = Field(1.0, gt=0)
+    # How long the JWKS and the current signing key are cached in-process.
+    keys_cache_seconds: float = Field(30.0, ge=0)
+    log_level: str = "info"
+
+    @field_validator("service_keys", "cors_origins", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("TESSERA_SECRET_KEY must be at least 32 characters")
+        return value
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return normalise_database_url(self.database_url)
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'tessera.db').resolve()}"
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def session_cookie(self) -> str:
+        return "__Host-session" if self.cookie_secure else "session"
+
+    @property
+    def csrf_cookie(self) -> str:
+        return "__Host-csrf" if self.cookie_secure else "csrf"
+
+
+VISITOR_COOKIE = "visitor"

@@ -1,0 +1,1 @@
+"""Verify tessera tokens in another service (no tessera server code needed). See README."""
