@@ -104,3 +104,81 @@ async def audit(db: AsyncSession, event: str, *, user_id: str | None = None,
                       detail=detail))
     if commit:
         await db.commit()
+
+
+async def change_email(db: AsyncSession, user: User, email: str) -> User:
+    key = email_key(email)
+    if key != user.email_key:
+        other = await find_by_email(db, email)
+        if other is not None:
+            raise Problem(409, "email_taken", "An account with this email exists.")
+    user.email, user.email_key, user.updated_at = email, key, utcnow()
+    db.add(user)
+    try:
+        await db.commit()
+    except IntegrityError:
+        await db.rollback()
+        raise Problem(409, "email_taken", "An account with this email exists.") from None
+    await db.refresh(user)
+    return user
+
+
+async def change_password(t: Tessera, db: AsyncSession, user: User, current: str, new: str,
+                          keep_sid: str) -> None:
+    if not await verify_password(t.hasher, user, current):
+        raise Problem(403, "invalid_credentials", "The current password is wrong.")
+    user.password_hash = await t.hasher.hash(new)
+    user.updated_at = utcnow()
+    db.add(user)
+    await audit(db, "password_changed", user_id=user.id, commit=False)
+    await db.commit()
+    await revoke_all_sessions(t, user.id, "password_changed", keep_sid=keep_sid)
+
+
+async def deactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str | None) -> None:
+    user.is_active = False
+    user.deactivated_at = user.updated_at = utcnow()
+    db.add(user)
+    await audit(db, "deactivated", user_id=user.id, actor_id=actor_id, commit=False)
+    await db.commit()
+    await revoke_all_sessions(t, user.id, "deactivated")
+
+
+async def _erase_personal_rows(db: AsyncSession, user_id: str) -> None:
+    from sqlmodel import delete, update
+
+    from app.models import ConsentEvent, PrivacyRequest, UsageEvent
+
+    for table in (UsageEvent, ConsentEvent, PrivacyRequest):
+        await db.exec(delete(table).where(table.user_id == user_id))  # type: ignore[attr-defined]
+    # The audit trail keeps what happened, anonymised: no link back to the person.
+    await db.exec(update(AuditEvent).where(AuditEvent.user_id == user_id)  # type: ignore[call-overload]
+                  .values(user_id=None))
+    await db.exec(update(AuditEvent).where(AuditEvent.actor_id == user_id)  # type: ignore[call-overload]
+                  .values(actor_id=None))
+
+
+async def delete_account(t: Tessera, db: AsyncSession, user: User) -> None:
+    """P5/P9: the account, its sessions, usage log and every row tied to it are gone."""
+    user_id = user.id
+    t.usage.forget(user_id)
+    await revoke_all_sessions(t, user_id, "account_deleted")
+    await _erase_personal_rows(db, user_id)
+    await db.delete(user)
+    await audit(db, "account_deleted", commit=False)
+    await db.commit()
+    await revoke_all_sessions(t, user_id, "account_deleted")  # any login that raced the delete
+
+
+async def erase_minor(t: Tessera, db: AsyncSession, user: User, *, actor_id: str) -> None:
+    """P7: deactivate and delete the personal data, email included; the id stays as a tombstone."""
+    t.usage.forget(user.id)
+    user.is_active = False
+    user.email = user.email_key = user.password_hash = None
+    user.restrict_processing = user.object_to_processing = False
+    user.deactivated_at = user.updated_at = utcnow()
+    db.add(user)
+    await _erase_personal_rows(db, user.id)
+    await audit(db, "minor_erased", user_id=user.id, actor_id=actor_id, commit=False)
+    await db.commit()
+    await revoke_all_sessions(t, user.id, "minor_erased")

@@ -100,7 +100,8 @@ async def running_app(**overrides: Any) -> AsyncIterator[FastAPI]:
 
 def client_for(app: FastAPI, ip: str = "127.0.0.1", **kw: Any) -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, client=(ip, 40000))
-    return httpx.AsyncClient(transport=transport, base_url="http://testserver", **kw)
+    kw.setdefault("base_url", "http://testserver")
+    return httpx.AsyncClient(transport=transport, **kw)
 
 
 @pytest.fixture(scope="session")

@@ -85,7 +85,7 @@ async def _read_credentials(request: Request) -> tuple[str, str]:
     if content_type == "application/json":
         try:
             raw: Any = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise Problem(400, "malformed_body", "The body is not valid JSON.") from None
         if not isinstance(raw, dict):
             raise Problem(422, "validation_error", "The body must be a JSON object.",

@@ -1,20 +1,93 @@
-"""/me: the logged-in user's own account and rights (P5)."""
+"""/me: the logged-in user's own account and rights (P5, P6, P8, P10)."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Path, Request, Response
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StrictBool, field_validator
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from app.api.deps import CurrentUserAnyPolicy, DbDep
-from app.consents import current_consents
-from app.models import User
-from app.timeutil import rfc3339
+from app import accounts, consents, privacy_requests
+from app.api.cookies import clear_login_cookies
+from app.api.deps import CurrentSession, CurrentUser, CurrentUserAnyPolicy, DbDep, TesseraDep
+from app.errors import Problem
+from app.models import AuditEvent, PrivacyRequest, UsageEvent, User
+from app.policy import accept_policy
+from app.privacy import attribute_usage
+from app.security.passwords import normalise_password
+from app.timeutil import from_epoch, rfc3339
 
 router = APIRouter(prefix="/me", tags=["me"])
 
 NO_STORE = {"Cache-Control": "no-store"}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_max_length=4096)
+
+
+class EmailIn(_Body):
+    email: EmailStr = Field(max_length=254)
+
+
+class PasswordChangeIn(_Body):
+    current_password: str = Field(max_length=1024)
+    new_password: str
+
+    @field_validator("new_password")
+    @classmethod
+    def _new(cls, value: str) -> str:
+        return normalise_password(value)
+
+
+class PasswordConfirmIn(_Body):
+    password: str = Field(max_length=1024)
+
+
+class ConsentIn(_Body):
+    granted: StrictBool
+
+
+class RestrictionsIn(_Body):
+    restrict_processing: StrictBool
+    object_to_processing: StrictBool
+
+
+class PolicyConsentIn(_Body):
+    version: str = Field(min_length=1, max_length=64)
+
+
+class PrivacyRequestIn(_Body):
+    kind: str
+    region: str = Field(max_length=8)
+    message: str | None = Field(default=None, max_length=2000)
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        if value not in privacy_requests.KINDS:
+            raise ValueError(f"kind must be one of {', '.join(privacy_requests.KINDS)}")
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        return privacy_requests.normalise_region(value)
+
+
+def _password_text(raw: str) -> str:
+    try:
+        return normalise_password(raw)
+    except ValueError:
+        return ""  # cannot match any stored hash
+
+
+def restrictions_view(user: User) -> dict[str, bool]:
+    return {"restrict_processing": user.restrict_processing,
+            "object_to_processing": user.object_to_processing}
 
 
 async def account_view(db: AsyncSession, user: User) -> dict[str, Any]:
@@ -25,13 +98,150 @@ async def account_view(db: AsyncSession, user: User) -> dict[str, Any]:
         "is_active": user.is_active,
         "is_admin": user.is_admin,
         "policy_version": user.policy_version,
-        "consents": await current_consents(db, user.id),
-        "restrictions": {"restrict_processing": user.restrict_processing,
-                         "object_to_processing": user.object_to_processing},
+        "consents": await consents.current_consents(db, user.id),
+        "restrictions": restrictions_view(user),
     }
+
+
+def privacy_request_view(row: PrivacyRequest) -> dict[str, Any]:
+    return {"id": row.id, "kind": row.kind, "region": row.region, "message": row.message,
+            "status": row.status, "created_at": rfc3339(row.created_at),
+            "due_at": rfc3339(row.due_at),
+            "resolved_at": rfc3339(row.resolved_at) if row.resolved_at else None,
+            "resolution": row.resolution}
 
 
 @router.get("")
 async def get_me(user: CurrentUserAnyPolicy, db: DbDep, response: Response) -> dict[str, Any]:
     response.headers.update(NO_STORE)
     return await account_view(db, user)
+
+
+@router.patch("", responses={409: {"description": "email_taken"}})
+async def update_me(body: EmailIn, user: CurrentUser, db: DbDep,
+                    response: Response) -> dict[str, Any]:
+    user = await accounts.change_email(db, user, str(body.email))
+    await accounts.audit(db, "email_changed", user_id=user.id)
+    response.headers.update(NO_STORE)
+    return await account_view(db, user)
+
+
+@router.post("/password", status_code=204, response_class=Response,
+             responses={403: {"description": "invalid_credentials"}})
+async def change_password(body: PasswordChangeIn, user: CurrentUser, principal: CurrentSession,
+                          db: DbDep, t: TesseraDep) -> Response:
+    await accounts.change_password(t, db, user, _password_text(body.current_password),
+                                   body.new_password, keep_sid=principal.sid)
+    return Response(status_code=204, headers=NO_STORE)
+
+
+@router.get("/export")
+async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Response:
+    """Everything held on the user, as one machine-readable JSON download (P5 portability)."""
+    await t.usage.flush()  # events still buffered on this instance are included
+    usage = (await db.exec(select(UsageEvent).where(UsageEvent.user_id == user.id)
+                           .order_by(col(UsageEvent.at), col(UsageEvent.id)))).all()
+    audit_rows = (await db.exec(select(AuditEvent).where(AuditEvent.user_id == user.id)
+                                .order_by(col(AuditEvent.at), col(AuditEvent.id)))).all()
+    sessions = await t.sessions.list(user.id)
+    document = {
+        "format": "tessera-export/1",
+        "account": {**(await account_view(db, user)),
+                    "updated_at": rfc3339(user.updated_at),
+                    "policy_accepted_at": rfc3339(user.policy_accepted_at)
+                    if user.policy_accepted_at else None},
+        "consents": {
+            "current": await consents.current_consents(db, user.id),
+            "history": [{"purpose": e.purpose, "granted": e.granted, "at": rfc3339(e.at)}
+                        for e in await consents.consent_history(db, user.id)],
+        },
+        "restrictions": restrictions_view(user),
+        "sessions": [{"id": s.sid, "created_at": from_epoch(s.created_at),
+                      "expires_at": from_epoch(s.expires_at), "user_agent": s.user_agent}
+                     for s in sessions],
+        "usage_log": [{"at": rfc3339(e.at), "ip": e.ip, "method": e.method, "path": e.path,
+                       "host": e.host, "status": e.status, "bytes": e.bytes} for e in usage],
+        "privacy_requests": [privacy_request_view(r) for r in
+                             await privacy_requests.user_requests(db, user.id)],
+        "security_events": [{"at": rfc3339(a.at), "event": a.event, "outcome": a.outcome}
+                            for a in audit_rows],
+    }
+    return Response(
+        json.dumps(document, ensure_ascii=False, indent=2), media_type="application/json",
+        headers={**NO_STORE, "Content-Disposition":
+                 f'attachment; filename="tessera-export-{user.id}.json"'})
+
+
+@router.delete("", status_code=204, response_class=Response,
+               responses={403: {"description": "invalid_credentials"}})
+async def delete_me(request: Request, body: PasswordConfirmIn, user: CurrentUserAnyPolicy,
+                    db: DbDep, t: TesseraDep) -> Response:
+    if not await accounts.verify_password(t.hasher, user, _password_text(body.password)):
+        raise Problem(403, "invalid_credentials", "The password is wrong.")
+    await accounts.delete_account(t, db, user)
+    attribute_usage(request.scope, "")  # nothing is logged for an account that is gone
+    response = Response(status_code=204, headers=NO_STORE)
+    clear_login_cookies(response, t.settings)
+    return response
+
+
+@router.post("/deactivate", status_code=204, response_class=Response)
+async def deactivate_me(user: CurrentUser, db: DbDep, t: TesseraDep) -> Response:
+    await accounts.deactivate(t, db, user, actor_id=user.id)
+    response = Response(status_code=204, headers=NO_STORE)
+    clear_login_cookies(response, t.settings)
+    return response
+
+
+@router.get("/consents")
+async def get_consents(user: CurrentUser, db: DbDep, response: Response) -> dict[str, Any]:
+    response.headers.update(NO_STORE)
+    return {"purposes": await consents.current_consents(db, user.id)}
+
+
+@router.put("/consents/{purpose}", responses={404: {"description": "not_found"}})
+async def put_consent(purpose: Annotated[str, Path(max_length=64)], body: ConsentIn,
+                      user: CurrentUser, db: DbDep, response: Response) -> dict[str, Any]:
+    await consents.set_consent(db, user.id, purpose, body.granted)
+    await accounts.audit(db, "consent_" + ("granted" if body.granted else "withdrawn"),
+                         user_id=user.id, detail=purpose)
+    response.headers.update(NO_STORE)
+    return {"purposes": await consents.current_consents(db, user.id)}
+
+
+@router.put("/restrictions")
+async def put_restrictions(body: RestrictionsIn, user: CurrentUser, db: DbDep,
+                           response: Response) -> dict[str, bool]:
+    user.restrict_processing = body.restrict_processing
+    user.object_to_processing = body.object_to_processing
+    user.updated_at = accounts.utcnow()
+    db.add(user)
+    await accounts.audit(db, "restrictions_changed", user_id=user.id, commit=False)
+    await db.commit()
+    response.headers.update(NO_STORE)
+    return restrictions_view(user)
+
+
+@router.post("/policy-consent", status_code=204, response_class=Response,
+             responses={409: {"description": "policy_outdated"}})
+async def policy_consent(body: PolicyConsentIn, user: CurrentUserAnyPolicy, db: DbDep,
+                         t: TesseraDep) -> Response:
+    t.policy.invalidate()
+    await accept_policy(db, user, body.version, await t.policy.get())
+    await accounts.audit(db, "policy_accepted", user_id=user.id, detail=body.version)
+    return Response(status_code=204, headers=NO_STORE)
+
+
+@router.post("/privacy-requests", status_code=201)
+async def create_privacy_request(body: PrivacyRequestIn, user: CurrentUser, db: DbDep,
+                                 response: Response) -> dict[str, Any]:
+    row = await privacy_requests.file_request(db, user.id, body.kind, body.region, body.message)
+    response.headers.update(NO_STORE)
+    return privacy_request_view(row)
+
+
+@router.get("/privacy-requests")
+async def list_privacy_requests(user: CurrentUser, db: DbDep,
+                                response: Response) -> list[dict[str, Any]]:
+    response.headers.update(NO_STORE)
+    return [privacy_request_view(r) for r in await privacy_requests.user_requests(db, user.id)]

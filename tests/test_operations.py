@@ -1,0 +1,151 @@
+"""Operator surface: health, readiness, metrics, well-known documents, CLI, secrets."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from passlib.hash import bcrypt_sha256
+
+from tests.conftest import PASSWORD, bearer, client_for, login, new_email, register, running_app
+
+
+def cli(env: dict[str, str], *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120, input=input)
+
+
+def cli_env(base_settings: dict[str, Any]) -> dict[str, str]:
+    return {"TESSERA_DATABASE_URL": str(base_settings["database_url"]),
+            "TESSERA_REDIS_URL": str(base_settings["redis_url"]),
+            "TESSERA_DATA_DIR": str(base_settings["data_dir"]),
+            "TESSERA_BCRYPT_ROUNDS": "4"}
+
+
+async def test_health_and_readiness(client) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ok", "checks": {"database": "ok", "redis": "ok"}}
+
+
+async def test_metrics_count_requests_by_route_and_logins_by_outcome(client) -> None:
+    user = await register(client)
+    await login(client, user["email"])
+    await login(client, user["email"], "wrong password!")
+    await client.get(f"/admin/users/{user['id']}/minor")  # a path with an id in it
+    text = (await client.get("/metrics")).text
+    assert 'tessera_logins_total{outcome="ok"}' in text
+    assert 'tessera_logins_total{outcome="failed"}' in text
+    assert "tessera_sessions_issued_total" in text
+    assert 'route="/auth/login"' in text
+    assert user["id"] not in text  # route templates, never raw paths
+
+
+async def test_well_known_documents(client) -> None:
+    dnt = await client.get("/.well-known/dnt/")
+    assert dnt.headers["content-type"].startswith("application/tracking-status+json")
+    assert dnt.json() == {"tracking": "?"}
+    policy = (await client.get("/policy")).json()
+    assert set(policy) == {"version", "last_updated", "substantial"}
+    gpc = (await client.get("/.well-known/gpc.json")).json()
+    assert gpc["gpc"] is True and gpc["lastUpdate"] == policy["last_updated"][:10]
+    jwks = await client.get("/.well-known/jwks.json")
+    key = jwks.json()["keys"][0]
+    assert {k: key[k] for k in ("kty", "crv", "alg", "use")} == \
+        {"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig"}
+    assert "d" not in key  # never the private half
+    assert "max-age" in jwks.headers["cache-control"]
+    again = await client.get("/.well-known/jwks.json",
+                             headers={"If-None-Match": jwks.headers["etag"]})
+    assert again.status_code == 304
+
+
+def test_generated_secret_is_private_and_reused(tmp_path: Path) -> None:
+    from app.security.secret import load_or_create_secret
+    from app.settings import Settings
+
+    settings = Settings(data_dir=tmp_path)
+    first = load_or_create_secret(settings)
+    mode = stat.S_IMODE((tmp_path / "secret.key").stat().st_mode)
+    assert mode == 0o600
+    assert len(first) >= 32
+    assert load_or_create_secret(settings) == first
+
+
+async def test_private_keys_in_the_database_are_ciphertext(app) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from sqlmodel import select
+
+    from app.models import SigningKey
+
+    t = app.state.tessera
+    async with t.db_factory() as db:
+        rows = list((await db.exec(select(SigningKey))).all())
+    assert rows
+    current = t.keys.current
+    raw = current.private.private_bytes(serialization.Encoding.Raw,
+                                        serialization.PrivateFormat.Raw,
+                                        serialization.NoEncryption())
+    from app.security.keys import b64url
+
+    for row in rows:
+        assert b64url(raw) not in row.private_enc and raw.hex() not in row.private_enc
+
+
+def test_cli_create_admin_then_promote(base_settings: dict[str, Any]) -> None:
+    env = cli_env(base_settings)
+    email = new_email("admin")
+    created = cli({**env, "TESSERA_ADMIN_PASSWORD": PASSWORD}, "create-admin", email)
+    assert created.returncode == 0, created.stderr
+    assert "created admin" in created.stdout
+    again = cli(env, "create-admin", email.upper())
+    assert again.returncode == 0 and "promoted" in again.stdout
+
+
+def test_cli_migrate_and_purge(base_settings: dict[str, Any]) -> None:
+    env = cli_env(base_settings)
+    assert cli(env, "migrate").returncode == 0
+    purged = cli({**env, "TESSERA_USAGE_RETENTION_DAYS": "90"}, "purge")
+    assert purged.returncode == 0, purged.stderr
+    assert "purged" in purged.stdout
+
+
+async def test_admin_created_by_cli_can_use_the_admin_api(base_settings: dict[str, Any],
+                                                           client) -> None:
+    email = new_email("admin")
+    done = cli({**cli_env(base_settings), "TESSERA_ADMIN_PASSWORD": PASSWORD}, "create-admin",
+               email)
+    assert done.returncode == 0, done.stderr
+    token = (await login(client, email)).json()["access_token"]
+    found = await client.get("/admin/users", params={"email": email}, headers=bearer(token))
+    assert found.status_code == 200 and found.json()[0]["is_admin"] is True
+
+
+async def test_login_rehashes_when_the_cost_setting_changes(base_settings: dict[str, Any]) -> None:
+    from sqlmodel import select
+
+    from app.models import User
+
+    async with running_app(**base_settings) as cheap:
+        async with client_for(cheap) as client:
+            user = await register(client)
+    async with running_app(**{**base_settings, "bcrypt_rounds": 5}) as costlier:
+        async with client_for(costlier) as client:
+            assert (await login(client, user["email"])).status_code == 200
+        async with costlier.state.tessera.db_factory() as db:
+            row = (await db.exec(select(User).where(User.id == user["id"]))).one()
+    assert bcrypt_sha256.from_string(row.password_hash).rounds == 5
+
+
+def test_default_cost_is_12_and_hashes_are_bcrypt_sha256() -> None:
+    from app.security.passwords import PasswordHasher
+    from app.settings import Settings
+
+    assert Settings().bcrypt_rounds == 12
+    hasher = PasswordHasher(12)
+    assert hasher._dummy_hash.startswith("$bcrypt-sha256$") and ",r=12$" in hasher._dummy_hash
