@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, delete, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -20,6 +20,11 @@ log = logging.getLogger("tessera.usage")
 
 # Past this many unwritten events (the database being down for long) the oldest are dropped.
 MAX_BUFFERED = 200_000
+
+
+def _clean(value: str, limit: int) -> str:
+    """Control characters (NUL above all) are not stored: PostgreSQL refuses NUL in text."""
+    return "".join(ch if ch.isprintable() else "\ufffd" for ch in value[:limit])
 
 
 class UsageRecorder:
@@ -36,8 +41,8 @@ class UsageRecorder:
     def record(self, *, user_id: str, at: datetime, ip: str | None, method: str, path: str,
                host: str | None, status: int, nbytes: int) -> None:
         """Called on the request path: appends to memory only."""
-        self._buffer.append({"user_id": user_id, "at": at, "ip": ip, "method": method,
-                             "path": path[:512], "host": host[:255] if host else None,
+        self._buffer.append({"user_id": user_id, "at": at, "ip": ip, "method": method[:16],
+                             "path": _clean(path, 512), "host": _clean(host, 255) if host else None,
                              "status": status, "bytes": nbytes})
         if len(self._buffer) >= self._flush_events:
             self._wake.set()
@@ -78,16 +83,29 @@ class UsageRecorder:
                 # A user was deleted meanwhile (perhaps on another instance): drop their events.
                 batch = await self._only_existing_users(batch)
                 if batch:
-                    await self._insert(batch)
-            except Exception:
+                    await self._insert_each(batch)
+            except (OperationalError, InterfaceError, OSError):
+                # The database is unreachable: keep everything for the next try.
                 self._buffer = (batch + self._buffer)[-MAX_BUFFERED:]
                 raise
+            except DBAPIError:
+                # Some row the database refuses: write the others, never block the log on one.
+                await self._insert_each(batch)
             return len(batch)
 
     async def _insert(self, batch: list[dict[str, Any]]) -> None:
         async with self._factory() as db:
             await db.exec(sa.insert(UsageEvent), params=batch)  # type: ignore[call-overload]
             await db.commit()
+
+    async def _insert_each(self, batch: list[dict[str, Any]]) -> None:
+        for event in batch:
+            try:
+                await self._insert([event])
+            except (OperationalError, InterfaceError, OSError):
+                raise
+            except DBAPIError:
+                log.warning("usage event refused by the database and dropped")
 
     async def _only_existing_users(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ids = {e["user_id"] for e in batch}

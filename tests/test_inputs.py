@@ -123,3 +123,21 @@ async def test_hostile_path_and_header_values(client) -> None:
     assert_problem(weird, 401, "not_authenticated")
     assert (await client.get("/me", headers={**bearer(token), "X-Request-ID": "a" * 500})
             ).status_code == 200
+
+
+async def test_nul_bytes_in_stored_text_are_refused_or_cleaned(app, client) -> None:
+    user = await register(client)
+    token = (await login(client, user["email"])).json()["access_token"]
+    refused = await client.post("/me/privacy-requests", headers=bearer(token),
+                                json={"kind": "access", "region": "DE", "message": "a\x00b"})
+    assert_problem(refused, 422, "validation_error")
+    assert_problem(await client.post("/auth/login", json={"email": "a\x00@b.c",
+                                                          "password": PASSWORD}),
+                   422, "validation_error")
+    # A NUL in a path reaches the usage log cleaned, and the log keeps working.
+    await client.delete("/auth/sessions/%00", headers=bearer(token))
+    await client.get("/me", headers=bearer(token))
+    await app.state.tessera.usage.flush()
+    usage = (await client.get("/me/export", headers=bearer(token))).json()["usage_log"]
+    paths = [e["path"] for e in usage]
+    assert "/me" in paths and "/auth/sessions/\ufffd" in paths

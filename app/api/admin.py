@@ -10,6 +10,7 @@ from sqlmodel import col, select
 
 from app import accounts, privacy_requests
 from app.api.deps import AdminUser, DbDep, TesseraDep
+from app.api.schemas import SafeStr
 from app.api.me import privacy_request_view
 from app.errors import Problem
 from app.models import User
@@ -25,7 +26,7 @@ UserId = Annotated[str, Path(max_length=64)]
 class CloseRequestIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: Literal["completed", "rejected"]
-    resolution: str | None = Field(default=None, max_length=2000)
+    resolution: SafeStr | None = Field(default=None, max_length=2000)
 
 
 class PolicyIn(BaseModel):
@@ -51,7 +52,7 @@ async def _target(db: DbDep, user_id: str) -> User:
 
 @router.get("/users")
 async def find_users(admin: AdminUser, db: DbDep, response: Response,
-                     email: Annotated[str | None, Query(max_length=320)] = None,
+                     email: Annotated[SafeStr | None, Query(max_length=320)] = None,
                      ) -> list[dict[str, Any]]:
     query = select(User).order_by(col(User.created_at)).limit(100)
     if email is not None:

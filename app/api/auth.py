@@ -107,7 +107,7 @@ async def _read_credentials(request: Request) -> tuple[str, str]:
             raise Problem(422, "validation_error", "The request is not valid.",
                           extra={"errors": errors})
         assert isinstance(username, str) and isinstance(password, str)
-        if len(username) > 320 or len(password) > 1024:
+        if len(username) > 320 or len(password) > 1024 or "\x00" in username:
             raise Problem(422, "validation_error", "The request is not valid.",
                           extra={"errors": [{"loc": ["body"], "msg": "value too long"}]})
         return username, password

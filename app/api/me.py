@@ -12,6 +12,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app import accounts, consents, privacy_requests
 from app.api.cookies import clear_login_cookies
+from app.api.schemas import SafeStr
 from app.api.deps import CurrentSession, CurrentUser, CurrentUserAnyPolicy, DbDep, TesseraDep
 from app.errors import Problem
 from app.models import AuditEvent, PrivacyRequest, UsageEvent, User
@@ -57,13 +58,13 @@ class RestrictionsIn(_Body):
 
 
 class PolicyConsentIn(_Body):
-    version: str = Field(min_length=1, max_length=64)
+    version: SafeStr = Field(min_length=1, max_length=64)
 
 
 class PrivacyRequestIn(_Body):
     kind: str
     region: str = Field(max_length=8)
-    message: str | None = Field(default=None, max_length=2000)
+    message: SafeStr | None = Field(default=None, max_length=2000)
 
     @field_validator("kind")
     @classmethod
@@ -138,7 +139,10 @@ async def change_password(body: PasswordChangeIn, user: CurrentUser, principal: 
 @router.get("/export")
 async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Response:
     """Everything held on the user, as one machine-readable JSON download (P5 portability)."""
-    await t.usage.flush()  # events still buffered on this instance are included
+    try:
+        await t.usage.flush()  # events still buffered on this instance are included
+    except Exception:  # the flusher retries; the export still answers with what is stored
+        pass
     usage = (await db.exec(select(UsageEvent).where(UsageEvent.user_id == user.id)
                            .order_by(col(UsageEvent.at), col(UsageEvent.id)))).all()
     audit_rows = (await db.exec(select(AuditEvent).where(AuditEvent.user_id == user.id)

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_serializer, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, field_serializer, field_validator
 
 from app.security.passwords import normalise_password
 from app.timeutil import rfc3339
+
+
+def no_control_chars(value: str) -> str:
+    """NUL and other C0 controls are refused in text (PostgreSQL cannot store NUL)."""
+    if any(ord(ch) < 32 and ch not in "\t\n\r" for ch in value) or "\x7f" in value:
+        raise ValueError("must not contain control characters")
+    return value
+
+
+SafeStr = Annotated[str, AfterValidator(no_control_chars)]
 
 
 class Strict(BaseModel):
@@ -20,7 +30,7 @@ class RegisterIn(Strict):
     password: str
     # Any JSON value: only the boolean `true` passes, checked by the route (422 `underage`).
     is_adult: Any = None
-    policy_version: str | None = Field(default=None, max_length=64)
+    policy_version: SafeStr | None = Field(default=None, max_length=64)
 
     @field_validator("password")
     @classmethod
@@ -29,7 +39,7 @@ class RegisterIn(Strict):
 
 
 class LoginJSON(Strict):
-    email: str = Field(min_length=1, max_length=320)
+    email: SafeStr = Field(min_length=1, max_length=320)
     password: str = Field(min_length=1, max_length=1024)
 
 
@@ -57,3 +67,4 @@ class SessionOut(BaseModel):
     expires_at: str
     user_agent: str | None
     current: bool
+
