@@ -141,6 +141,7 @@ async def deactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str 
     db.add(user)
     await audit(db, "deactivated", user_id=user.id, actor_id=actor_id, commit=False)
     await db.commit()
+    await t.profiles.invalidate(user.id)
     await revoke_all_sessions(t, user.id, "deactivated")
 
 
@@ -167,6 +168,7 @@ async def delete_account(t: Tessera, db: AsyncSession, user: User) -> None:
     await db.delete(user)
     await audit(db, "account_deleted", commit=False)
     await db.commit()
+    await t.profiles.invalidate(user_id)
     await revoke_all_sessions(t, user_id, "account_deleted")  # any login that raced the delete
 
 
@@ -181,4 +183,5 @@ async def erase_minor(t: Tessera, db: AsyncSession, user: User, *, actor_id: str
     await _erase_personal_rows(db, user.id)
     await audit(db, "minor_erased", user_id=user.id, actor_id=actor_id, commit=False)
     await db.commit()
+    await t.profiles.invalidate(user.id)
     await revoke_all_sessions(t, user.id, "minor_erased")

@@ -17,6 +17,7 @@ from app.metrics import Metrics, MetricsMiddleware
 from app.middleware import BodyLimitMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
 from app.policy import PolicyCache
 from app.privacy import PrivacyMiddleware
+from app.profiles import ProfileCache
 from app.ratelimit import AttemptLimiter
 from app.redis import create_redis
 from app.security.keys import KeyCipher, KeyRing, derive_key
@@ -58,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 hasher=PasswordHasher(settings.bcrypt_rounds), usage=usage, metrics=metrics,
                 policy=PolicyCache(db_factory), csrf_key=derive_key(secret, b"csrf"),
                 limiter=AttemptLimiter(redis, derive_key(secret, b"rate-limit")),
-                embedded_redis=embedded)
+                profiles=ProfileCache(redis), embedded_redis=embedded)
             usage.start()
             yield
         finally:

@@ -50,8 +50,9 @@ class PolicyCache:
         self._state = None
 
 
-def must_consent(user: User, state: PolicyState) -> bool:
-    return user.policy_seq < state.required_seq
+def must_consent(policy_seq: int, state: PolicyState) -> bool:
+    """A user who accepted the policy at `policy_seq` must accept again (P10)."""
+    return policy_seq < state.required_seq
 
 
 async def publish_policy(db: AsyncSession, version: str, substantial: bool) -> PolicyVersion:

@@ -15,6 +15,7 @@ import hmac
 import json
 import time
 from dataclasses import asdict, dataclass
+
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
@@ -77,6 +78,16 @@ class SessionStore:
         if record.expires_at <= time.time():
             return None
         return record
+
+    async def check_with(self, user_id: str, sid: str, token_hash: str,
+                         also: str) -> tuple[SessionRecord | None, str | None]:
+        """`check`, reading one more key of the same user (same hash slot) in the same MGET."""
+        raw, extra = await self.redis.mget([_session_key(user_id, sid), also])
+        record = _decode(raw)
+        if (record is None or not hmac.compare_digest(record.token_hash, token_hash)
+                or record.expires_at <= time.time()):
+            return None, None
+        return record, extra
 
     async def list(self, user_id: str) -> list[SessionRecord]:
         sids = await self.redis.zrangebyscore(_index_key(user_id), int(time.time()), "+inf")

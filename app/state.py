@@ -11,6 +11,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from app.embedded import EmbeddedRedis
 from app.metrics import Metrics
 from app.policy import PolicyCache
+from app.profiles import ProfileCache
 from app.ratelimit import AttemptLimiter
 from app.security.keys import KeyRing
 from app.security.passwords import PasswordHasher
@@ -34,4 +35,5 @@ class Tessera:
     policy: PolicyCache
     csrf_key: bytes
     limiter: AttemptLimiter
+    profiles: ProfileCache
     embedded_redis: EmbeddedRedis | None = field(default=None)

@@ -10,8 +10,8 @@ from sqlmodel import col, select
 
 from app import accounts, privacy_requests
 from app.api.deps import AdminUser, DbDep, TesseraDep
-from app.api.schemas import SafeStr
 from app.api.me import privacy_request_view
+from app.api.schemas import SafeStr
 from app.errors import Problem
 from app.models import User
 from app.policy import publish_policy
@@ -68,7 +68,7 @@ async def mark_minor(user_id: UserId, admin: AdminUser, db: DbDep, t: TesseraDep
 
 
 @router.post("/users/{user_id}/reactivate", status_code=204, response_class=Response)
-async def reactivate(user_id: UserId, admin: AdminUser, db: DbDep) -> Response:
+async def reactivate(user_id: UserId, admin: AdminUser, db: DbDep, t: TesseraDep) -> Response:
     user = await _target(db, user_id)
     user.is_active = True
     user.deactivated_at = None
@@ -76,6 +76,7 @@ async def reactivate(user_id: UserId, admin: AdminUser, db: DbDep) -> Response:
     db.add(user)
     await accounts.audit(db, "reactivated", user_id=user.id, actor_id=admin.id, commit=False)
     await db.commit()
+    await t.profiles.invalidate(user.id)
     return Response(status_code=204)
 
 

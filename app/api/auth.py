@@ -17,13 +17,15 @@ from app.api.deps import (
     CurrentUser,
     DbDep,
     OptionalSession,
+    Principal,
     TesseraDep,
     csrf_token_for,
+    principal_profile,
 )
 from app.api.schemas import LoginJSON, RegisterIn, SessionOut, TokenOut, UserOut
 from app.errors import Problem
-from app.models import User
 from app.policy import must_consent
+from app.profiles import ProfileCache, profile_key
 from app.security.passwords import normalise_password
 from app.security.tokens import peek_claims, token_hash
 from app.timeutil import from_epoch
@@ -202,24 +204,23 @@ def check_service_key(request: Request, t: TesseraDep) -> None:
 
 
 @router.post("/introspect", responses={401: {"description": "invalid_client"}})
-async def introspect(request: Request, t: TesseraDep, db: DbDep,
+async def introspect(request: Request, t: TesseraDep,
                      token: Annotated[str, Form(max_length=4096)] = "") -> JSONResponse:
+    """RFC 7662. Active while the session exists: the same check every endpoint makes."""
     check_service_key(request, t)
-    inactive = JSONResponse({"active": False}, headers=NO_STORE)
     claims = peek_claims(token)
-    if claims is None:
-        return inactive
-    record = await t.sessions.check(claims.sub, claims.sid, token_hash(token))
-    if record is None:
-        return inactive
-    user = await db.get(User, record.user_id)
-    if user is None or not user.is_active:
-        return inactive
+    record, raw_profile = (None, None) if claims is None else await t.sessions.check_with(
+        claims.sub, claims.sid, token_hash(token), profile_key(claims.sub))
+    if claims is None or record is None:
+        return JSONResponse({"active": False}, headers=NO_STORE)
+    principal = Principal(record.user_id, record, token, False, ProfileCache.decode(raw_profile))
+    profile = await principal_profile(t, principal)
+    if profile is None or not profile["is_active"]:
+        return JSONResponse({"active": False}, headers=NO_STORE)
     raw = claims.raw
     return JSONResponse({
         "active": True, "sub": record.user_id, "sid": record.sid, "exp": raw.get("exp"),
         "iat": raw.get("iat"), "iss": raw.get("iss"), "aud": raw.get("aud"),
         "jti": raw.get("jti"), "token_type": "Bearer",
-        "policy_accepted": not must_consent(user, await t.policy.get()),
+        "policy_accepted": not must_consent(profile["policy_seq"], await t.policy.get()),
     }, headers=NO_STORE)
-

@@ -7,7 +7,7 @@ import hashlib
 import hmac
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
@@ -17,6 +17,7 @@ from app.errors import Problem, not_authenticated
 from app.models import User
 from app.policy import must_consent
 from app.privacy import attribute_usage, forbid_tracking
+from app.profiles import ProfileCache, build_profile, profile_key
 from app.security.tokens import peek_claims, token_hash
 from app.sessions import SessionRecord
 from app.state import Tessera
@@ -48,14 +49,16 @@ def csrf_token_for(csrf_key: bytes, sid: str) -> str:
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
-@dataclass(frozen=True)
+@dataclass
 class Principal:
-    """Who a request is authenticated as: the session, and how its token travelled."""
+    """Who a request is authenticated as: the session, how its token travelled, and the
+    user's cached profile (None until loaded)."""
 
     user_id: str
     session: SessionRecord
     token: str
     via_cookie: bool
+    profile: dict[str, Any] | None = None
 
     @property
     def sid(self) -> str:
@@ -83,19 +86,34 @@ def check_csrf(request: Request, t: Tessera, sid: str) -> None:
 
 
 async def resolve_principal(request: Request, t: Tessera) -> Principal | None:
-    """The session this request's token belongs to, or None. Checks CSRF for cookies."""
+    """The session this request's token belongs to, or None. Checks CSRF for cookies.
+
+    One Redis round trip: the session and the user's profile share a hash slot."""
     token, via_cookie = _presented_token(request, t)
     if token is None:
         return None
     claims = peek_claims(token)
     if claims is None:
         return None
-    record = await t.sessions.check(claims.sub, claims.sid, token_hash(token))
+    record, raw_profile = await t.sessions.check_with(
+        claims.sub, claims.sid, token_hash(token), profile_key(claims.sub))
     if record is None:
         return None
     if via_cookie and request.method in UNSAFE_METHODS:
         check_csrf(request, t, record.sid)
-    return Principal(record.user_id, record, token, via_cookie)
+    return Principal(record.user_id, record, token, via_cookie, ProfileCache.decode(raw_profile))
+
+
+async def principal_profile(t: Tessera, principal: Principal) -> dict[str, Any] | None:
+    """The cached profile, or built from the database (and cached) on a miss."""
+    if principal.profile is None:
+        async with t.db_factory() as db:
+            user = await db.get(User, principal.user_id)
+            if user is None:
+                return None
+            principal.profile = await build_profile(db, user)
+        await t.profiles.store(principal.user_id, principal.profile)
+    return principal.profile
 
 
 async def require_principal(
@@ -115,27 +133,49 @@ CurrentSession = Annotated[Principal, Depends(require_principal)]
 OptionalSession = Annotated[Principal | None, Depends(optional_principal)]
 
 
-async def load_user(request: Request, db: AsyncSession, principal: Principal) -> User:
+async def _checked_profile(request: Request, t: Tessera, principal: Principal,
+                           *, gated: bool) -> dict[str, Any]:
+    profile = await principal_profile(t, principal)
+    if profile is None or not profile["is_active"]:
+        raise not_authenticated()
+    if not profile["tracking_allowed"]:
+        forbid_tracking(request.scope)
+    attribute_usage(request.scope, principal.user_id)
+    if gated and must_consent(profile["policy_seq"], await t.policy.get()):
+        raise Problem(403, "policy_consent_required",
+                      "The policy changed substantially; accept the current version first.")
+    return profile
+
+
+async def profile_any_policy(request: Request, t: TesseraDep,
+                             principal: CurrentSession) -> dict[str, Any]:
+    return await _checked_profile(request, t, principal, gated=False)
+
+
+async def profile_gated(request: Request, t: TesseraDep,
+                        principal: CurrentSession) -> dict[str, Any]:
+    return await _checked_profile(request, t, principal, gated=True)
+
+
+ProfileAnyPolicy = Annotated[dict[str, Any], Depends(profile_any_policy)]
+ProfileGated = Annotated[dict[str, Any], Depends(profile_gated)]
+
+
+async def _user_row(db: AsyncSession, principal: Principal) -> User:
     user = await db.get(User, principal.user_id)
     if user is None or not user.is_active:
         raise not_authenticated()
-    if user.restrict_processing or user.object_to_processing:
-        forbid_tracking(request.scope)
-    attribute_usage(request.scope, user.id)
     return user
 
 
-async def user_any_policy(request: Request, db: DbDep, principal: CurrentSession) -> User:
-    return await load_user(request, db, principal)
+async def user_any_policy(db: DbDep, principal: CurrentSession,
+                          _profile: ProfileAnyPolicy) -> User:
+    return await _user_row(db, principal)
 
 
-async def user_policy_gated(request: Request, db: DbDep, principal: CurrentSession,
-                            t: TesseraDep) -> User:
-    user = await load_user(request, db, principal)
-    if must_consent(user, await t.policy.get()):
-        raise Problem(403, "policy_consent_required",
-                      "The policy changed substantially; accept the current version first.")
-    return user
+async def user_policy_gated(db: DbDep, principal: CurrentSession,
+                            _profile: ProfileGated) -> User:
+    return await _user_row(db, principal)
 
 
 async def admin_user(user: Annotated[User, Depends(user_policy_gated)]) -> User:

@@ -12,13 +12,22 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app import accounts, consents, privacy_requests
 from app.api.cookies import clear_login_cookies
+from app.api.deps import (
+    CurrentSession,
+    CurrentUser,
+    CurrentUserAnyPolicy,
+    DbDep,
+    ProfileAnyPolicy,
+    TesseraDep,
+)
 from app.api.schemas import SafeStr
-from app.api.deps import CurrentSession, CurrentUser, CurrentUserAnyPolicy, DbDep, TesseraDep
 from app.errors import Problem
 from app.models import AuditEvent, PrivacyRequest, UsageEvent, User
 from app.policy import accept_policy
 from app.privacy import attribute_usage
+from app.profiles import account_view
 from app.security.passwords import normalise_password
+from app.state import Tessera
 from app.timeutil import from_epoch, rfc3339
 
 router = APIRouter(prefix="/me", tags=["me"])
@@ -91,17 +100,10 @@ def restrictions_view(user: User) -> dict[str, bool]:
             "object_to_processing": user.object_to_processing}
 
 
-async def account_view(db: AsyncSession, user: User) -> dict[str, Any]:
-    return {
-        "id": user.id,
-        "email": user.email,
-        "created_at": rfc3339(user.created_at),
-        "is_active": user.is_active,
-        "is_admin": user.is_admin,
-        "policy_version": user.policy_version,
-        "consents": await consents.current_consents(db, user.id),
-        "restrictions": restrictions_view(user),
-    }
+async def fresh_view(t: Tessera, db: AsyncSession, user: User) -> dict[str, Any]:
+    """After a change: drop the cached profile and answer from the database."""
+    await t.profiles.invalidate(user.id)
+    return account_view(user, await consents.current_consents(db, user.id))
 
 
 def privacy_request_view(row: PrivacyRequest) -> dict[str, Any]:
@@ -113,18 +115,18 @@ def privacy_request_view(row: PrivacyRequest) -> dict[str, Any]:
 
 
 @router.get("")
-async def get_me(user: CurrentUserAnyPolicy, db: DbDep, response: Response) -> dict[str, Any]:
-    response.headers.update(NO_STORE)
-    return await account_view(db, user)
+async def get_me(profile: ProfileAnyPolicy) -> Response:
+    # Served from the profile cached in Redis: no database read on this hot path.
+    return Response(json.dumps(profile["me"]), media_type="application/json", headers=NO_STORE)
 
 
 @router.patch("", responses={409: {"description": "email_taken"}})
-async def update_me(body: EmailIn, user: CurrentUser, db: DbDep,
+async def update_me(body: EmailIn, user: CurrentUser, db: DbDep, t: TesseraDep,
                     response: Response) -> dict[str, Any]:
     user = await accounts.change_email(db, user, str(body.email))
     await accounts.audit(db, "email_changed", user_id=user.id)
     response.headers.update(NO_STORE)
-    return await account_view(db, user)
+    return await fresh_view(t, db, user)
 
 
 @router.post("/password", status_code=204, response_class=Response,
@@ -150,7 +152,7 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
     sessions = await t.sessions.list(user.id)
     document = {
         "format": "tessera-export/1",
-        "account": {**(await account_view(db, user)),
+        "account": {**account_view(user, await consents.current_consents(db, user.id)),
                     "updated_at": rfc3339(user.updated_at),
                     "policy_accepted_at": rfc3339(user.policy_accepted_at)
                     if user.policy_accepted_at else None},
@@ -205,8 +207,10 @@ async def get_consents(user: CurrentUser, db: DbDep, response: Response) -> dict
 
 @router.put("/consents/{purpose}", responses={404: {"description": "not_found"}})
 async def put_consent(purpose: Annotated[str, Path(max_length=64)], body: ConsentIn,
-                      user: CurrentUser, db: DbDep, response: Response) -> dict[str, Any]:
+                      user: CurrentUser, db: DbDep, t: TesseraDep,
+                      response: Response) -> dict[str, Any]:
     await consents.set_consent(db, user.id, purpose, body.granted)
+    await t.profiles.invalidate(user.id)
     await accounts.audit(db, "consent_" + ("granted" if body.granted else "withdrawn"),
                          user_id=user.id, detail=purpose)
     response.headers.update(NO_STORE)
@@ -214,7 +218,7 @@ async def put_consent(purpose: Annotated[str, Path(max_length=64)], body: Consen
 
 
 @router.put("/restrictions")
-async def put_restrictions(body: RestrictionsIn, user: CurrentUser, db: DbDep,
+async def put_restrictions(body: RestrictionsIn, user: CurrentUser, db: DbDep, t: TesseraDep,
                            response: Response) -> dict[str, bool]:
     user.restrict_processing = body.restrict_processing
     user.object_to_processing = body.object_to_processing
@@ -222,6 +226,7 @@ async def put_restrictions(body: RestrictionsIn, user: CurrentUser, db: DbDep,
     db.add(user)
     await accounts.audit(db, "restrictions_changed", user_id=user.id, commit=False)
     await db.commit()
+    await t.profiles.invalidate(user.id)
     response.headers.update(NO_STORE)
     return restrictions_view(user)
 
@@ -232,6 +237,7 @@ async def policy_consent(body: PolicyConsentIn, user: CurrentUserAnyPolicy, db: 
                          t: TesseraDep) -> Response:
     t.policy.invalidate()
     await accept_policy(db, user, body.version, await t.policy.get())
+    await t.profiles.invalidate(user.id)
     await accounts.audit(db, "policy_accepted", user_id=user.id, detail=body.version)
     return Response(status_code=204, headers=NO_STORE)
 
