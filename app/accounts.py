@@ -72,8 +72,9 @@ async def verify_password(hasher: PasswordHasher, user: User, password: str) -> 
 async def open_session(t: Tessera, user: User, user_agent: str | None) -> IssuedToken:
     s = t.settings
     await t.keys.maybe_refresh()  # a rotation on another instance reaches this one
-    issued = issue_token(t.keys, sub=user.id, sid=new_session_id(), ttl_seconds=s.session_ttl_seconds,
-                         issuer=s.issuer, audience=s.audience, now=int(time.time()))
+    issued = issue_token(t.keys, sub=user.id, sid=new_session_id(),
+                         ttl_seconds=s.session_ttl_seconds, issuer=s.issuer,
+                         audience=s.audience, now=int(time.time()))
     await t.sessions.create(SessionRecord(
         sid=issued.sid, user_id=user.id, token_hash=token_hash(issued.token),
         created_at=issued.iat, expires_at=issued.exp,

@@ -113,7 +113,8 @@ def create_admin(email: str) -> None:
 
 @keys_cli.command("rotate")
 def rotate() -> None:
-    """Add a new signing key and make it current; old keys stay published until their tokens expire."""
+    """Add a new signing key and make it current (old keys stay published until their
+    tokens expire)."""
     from app.security.keys import KeyCipher, create_signing_key
     from app.security.secret import load_or_create_secret
 

@@ -143,3 +143,40 @@ def install_unavailable_handlers(app: FastAPI) -> None:
         TimeoutError,
     ):
         app.add_exception_handler(exc_type, _unavailable_handler)
+
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail", "code"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "code": {"type": "string", "description": "stable snake_case error code"},
+        "errors": {"type": "array", "items": {"type": "object", "properties": {
+            "loc": {"type": "array", "items": {}}, "msg": {"type": "string"}}}},
+    },
+    "additionalProperties": True,
+}
+
+_DESCRIPTIONS = {
+    400: "malformed request", 401: "not authenticated", 403: "forbidden",
+    404: "not found", 405: "method not allowed", 409: "conflict", 413: "payload too large",
+    415: "unsupported media type", 422: "validation error", 429: "too many attempts",
+    500: "internal error", 503: "a backing service is unavailable",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI declarations of problem+json answers, for routers and routes."""
+    return {status: {"description": _DESCRIPTIONS.get(status, "error"),
+                     "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}}
+            for status in statuses}
+
+
+def problem_doc(codes: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """Route-level problem declarations naming the `code`s each status carries."""
+    return {status: {"description": description,
+                     "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}}
+            for status, description in codes.items()}

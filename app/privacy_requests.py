@@ -59,7 +59,8 @@ async def user_requests(db: AsyncSession, user_id: str) -> list[PrivacyRequest]:
                                .order_by(col(PrivacyRequest.created_at)))).all())
 
 
-async def admin_list(db: AsyncSession, *, status: str | None, overdue: bool) -> list[PrivacyRequest]:
+async def admin_list(db: AsyncSession, *, status: str | None,
+                     overdue: bool) -> list[PrivacyRequest]:
     query = select(PrivacyRequest)
     if overdue:
         query = query.where(PrivacyRequest.status == "open",

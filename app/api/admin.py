@@ -12,12 +12,15 @@ from app import accounts, privacy_requests
 from app.api.deps import AdminUser, DbDep, TesseraDep
 from app.api.me import privacy_request_view
 from app.api.schemas import SafeStr
-from app.errors import Problem
+from app.errors import Problem, problem_doc, problem_responses
 from app.models import User
 from app.policy import publish_policy
 from app.timeutil import rfc3339
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(
+    prefix="/admin", tags=["admin"],
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
+)
 
 NO_STORE = {"Cache-Control": "no-store"}
 UserId = Annotated[str, Path(max_length=64)]
@@ -102,7 +105,7 @@ async def close_privacy_request(request_id: Annotated[str, Path(max_length=64)],
     return {**privacy_request_view(row), "user_id": row.user_id}
 
 
-@router.post("/policy", status_code=201, responses={409: {"description": "version_exists"}})
+@router.post("/policy", status_code=201, responses=problem_doc({409: "version_exists"}))
 async def new_policy(body: PolicyIn, admin: AdminUser, db: DbDep,
                      t: TesseraDep) -> dict[str, Any]:
     row = await publish_policy(db, body.version, body.substantial)

@@ -23,14 +23,17 @@ from app.api.deps import (
     principal_profile,
 )
 from app.api.schemas import LoginJSON, RegisterIn, SessionOut, TokenOut, UserOut
-from app.errors import Problem
+from app.errors import Problem, problem_doc, problem_responses
 from app.policy import must_consent
 from app.profiles import ProfileCache, profile_key
 from app.security.passwords import normalise_password
 from app.security.tokens import peek_claims, token_hash
 from app.timeutil import from_epoch
 
-router = APIRouter(prefix="/auth", tags=["auth"])
+router = APIRouter(
+    prefix="/auth", tags=["auth"],
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 429, 503),
+)
 
 NO_STORE = {"Cache-Control": "no-store"}
 
@@ -41,8 +44,8 @@ def _client_key(request: Request) -> str:
 
 
 @router.post("/register", status_code=201, response_model=UserOut,
-             responses={409: {"description": "email_taken or policy_outdated"},
-                        422: {"description": "underage or validation_error"}})
+             responses=problem_doc({409: "email_taken or policy_outdated",
+                                    422: "underage or validation_error"}))
 async def register(body: RegisterIn, request: Request, response: Response, db: DbDep,
                    t: TesseraDep) -> UserOut:
     if body.is_adult is not True:
@@ -118,9 +121,8 @@ async def _read_credentials(request: Request) -> tuple[str, str]:
 
 
 @router.post("/login", response_model=TokenOut, openapi_extra=_LOGIN_BODY,
-             responses={401: {"description": "invalid_credentials"},
-                        403: {"description": "account_inactive"},
-                        429: {"description": "too_many_attempts"}})
+             responses=problem_doc({401: "invalid_credentials", 403: "account_inactive",
+                                    429: "too_many_attempts"}))
 async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
     email, password = await _read_credentials(request)
     s = t.settings
@@ -203,7 +205,7 @@ def check_service_key(request: Request, t: TesseraDep) -> None:
                       headers={"WWW-Authenticate": 'Bearer realm="tessera-services"'})
 
 
-@router.post("/introspect", responses={401: {"description": "invalid_client"}})
+@router.post("/introspect", responses=problem_doc({401: "invalid_client"}))
 async def introspect(request: Request, t: TesseraDep,
                      token: Annotated[str, Form(max_length=4096)] = "") -> JSONResponse:
     """RFC 7662. Active while the session exists: the same check every endpoint makes."""

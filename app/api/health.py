@@ -10,9 +10,9 @@ from sqlalchemy import text
 from starlette.responses import JSONResponse, Response
 
 from app.api.deps import TesseraDep
-from app.errors import problem_body
+from app.errors import problem_body, problem_doc, problem_responses
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], responses=problem_responses(503))
 
 
 @router.get("/healthz")
@@ -28,7 +28,7 @@ async def _check(coro: object) -> str:
         return "down"
 
 
-@router.get("/readyz", responses={503: {"description": "unavailable"}})
+@router.get("/readyz", responses=problem_doc({503: "unavailable"}))
 async def readyz(t: TesseraDep) -> Response:
     async def db_ping() -> None:
         async with t.engine.connect() as conn:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
@@ -21,7 +22,7 @@ from app.api.deps import (
     TesseraDep,
 )
 from app.api.schemas import SafeStr
-from app.errors import Problem
+from app.errors import Problem, problem_doc, problem_responses
 from app.models import AuditEvent, PrivacyRequest, UsageEvent, User
 from app.policy import accept_policy
 from app.privacy import attribute_usage
@@ -30,7 +31,12 @@ from app.security.passwords import normalise_password
 from app.state import Tessera
 from app.timeutil import from_epoch, rfc3339
 
-router = APIRouter(prefix="/me", tags=["me"])
+log = logging.getLogger("tessera.me")
+
+router = APIRouter(
+    prefix="/me", tags=["me"],
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
+)
 
 NO_STORE = {"Cache-Control": "no-store"}
 
@@ -120,7 +126,7 @@ async def get_me(profile: ProfileAnyPolicy) -> Response:
     return Response(json.dumps(profile["me"]), media_type="application/json", headers=NO_STORE)
 
 
-@router.patch("", responses={409: {"description": "email_taken"}})
+@router.patch("", responses=problem_doc({409: "email_taken"}))
 async def update_me(body: EmailIn, user: CurrentUser, db: DbDep, t: TesseraDep,
                     response: Response) -> dict[str, Any]:
     user = await accounts.change_email(db, user, str(body.email))
@@ -130,7 +136,7 @@ async def update_me(body: EmailIn, user: CurrentUser, db: DbDep, t: TesseraDep,
 
 
 @router.post("/password", status_code=204, response_class=Response,
-             responses={403: {"description": "invalid_credentials"}})
+             responses=problem_doc({403: "invalid_credentials"}))
 async def change_password(body: PasswordChangeIn, user: CurrentUser, principal: CurrentSession,
                           db: DbDep, t: TesseraDep) -> Response:
     await accounts.change_password(t, db, user, _password_text(body.current_password),
@@ -144,7 +150,7 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
     try:
         await t.usage.flush()  # events still buffered on this instance are included
     except Exception:  # the flusher retries; the export still answers with what is stored
-        pass
+        log.warning("usage flush before export failed; exporting what is stored")
     usage = (await db.exec(select(UsageEvent).where(UsageEvent.user_id == user.id)
                            .order_by(col(UsageEvent.at), col(UsageEvent.id)))).all()
     audit_rows = (await db.exec(select(AuditEvent).where(AuditEvent.user_id == user.id)
@@ -179,7 +185,7 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
 
 
 @router.delete("", status_code=204, response_class=Response,
-               responses={403: {"description": "invalid_credentials"}})
+               responses=problem_doc({403: "invalid_credentials"}))
 async def delete_me(request: Request, body: PasswordConfirmIn, user: CurrentUserAnyPolicy,
                     db: DbDep, t: TesseraDep) -> Response:
     if not await accounts.verify_password(t.hasher, user, _password_text(body.password)):
@@ -205,7 +211,7 @@ async def get_consents(user: CurrentUser, db: DbDep, response: Response) -> dict
     return {"purposes": await consents.current_consents(db, user.id)}
 
 
-@router.put("/consents/{purpose}", responses={404: {"description": "not_found"}})
+@router.put("/consents/{purpose}", responses=problem_doc({404: "not_found"}))
 async def put_consent(purpose: Annotated[str, Path(max_length=64)], body: ConsentIn,
                       user: CurrentUser, db: DbDep, t: TesseraDep,
                       response: Response) -> dict[str, Any]:
@@ -232,7 +238,7 @@ async def put_restrictions(body: RestrictionsIn, user: CurrentUser, db: DbDep, t
 
 
 @router.post("/policy-consent", status_code=204, response_class=Response,
-             responses={409: {"description": "policy_outdated"}})
+             responses=problem_doc({409: "policy_outdated"}))
 async def policy_consent(body: PolicyConsentIn, user: CurrentUserAnyPolicy, db: DbDep,
                          t: TesseraDep) -> Response:
     t.policy.invalidate()

@@ -6,9 +6,10 @@ from fastapi import APIRouter, Request, Response
 from starlette.responses import JSONResponse
 
 from app.api.deps import TesseraDep
+from app.errors import problem_responses
 from app.timeutil import rfc3339
 
-router = APIRouter(tags=["public"])
+router = APIRouter(tags=["public"], responses=problem_responses(503))
 
 
 @router.get("/.well-known/jwks.json")

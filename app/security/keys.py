@@ -74,7 +74,8 @@ def _new_kid() -> str:
 async def create_signing_key(db: AsyncSession, cipher: KeyCipher, *, ttl_seconds: int) -> str:
     """Add a new key and make it current; keys before it retire but stay published."""
     now = utcnow()
-    for old in (await db.exec(select(SigningKey).where(col(SigningKey.retired_at).is_(None)))).all():
+    current = select(SigningKey).where(col(SigningKey.retired_at).is_(None))
+    for old in (await db.exec(current)).all():
         old.retired_at = now
         old.publish_until = now + timedelta(seconds=ttl_seconds)
         db.add(old)
@@ -138,7 +139,8 @@ class KeyRing:
             published[row.kid] = key
         self.published = published
         self.current = current
-        self.jwks_fingerprint = hashlib.sha256(",".join(sorted(published)).encode()).hexdigest()[:16]
+        kids = ",".join(sorted(published)).encode()
+        self.jwks_fingerprint = hashlib.sha256(kids).hexdigest()[:16]
         self._loaded_at = time.monotonic()
 
     async def maybe_refresh(self) -> None:

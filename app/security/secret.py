@@ -8,7 +8,7 @@ from pathlib import Path
 
 from app.settings import Settings
 
-SECRET_FILE = "secret.key"
+SECRET_FILE = "secret.key"  # noqa: S105 (a file name)
 
 
 def load_or_create_secret(settings: Settings) -> bytes:
