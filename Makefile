@@ -29,6 +29,17 @@ run: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The browser demo (examples/frontend): the static page on $(HOST):$(DEMO_PORT), another origin
+# than tessera on $(HOST):$(PORT), which allows it with credentials (CORS). Ctrl-C stops both.
+DEMO_PORT ?= 8080
+demo: install
+	@$(BIN)/python examples/frontend/serve.py --host $(HOST) --port $(DEMO_PORT) \
+	    --api http://$(HOST):$(PORT) --wait 60 --quiet & page=$$!; \
+	trap 'kill $$page 2>/dev/null' EXIT INT TERM; \
+	TESSERA_COOKIE_SECURE=$${TESSERA_COOKIE_SECURE:-false} \
+	TESSERA_CORS_ORIGINS=$${TESSERA_CORS_ORIGINS:-http://$(HOST):$(DEMO_PORT)} \
+	$(BIN)/tessera serve --host $(HOST) --port $(PORT)
+
 lint: install
 	$(BIN)/python -m pip install -q ruff mypy && $(BIN)/ruff check app tests && $(BIN)/mypy app
 
