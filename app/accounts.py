@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from sqlalchemy.exc import IntegrityError
@@ -15,6 +16,8 @@ from app.security.passwords import PasswordHasher
 from app.security.tokens import IssuedToken, issue_token, new_session_id, token_hash
 from app.sessions import SessionRecord
 from app.state import Tessera
+
+audit_log = logging.getLogger("tessera.audit")
 
 
 def email_key(email: str) -> str:
@@ -102,6 +105,8 @@ async def audit(db: AsyncSession, event: str, *, user_id: str | None = None,
                 actor_id: str | None = None, outcome: str | None = None,
                 detail: str | None = None, commit: bool = True) -> None:
     """Security event: ids only, never an email, password or token."""
+    audit_log.info("%s", event, extra={"audit": {
+        "event": event, "user_id": user_id, "actor_id": actor_id, "outcome": outcome}})
     db.add(AuditEvent(event=event, user_id=user_id, actor_id=actor_id, outcome=outcome,
                       detail=detail))
     if commit:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
 from typing import Annotated
 
 import typer
@@ -40,6 +42,9 @@ def serve(
         # Started once here, so every worker shares one embedded Redis.
         embedded = EmbeddedRedis(settings.data_dir)
         os.environ["TESSERA_REDIS_URL"] = embedded.start()
+    # uvicorn re-raises SIGTERM after its graceful shutdown; exit through Python instead, so
+    # the `finally` below stops the embedded redis-server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers,
                     loop="uvloop", http="httptools", access_log=False, log_config=None,

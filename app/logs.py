@@ -19,6 +19,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        audit = getattr(record, "audit", None)
+        if audit:
+            entry["audit"] = {k: v for k, v in audit.items() if v is not None}
         rid = request_id_var.get()
         if rid:
             entry["request_id"] = rid
