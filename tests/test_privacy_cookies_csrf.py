@@ -106,3 +106,16 @@ async def test_bearer_requests_need_no_csrf(app: FastAPI) -> None:
     async with client_for(app) as bare:
         response = await bare.post("/auth/logout", headers={"Authorization": f"Bearer {token}"})
         assert response.status_code == 204
+
+
+async def test_csrf_token_is_also_given_to_the_page(app: FastAPI) -> None:
+    async with client_for(app) as client:
+        user = await register(client)
+        body = (await login(client, user["email"])).json()
+        assert body["csrf_token"] == client.cookies["csrf"]
+        again = await client.get("/auth/csrf")
+        assert again.json() == {"csrf_token": body["csrf_token"]}
+        assert again.headers["cache-control"] == "no-store"
+        ok = await client.post("/auth/logout-all", headers={"X-CSRF-Token": body["csrf_token"]})
+        assert ok.status_code == 204
+        assert_problem(await client.get("/auth/csrf"), 401, "not_authenticated")

@@ -148,10 +148,11 @@ async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
     issued = await accounts.open_session(t, user, request.headers.get("user-agent"))
     t.metrics.logins.labels("ok").inc()
     await accounts.audit(db, "login", user_id=user.id, outcome="ok")
+    csrf = csrf_token_for(t.csrf_key, issued.sid)
     body = TokenOut(access_token=issued.token, expires_in=issued.exp - issued.iat,
-                    expires_at=from_epoch(issued.exp), session_id=issued.sid)
+                    expires_at=from_epoch(issued.exp), session_id=issued.sid, csrf_token=csrf)
     response = JSONResponse(body.model_dump(), headers=NO_STORE)
-    set_login_cookies(response, s, issued, csrf_token_for(t.csrf_key, issued.sid))
+    set_login_cookies(response, s, issued, csrf)
     return response
 
 
@@ -172,6 +173,13 @@ async def logout_all(principal: CurrentSession, db: DbDep, t: TesseraDep) -> Res
     response = Response(status_code=204, headers=NO_STORE)
     clear_login_cookies(response, t.settings)
     return response
+
+
+@router.get("/csrf")
+async def csrf_token(principal: CurrentSession, t: TesseraDep) -> JSONResponse:
+    """The current session's X-CSRF-Token, e.g. for a page reloaded on another host."""
+    return JSONResponse({"csrf_token": csrf_token_for(t.csrf_key, principal.sid)},
+                        headers=NO_STORE)
 
 
 @router.get("/sessions", response_model=list[SessionOut])

@@ -67,6 +67,9 @@ class TokenOut(BaseModel):
     expires_in: int
     expires_at: str
     session_id: str
+    # The X-CSRF-Token value for cookie-authenticated requests (also in the `csrf` cookie),
+    # for frontends on a sibling host that cannot read tessera's host-only cookie.
+    csrf_token: str
 
 
 class SessionOut(BaseModel):
