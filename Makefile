@@ -43,5 +43,12 @@ demo: install
 lint: install
 	$(BIN)/python -m pip install -q ruff mypy && $(BIN)/ruff check app tests && $(BIN)/mypy app
 
+# Load test (bench/run.sh; docs/performance.md): tessera serve pinned to CPU 0 with its own
+# Redis, wrk on CPU 1; ~10 min. Needs 2 CPUs and wrk (apt-get install -y wrk). Results in
+# bench/.run/results.md. Knobs: DURATION, RUNS, CONNS, SHARED=0, BENCH_DATABASE_URL, ...
+bench: install
+	@$(BIN)/python -m pip install -q py-spy || echo "no py-spy: the run will have no profile"
+	VENV=$(VENV) bench/run.sh
+
 clean:
 	rm -rf $(VENV) data .pytest_cache

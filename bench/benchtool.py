@@ -1,0 +1,938 @@
+"""Helpers for bench/run.sh: seeding, wrk runs, token minting, floors, memory, report.
+
+Run with the Python that has tessera installed (run.sh passes $PY):
+    python bench/benchtool.py SUBCOMMAND --help
+The HTTP side uses the standard library only (http.client, one keep-alive connection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import math
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------- HTTP --
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection to base_url (http only, loopback)."""
+
+    def __init__(self, base_url: str, timeout: float = 30.0):
+        u = urllib.parse.urlsplit(base_url)
+        if u.scheme != "http":
+            raise SystemExit(f"only http:// URLs are supported, got {base_url}")
+        self.host, self.port = u.hostname, u.port or 80
+        self.timeout = timeout
+        self.conn: http.client.HTTPConnection | None = None
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict | None = None) -> tuple[int, bytes]:
+        for attempt in (1, 2):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self.conn.request(method, path, body=body, headers=headers or {})
+                resp = self.conn.getresponse()
+                data = resp.read()
+                if resp.getheader("connection", "").lower() == "close":
+                    self.conn.close()
+                    self.conn = None
+                return resp.status, data
+            except (ConnectionError, http.client.HTTPException, OSError):
+                if self.conn:
+                    self.conn.close()
+                self.conn = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def json(self, method: str, path: str, payload: dict, headers: dict | None = None):
+        h = {"Content-Type": "application/json", **(headers or {})}
+        status, data = self.request(method, path, json.dumps(payload).encode(), h)
+        return status, _loads(data)
+
+
+def _loads(data: bytes):
+    try:
+        return json.loads(data) if data else None
+    except ValueError:
+        return data[:200].decode(errors="replace")
+
+
+def cmd_wait_http(a):
+    deadline = time.monotonic() + a.timeout
+    u = urllib.parse.urlsplit(a.url)
+    while time.monotonic() < deadline:
+        try:
+            status, _ = Client(f"{u.scheme}://{u.netloc}", timeout=2).request("GET", u.path or "/")
+            if status < 500:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{a.url} did not answer within {a.timeout}s")
+
+
+def cmd_free_ports(a):
+    """Print N distinct free TCP ports on 127.0.0.1 (kernel-chosen)."""
+    import socket
+    socks, ports = [], []
+    for _ in range(a.n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    print(" ".join(map(str, ports)))
+
+
+def cmd_policy(a):
+    status, body = Client(a.base).request("GET", "/policy")
+    if status != 200:
+        raise SystemExit(f"GET /policy answered {status}")
+    print(json.loads(body)["version"])
+
+
+def cmd_seed(a):
+    """Register the bench user (an existing one is fine), log in, check /me and
+    introspection with the fresh token, print the token."""
+    c = Client(a.base)
+    status, policy = c.request("GET", "/policy")
+    version = json.loads(policy)["version"] if status == 200 else None
+    status, body = c.json("POST", "/auth/register", {
+        "email": a.email, "password": a.password, "is_adult": True, "policy_version": version})
+    if not (status == 201 or (status == 409 and isinstance(body, dict)
+                              and body.get("code") == "email_taken")):
+        raise SystemExit(f"register answered {status}: {body}")
+    status, body = c.json("POST", "/auth/login", {"email": a.email, "password": a.password})
+    if status != 200 or not isinstance(body, dict) or "access_token" not in body:
+        raise SystemExit(f"login answered {status}: {body}")
+    token = body["access_token"]
+    status, _ = c.request("GET", "/me", headers={"Authorization": f"Bearer {token}"})
+    if status != 200:
+        raise SystemExit(f"GET /me with a fresh token answered {status}")
+    if a.service_key:
+        status, data = c.request(
+            "POST", "/auth/introspect", urllib.parse.urlencode({"token": token}).encode(),
+            {"Authorization": f"Bearer {a.service_key}",
+             "Content-Type": "application/x-www-form-urlencoded"})
+        body = _loads(data)
+        if status != 200 or not (isinstance(body, dict) and body.get("active") is True):
+            raise SystemExit(f"introspect of a fresh token answered {status}: {body}")
+    print(token)
+
+
+# ------------------------------------------------------------- CPU accounting --
+
+
+def _pid_ticks(pid: int) -> int:
+    """utime + stime of the whole process (all threads)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def _cpu_ticks() -> dict[str, tuple[int, int]]:
+    """Per CPU: (busy, total) jiffies from /proc/stat."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *vals = line.split()
+            v = list(map(int, vals[:8]))
+            idle = v[3] + v[4]
+            out[name] = (sum(v) - idle, sum(v))
+    return out
+
+
+def snapshot(pids: list[int]) -> dict:
+    return {"t": time.monotonic(), "cpus": _cpu_ticks(),
+            "pids": {str(p): _pid_ticks(p) for p in pids}}
+
+
+def cpu_use(before: dict, after: dict, server_cpu: int, load_cpu: int) -> dict:
+    """Busy shares over the interval: each CPU's, ours (pids, all on the server CPU),
+    and 'foreign' = server CPU busy not accounted for by our pinned processes."""
+    hz = os.sysconf("SC_CLK_TCK")
+    wall = max(1e-6, after["t"] - before["t"])
+    res = {}
+    for label, cpu in (("server", server_cpu), ("load", load_cpu)):
+        name = f"cpu{cpu}"
+        if name in before["cpus"] and name in after["cpus"]:
+            b0, t0 = before["cpus"][name]
+            b1, t1 = after["cpus"][name]
+            res[f"{label}_cpu_busy"] = (b1 - b0) / max(1, t1 - t0)
+    ours = sum(after["pids"].get(p, 0) - v for p, v in before["pids"].items()) / hz / wall
+    res["ours_on_server_cpu"] = ours
+    if "server_cpu_busy" in res:
+        res["foreign_on_server_cpu"] = max(0.0, res["server_cpu_busy"] - ours)
+    return res
+
+
+def cmd_background(a):
+    """Busy share of each CPU over a quiet second (our servers idle): other work on the box."""
+    b = _cpu_ticks()
+    time.sleep(a.secs)
+    c = _cpu_ticks()
+    busy = {k: (c[k][0] - b[k][0]) / max(1, c[k][1] - b[k][1]) for k in c}
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    rec = {"kind": "background", "label": a.label, "loadavg": list(map(float, load)),
+           **{f"{k}_busy": round(v, 3) for k, v in sorted(busy.items())}}
+    if a.results:
+        _append(a.results, rec)
+    print("  background (" + a.label + "): load " + " ".join(load) + "; "
+          + ", ".join(f"{k} {v:.0%} busy" for k, v in sorted(busy.items())), file=sys.stderr)
+
+
+def cmd_idle(a):
+    """Wait until the server is idle: an abandoned backlog (wrk stops, the server keeps
+    hashing or flushing) must not leak into the next run."""
+    if not a.pid or not Path(f"/proc/{a.pid}").exists():
+        time.sleep(a.sleep)
+        return
+    hz = os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + a.timeout
+    quiet = 0
+    while time.monotonic() < deadline and quiet < 2:
+        t0 = _pid_ticks(a.pid)
+        time.sleep(0.25)
+        busy = (_pid_ticks(a.pid) - t0) / hz / 0.25
+        quiet = quiet + 1 if busy < 0.05 else 0
+
+
+# ------------------------------------------------------------------------ wrk --
+
+
+def _seconds(d: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)?", d.strip())
+    if not m:
+        raise SystemExit(f"bad duration {d!r}")
+    n, unit = float(m.group(1)), m.group(2) or "s"
+    return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+def run_wrk(pin: str, conns: int, duration: str, script: str, url: str,
+            args: list[str], timeout: str = "30s") -> dict:
+    cmd = [*shlex.split(pin), "wrk", "-t1", f"-c{conns}", f"-d{duration}",
+           "--timeout", timeout, "-s", str(HERE / "lua" / script), url]
+    if args:
+        cmd += ["--", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRK_RESULT ")), None)
+    if line is None:
+        sys.stderr.write(out.stdout + out.stderr)
+        raise SystemExit("wrk printed no WRK_RESULT line (see its output above)")
+    return json.loads(line.split(" ", 1)[1])
+
+
+def _record(a, r: dict, conns: int, before: dict | None, after: dict | None,
+            **extra) -> dict:
+    rec = {"kind": "wrk", "scenario": a.scenario, "request": a.request, "run": a.run,
+           "conns": conns, **r,
+           # Little's law: a closed loop of `conns` clients with no think time completes
+           # conns / mean latency requests per second, unquantised by the run's end
+           "rps_little": conns * 1e6 / r["mean_us"] if r.get("mean_us") else 0.0,
+           "errors": r["connect"] + r["read"] + r["write"] + r["timeout"], **extra}
+    if before and after:
+        rec.update({k: round(v, 3) for k, v in
+                    cpu_use(before, after, a.server_cpu, a.load_cpu).items()})
+    _append(a.results, rec)
+    return rec
+
+
+def _pids(a) -> list[int]:
+    return [int(p) for p in (a.pids or "").split(",") if p]
+
+
+def cmd_wrk(a):
+    """One wrk run (pinned), recorded with the CPU use of our server processes."""
+    url, args = a.wrk_args[0], a.wrk_args[1:]
+    if args and args[0] == "--":
+        args = args[1:]
+    if a.warmup:
+        r = run_wrk(a.pin, a.conns, a.duration, a.script, url, args)
+        print(f"{r['rps']:.1f}")
+        return
+    before = snapshot(_pids(a))
+    r = run_wrk(a.pin, a.conns, a.duration, a.script, url, args)
+    after = snapshot(_pids(a))
+    rec = _record(a, r, a.conns, before, after)
+    if rec.get("exhausted"):
+        print(f"  WARNING: {a.scenario} ran out of tokens ({rec['exhausted']} requests without "
+              f"one): raise the pool", file=sys.stderr)
+
+
+def cmd_paced(a):
+    """GET at about TARGET req/s: C connections, each waiting a random 0..2*D ms before each
+    request (lua/paced_get.lua). C is first estimated from the peak (service time 1/peak),
+    then corrected from short calibration runs until the achieved rate is within 8%."""
+    url, args = a.wrk_args[0], a.wrk_args[1:]
+    if args and args[0] == "--":
+        args = args[1:]
+    token, headers = args[0], args[1:]
+    target = a.peak * a.fraction
+    service_ms = 1000.0 / a.peak
+    conns = max(1, round(target * (a.mean_delay_ms + service_ms) / 1000))
+    calib = f"{max(1, min(math.ceil(_seconds(a.duration)), 5))}s"
+    for attempt in range(4):
+        r = run_wrk(a.pin, conns, calib, "paced_get.lua", url,
+                    [token, str(a.mean_delay_ms), *headers])
+        ratio = r["rps"] / target
+        print(f"  paced: calibration {attempt + 1}: -c{conns} -> {r['rps']:.0f} req/s "
+              f"(target {target:.0f})", file=sys.stderr)
+        if abs(ratio - 1) <= 0.08:
+            break
+        conns = max(1, round(conns / ratio))
+        cmd_idle(argparse.Namespace(pid=_pids(a)[0] if _pids(a) else None, sleep=1, timeout=30))
+    for run in range(1, a.runs + 1):
+        cmd_idle(argparse.Namespace(pid=_pids(a)[0] if _pids(a) else None, sleep=1, timeout=30))
+        a.run = run
+        before = snapshot(_pids(a))
+        r = run_wrk(a.pin, conns, a.duration, "paced_get.lua", url,
+                    [token, str(a.mean_delay_ms), *headers])
+        after = snapshot(_pids(a))
+        _record(a, r, conns, before, after, target_rps=round(target, 1), peak_rps=round(a.peak, 1),
+                mean_delay_ms=a.mean_delay_ms)
+
+
+def cmd_mem(a):
+    """GET /me in chunks sized from the observed rate; VmRSS of the worker read when the
+    cumulative count first passes each step (the server is between wrk runs then)."""
+    url, args = a.wrk_args[0], a.wrk_args[1:]
+    if args and args[0] == "--":
+        args = args[1:]
+    steps = sorted(int(s) for s in a.steps.split(","))
+    done, rate = 0, None
+    _append(a.results, {"kind": "mem", "requests": 0, "rss_kb": _rss_kb(a.pid)})
+    for step in steps:
+        while done < step:
+            remaining = step - done
+            secs = 2 if rate is None else min(15, max(1, math.ceil(remaining / rate * 1.02)))
+            r = run_wrk(a.pin, a.conns, f"{secs}s", "get.lua", url, args)
+            if r["non2xx"] or r["connect"] + r["read"] + r["write"] + r["timeout"]:
+                print(f"  mem: {r['non2xx']} non-2xx, errors in a chunk", file=sys.stderr)
+            done += r["requests"]
+            rate = r["rps"] if r["rps"] > 0 else 100.0
+        rss = _rss_kb(a.pid)
+        _append(a.results, {"kind": "mem", "requests": done, "step": step, "rss_kb": rss,
+                            "rate": round(rate, 1)})
+        print(f"  mem: after {done} GET /me requests: VmRSS {rss / 1024:.1f} MiB",
+              file=sys.stderr)
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise SystemExit(f"no VmRSS for pid {pid}")
+
+
+def cmd_rss(a):
+    print(_rss_kb(a.pid))
+
+
+def cmd_mean_rps(a):
+    rows = [r for r in _read(Path(a.results))
+            if r.get("kind") == "wrk" and r["scenario"] == a.scenario]
+    if not rows:
+        raise SystemExit(f"no runs of {a.scenario} recorded")
+    print(f"{statistics.mean(r['rps'] for r in rows):.1f}")
+
+
+# -------------------------------------------------------------- token minting --
+
+
+def cmd_mint(a):
+    """Issue COUNT sessions for EMAIL through tessera's own code (app.main.create_app's
+    lifespan, then app.accounts.open_session), on the same database, Redis and secret as the
+    server (same TESSERA_* environment). Only the logout scenario needs this: a login costs a
+    bcrypt verify (~4/s per core), so real logins cannot supply 10k+ tokens in time."""
+
+    async def main() -> list[str]:
+        from app import accounts
+        from app.main import create_app
+
+        app = create_app()
+        tokens: list[str] = []
+        async with app.router.lifespan_context(app):
+            t = app.state.tessera
+            async with t.db_factory() as db:
+                user = await accounts.find_by_email(db, a.email)
+            if user is None:
+                raise SystemExit(f"mint: no user {a.email}")
+            while len(tokens) < a.count:
+                batch = min(200, a.count - len(tokens))
+                issued = await asyncio.gather(*(
+                    accounts.open_session(t, user, "tessera-bench (minted)")
+                    for _ in range(batch)))
+                tokens.extend(i.token for i in issued)
+        return tokens
+
+    import logging
+    logging.disable(logging.WARNING)
+    t0 = time.perf_counter()
+    tokens = asyncio.run(main())
+    Path(a.out).write_text("\n".join(tokens) + "\n")
+    print(f"  mint: {len(tokens)} sessions in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+
+
+# --------------------------------------------------------------------- floors --
+
+
+def cmd_floor(a):
+    """bcrypt_sha256 (passlib, the server's scheme and cost) and a Redis GET round trip,
+    in this process: pin it to the server's CPU while the server is idle."""
+    import timeit
+
+    from passlib.context import CryptContext
+
+    ctx = CryptContext(schemes=["bcrypt_sha256"], bcrypt_sha256__rounds=a.rounds)
+    pw = "correct-horse-battery-staple-42"
+    h = ctx.hash(pw)
+    out = []
+    for name, fn in ((f"bcrypt_sha256 cost {a.rounds} hash (passlib)", lambda: ctx.hash(pw)),
+                     (f"bcrypt_sha256 cost {a.rounds} verify (passlib)",
+                      lambda: ctx.verify(pw, h))):
+        ts = timeit.repeat(fn, number=1, repeat=a.repeat)
+        out.append({"kind": "floor", "floor": name, "best_us": min(ts) * 1e6,
+                    "median_us": statistics.median(ts) * 1e6, "unit": "per call"})
+    if a.redis_port:
+        async def rtt():
+            import redis.asyncio as aredis
+            r = aredis.Redis(host="127.0.0.1", port=a.redis_port)
+            await r.set("bench:floor", "x" * 400)
+            await r.get("bench:floor")
+            ts = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for _ in range(5000):
+                    await r.get("bench:floor")
+                ts.append((time.perf_counter() - t0) / 5000)
+            await r.delete("bench:floor")
+            await r.aclose()
+            return ts
+        try:
+            import uvloop
+            ts = uvloop.run(rtt())
+        except ImportError:
+            ts = asyncio.run(rtt())
+        out.append({"kind": "floor", "floor": "Redis GET round trip (redis.asyncio, uvloop, "
+                    "client on the server CPU)", "best_us": min(ts) * 1e6,
+                    "median_us": statistics.median(ts) * 1e6, "unit": "per GET"})
+    for rec in out:
+        _append(a.results, rec)
+
+
+# ---------------------------------------------------------------------- misc --
+
+
+def cmd_pg_reset(a):
+    """Drop and create the bench database named in a postgresql:// URL (never `test`)."""
+    u = urllib.parse.urlsplit(a.url)
+    name = u.path.lstrip("/")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name or "") or name in (
+            "test", "postgres", "template0", "template1"):
+        raise SystemExit(f"refusing to reset database {name!r}: give a dedicated bench "
+                         "database, e.g. .../tessera_bench")
+
+    async def main():
+        import asyncpg
+        admin = urllib.parse.urlunsplit(("postgresql", u.netloc, "/postgres", u.query, ""))
+        conn = await asyncpg.connect(admin)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+    print(f"  postgres: database {name} recreated", file=sys.stderr)
+
+
+def _append(path: str, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    if rec.get("kind") == "wrk":
+        print(f"  {rec['scenario']:12} run {rec['run']} -c{rec['conns']:<3}: "
+              f"{rec['rps']:9.1f} req/s  p50 {_ms(rec['p50_us'])}  p99 {_ms(rec['p99_us'])}"
+              + (f"  non-2xx {rec['non2xx']}" if rec["non2xx"] else "")
+              + (f"  errors {rec['errors']}" if rec["errors"] else "")
+              + (f"  [other work on the server CPU: {rec['foreign_on_server_cpu']:.0%}]"
+                 if rec.get("foreign_on_server_cpu", 0) > 0.05 else ""), file=sys.stderr)
+
+
+def _ms(us: float) -> str:
+    if us != us:  # nan
+        return "-"
+    return f"{us / 1000:.2f} ms" if us < 1e6 else f"{us / 1e6:.2f} s"
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+# ------------------------------------------------------------ profile summary --
+
+# Where a sample's time goes: walk its stack from the leaf up, the first frame that belongs
+# to one of these layers takes the sample (library helpers such as json, re, secrets or
+# prometheus_client count for the layer that called them). The rows sum to 100%.
+def _layer(frame: str) -> str | None:
+    m = re.match(r"^(.*?) \((.*?)(?::\d+)?\)$", frame)
+    if not m:
+        return None
+    fn, file = m.groups()
+    cls = fn.split(".")[0]
+    if "/redis/" in file or file.startswith("redis/") or "hiredis" in file:
+        return "Redis client (redis-py: pack command, read/parse reply, connection pool)"
+    if file.endswith("app/sessions.py"):
+        return "tessera SessionStore (session + profile MGET, JSON decode, hash compare)"
+    if file.endswith("app/profiles.py"):
+        return "tessera ProfileCache (app/profiles.py)"
+    if file.endswith("app/api/deps.py"):
+        return "tessera auth dependencies (app/api/deps.py)"
+    if "app/api/" in file:
+        return f"tessera endpoint ({file[file.index('app/api/'):]})"
+    if "app/security/" in file:
+        return "tessera token peek/hash (app/security/)"
+    if file.endswith("app/usage.py"):
+        return "tessera usage log: record() (app/usage.py)"
+    if file.endswith("app/privacy.py"):
+        return "PrivacyMiddleware (DNT/GPC, Tk, Vary, visitor cookie, usage event)"
+    if file.endswith("app/metrics.py"):
+        return "MetricsMiddleware (app/metrics.py + prometheus_client)"
+    if file.endswith("app/middleware.py"):
+        return f"{cls} (app/middleware.py)"
+    if file.endswith("app/errors.py"):
+        return "tessera error handling (app/errors.py)"
+    if "anyio/" in file or fn.startswith("run_in_threadpool"):
+        return "thread hop: sync dependency run in the threadpool (run_in_threadpool, anyio)"
+    if "pydantic" in file:
+        return "pydantic"
+    if "fastapi/" in file:
+        return "FastAPI (routing, dependency solving, response serialisation)"
+    if "starlette/" in file:
+        return "Starlette (routing, Request/Response, exception middleware)"
+    if "uvicorn/" in file:
+        return "uvicorn (httptools protocol, ASGI request/response cycle)"
+    return None
+
+
+_IDLE_LEAVES = ("Condition.wait (threading.py", "_connection_worker_thread (aiosqlite/core.py:59)",
+                "Queue.get (queue.py", "Event.wait (threading.py", "select (selectors.py")
+
+
+def _parse_raw(path: Path) -> list[tuple[list[str], int]]:
+    stacks = []
+    for line in path.read_text().splitlines():
+        line = line.rstrip()
+        if not line:
+            continue
+        stack, _, count = line.rpartition(" ")
+        try:
+            n = int(count)
+        except ValueError:
+            continue
+        stacks.append((stack.split(";"), n))
+    return stacks
+
+
+def _func(frame: str) -> str:
+    """'get_me (/x/site-packages/app/api/me.py:120)' -> 'get_me (app/api/me.py)'."""
+    m = re.match(r"^(.*?) \((.*?)(?::\d+)?\)$", frame)
+    if not m:
+        return frame
+    name, file = m.groups()
+    for marker in ("site-packages/", "/lib/python3.", "/work/main/"):
+        if marker in file:
+            file = file.split(marker, 1)[1]
+            if marker == "/lib/python3.":
+                file = "stdlib/" + file.split("/", 1)[1]
+            break
+    return f"{name} ({file})"
+
+
+def profile_summary(raw: Path, top: int = 15) -> str:
+    stacks = _parse_raw(raw)
+    if not stacks:
+        return "(no samples)"
+    main = [(f[1:], n) for f, n in stacks if f and "MainThread" in f[0]]
+    others = [(f, n) for f, n in stacks
+              if f and "MainThread" not in f[0] and not f[-1].startswith(_IDLE_LEAVES)]
+    ltotal = sum(n for _, n in main)
+    if not ltotal:
+        return "(no samples of the main thread)"
+    otot = sum(n for _, n in others)
+    busy: dict[str, int] = {}
+    for f, n in others:
+        key = f"{f[0].split(': ', 1)[-1].split(' (')[0]}: {_func(f[-1])}"
+        busy[key] = busy.get(key, 0) + n
+    lines = [f"{ltotal} samples of the event-loop thread (MainThread). Other threads, idle "
+             f"waits left out: {otot} samples"
+             + (" — " + "; ".join(f"{k} {v}" for k, v in sorted(busy.items(),
+                                                                key=lambda x: -x[1])[:4])
+                if busy else "") + "."]
+    buckets: dict[str, int] = {}
+    for frames, n in main:
+        layer = next((lay for lay in map(_layer, reversed(frames)) if lay), None)
+        layer = layer or "event loop itself (uvloop/asyncio: scheduling, socket I/O, epoll)"
+        buckets[layer] = buckets.get(layer, 0) + n
+    lines += ["", "Event-loop time by layer (each sample counted once, for the innermost layer "
+              "on its stack; helpers such as json or secrets count for the layer that called "
+              "them):", "", "| layer | share |", "|---|---|"]
+    for layer, n in sorted(buckets.items(), key=lambda x: -x[1]):
+        lines.append(f"| {layer} | {n / ltotal:.1%} |")
+    self_t: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    for frames, n in main:
+        leaf = _func(frames[-1])
+        self_t[leaf] = self_t.get(leaf, 0) + n
+        for fn in {_func(x) for x in frames}:
+            incl[fn] = incl.get(fn, 0) + n
+    lines += ["", f"Top {top} functions by self time (leaf frame; C code shows as its caller):",
+              "", "| self | function |", "|---|---|"]
+    for fn, n in sorted(self_t.items(), key=lambda x: -x[1])[:top]:
+        lines.append(f"| {n / ltotal:.1%} | `{fn}` |")
+    lines += ["", "Inclusive time of tessera code and of a few framework steps (rows nest: the "
+              "middlewares wrap each other, outermost first):", "", "| inclusive | function |",
+              "|---|---|"]
+    keep = [(fn, n) for fn, n in incl.items()
+            if ("(app/" in fn and n < 0.99 * ltotal)
+            or fn.split(" ")[0] in ("solve_dependencies", "run_in_threadpool",
+                                    "serialize_response", "jsonable_encoder",
+                                    "JSONResponse.render", "HttpToolsProtocol.data_received",
+                                    "RequestResponseCycle.send")]
+    for fn, n in sorted(keep, key=lambda x: -x[1])[:top + 8]:
+        lines.append(f"| {n / ltotal:.1%} | `{fn}` |")
+    return "\n".join(lines)
+
+
+def cmd_profile_summary(a):
+    print(profile_summary(Path(a.raw), a.top))
+
+
+# --------------------------------------------------------------------- report --
+
+SCENARIOS = [  # (scenario, label) in table order
+    ("register", "POST /auth/register"),
+    ("login", "POST /auth/login"),
+    ("me", "GET /me (bearer)"),
+    ("introspect", "POST /auth/introspect"),
+    ("logout", "POST /auth/logout"),
+    ("me-dnt", "GET /me, DNT: 1 (no usage log)"),
+    ("mixed-me", "GET /me while one client logs in back to back"),
+    ("mixed-login", "POST /auth/login, that one client"),
+    ("me-half", "GET /me paced at ~half its peak"),
+]
+
+
+# bcrypt-bound scenarios: a handful of connections, each request ~0.25-1 s, completing in
+# bursts; wrk's count (completed / duration) drops the burst in flight at the end (up to
+# conns / (rate * duration), 10% at -c4 for 10 s), so their req/s is conns / mean latency.
+LITTLE = {"register", "login", "mixed-login"}
+
+
+def _summ(rows: list[dict]) -> dict | None:
+    if not rows:
+        return None
+    if rows[0]["scenario"] in LITTLE:
+        rows = [{**r, "rps_wrk": r["rps"], "rps": r["rps_little"]} for r in rows]
+    return {"rps": statistics.mean(r["rps"] for r in rows),
+            "rps_wrk": statistics.mean(r.get("rps_wrk", r["rps"]) for r in rows),
+            "p50_us": statistics.mean(r["p50_us"] for r in rows),
+            "p99_us": max(r["p99_us"] for r in rows),
+            "conns": rows[0]["conns"], "runs": len(rows),
+            "non2xx": sum(r["non2xx"] for r in rows), "errors": sum(r["errors"] for r in rows),
+            "spread": (max(r["rps"] for r in rows) - min(r["rps"] for r in rows))
+            / max(1e-9, statistics.mean(r["rps"] for r in rows)),
+            "foreign": max((r.get("foreign_on_server_cpu", 0) for r in rows), default=0),
+            "exhausted": sum(r.get("exhausted", 0) for r in rows)}
+
+
+def cmd_report(a):
+    state = Path(a.state)
+    recs = _read(state / "results.jsonl")
+    shared = _read(Path(a.shared_results)) if a.shared_results else []
+    wrk = [r for r in recs if r["kind"] == "wrk"]
+    by = {s: _summ([r for r in wrk if r["scenario"] == s]) for s, _ in SCENARIOS}
+    floors = [r for r in recs if r["kind"] == "floor"]
+    mem = [r for r in recs if r["kind"] == "mem"]
+    bg = [r for r in recs if r["kind"] == "background"]
+    meta = next((r for r in recs if r["kind"] == "meta"), {})
+    md: list[str] = []
+    w = md.append
+
+    w(f"# tessera benchmark — {meta.get('date', '?')}")
+    w("")
+    w(f"Machine: {meta.get('nproc', '?')} CPUs ({meta.get('cpu', '?')}), "
+      f"{meta.get('mem_gib', '?')} GiB RAM, {meta.get('kernel', '?')}; Python "
+      f"{meta.get('python', '?')}; database {meta.get('database', '?')}; tessera "
+      f"{meta.get('commit', '?')}.")
+    w(f"Server (tessera serve --workers 1, its Redis) on CPU {meta.get('server_cpu', 0)}, "
+      f"wrk on CPU {meta.get('load_cpu', 1)}; wrk -t1, {meta.get('duration')} per run after a "
+      f"{meta.get('warmup')} warm-up, {meta.get('runs')} runs per scenario: req/s and p50 are "
+      "the mean of the runs, p99 the worst run.")
+    if bg:
+        worst = max(max(v for k, v in r.items() if k.endswith("_busy")) for r in bg)
+        la = [r["loadavg"][0] for r in bg]
+        foreign = max((r.get("foreign_on_server_cpu", 0) for r in wrk), default=0)
+        disturbed = worst > 0.10 or foreign > 0.10
+        w(f"Quiet check: load average {min(la):.2f}–{max(la):.2f}; busiest CPU between "
+          f"scenarios {worst:.0%} (our servers idle); other work on the server CPU during a "
+          f"run at most {foreign:.0%}. "
+          + ("**Disturbed: other work ran on the machine; treat the figures with care.**"
+             if disturbed else "Undisturbed."))
+    w("")
+    w("## Scenarios")
+    w("")
+    w("| scenario | request | conns | req/s | p50 | p99 | runs (spread) | non-2xx | errors |")
+    w("|---|---|---|---|---|---|---|---|---|")
+    for s, label in SCENARIOS:
+        x = by.get(s)
+        if not x:
+            continue
+        note = f" (~{wrk_target(wrk, s)}/s offered)" if s == "me-half" else ""
+        dag = "†" if s in LITTLE else ""
+        w(f"| {s} | {label}{note} | {x['conns']} | {x['rps']:.{2 if dag else 1}f}{dag} | {_ms(x['p50_us'])} | "
+          f"{_ms(x['p99_us'])} | {x['runs']} (±{x['spread'] / 2:.0%}) | {x['non2xx']} | "
+          f"{x['errors']}{' (tokens ran out: ' + str(x['exhausted']) + ')' if x['exhausted'] else ''} |")
+    if any(by.get(s) for s in LITTLE):
+        w("")
+        w("† bcrypt-bound: req/s = connections / mean latency (Little's law), because wrk's "
+          "count drops the burst still in flight when the run ends; wrk's count gave "
+          + ", ".join(f"{s} {by[s]['rps_wrk']:.2f}" for s in sorted(LITTLE) if by.get(s))
+          + " req/s.")
+    w("")
+
+    # ---- targets
+    def shared_rps(target, scenario):
+        rows = [r for r in shared if r.get("target") == target and r.get("scenario") == scenario]
+        return statistics.mean(r["rps"] for r in rows) if rows else None
+
+    peer_me = shared_rps("peer", "me")
+    ping = shared_rps("baseline", "ping")
+    verify = next((f for f in floors if "verify" in f["floor"]), None)
+    hashf = next((f for f in floors if "hash" in f["floor"]), None)
+    targets = []
+
+    def target(name, measured, ratio, goal, ok):
+        targets.append((name, measured, ratio, goal, ok))
+
+    me, dnt = by.get("me"), by.get("me-dnt")
+    if me and peer_me:
+        r = me["rps"] / peer_me
+        target("GET /me vs fastapi-users GET /users/me", f"{me['rps']:.0f} vs {peer_me:.0f} req/s",
+               f"{r:.2f}×", "≥ 3×", r >= 3)
+    if by.get("introspect") and ping:
+        r = by["introspect"]["rps"] / ping
+        target("introspection vs bare FastAPI GET /ping",
+               f"{by['introspect']['rps']:.0f} vs {ping:.0f} req/s", f"{r:.0%}", "≥ 50%", r >= 0.5)
+    if by.get("login") and verify:
+        cap = 1e6 / verify["median_us"]
+        r = by["login"]["rps"] / cap
+        target("login vs bcrypt alone on the server core",
+               f"{by['login']['rps']:.2f} vs {cap:.2f} verifies/s", f"{r:.0%}", "≥ 90%", r >= 0.9)
+    if by.get("register") and hashf:
+        cap = 1e6 / hashf["median_us"]
+        r = by["register"]["rps"] / cap
+        target("register vs bcrypt alone (no target; for reference)",
+               f"{by['register']['rps']:.2f} vs {cap:.2f} hashes/s", f"{r:.0%}", "—", None)
+    if me and by.get("mixed-me"):
+        r = by["mixed-me"]["rps"] / me["rps"]
+        target("mixed: GET /me under a back-to-back login vs solo",
+               f"{by['mixed-me']['rps']:.0f} vs {me['rps']:.0f} req/s", f"{r:.0%}", "≥ 40%",
+               r >= 0.4)
+    if me and dnt:
+        r = 1 - me["rps"] / dnt["rps"]
+        target("usage logging on vs off (DNT: 1)",
+               f"{me['rps']:.0f} vs {dnt['rps']:.0f} req/s",
+               f"{r:.1%} fewer" if r >= 0 else f"{-r:.1%} more (noise)", "≤ 10% fewer",
+               r <= 0.10)
+    if by.get("me-half"):
+        h = by["me-half"]
+        target("GET /me p99 at ~half its peak",
+               f"p99 {_ms(h['p99_us'])} at {h['rps']:.0f} req/s "
+               f"({h['rps'] / me['rps']:.0%} of peak)" if me else _ms(h["p99_us"]),
+               _ms(h["p99_us"]), "< 10 ms", h["p99_us"] < 10_000)
+    steps = [m for m in mem if m.get("step")]
+    if len(steps) >= 2:
+        m1, m2 = steps[0], steps[-1]
+        r = m2["rss_kb"] / m1["rss_kb"] - 1
+        target(f"worker RSS growth, {m1['requests']} → {m2['requests']} GET /me",
+               f"{m1['rss_kb'] / 1024:.1f} → {m2['rss_kb'] / 1024:.1f} MiB", f"{r:+.1%}",
+               "< 10%", r < 0.10)
+    w("## Targets")
+    w("")
+    w("| target | measured | ratio | goal | met |")
+    w("|---|---|---|---|---|")
+    for name, measured, ratio, goal, ok in targets:
+        w(f"| {name} | {measured} | {ratio} | {goal} | "
+          f"{'—' if ok is None else ('yes' if ok else '**no**')} |")
+    w("")
+    if mem:
+        w("## Memory (VmRSS of the worker, /proc/<pid>/status)")
+        w("")
+        w("| GET /me requests served (this phase) | VmRSS |")
+        w("|---|---|")
+        for m in mem:
+            w(f"| {m['requests']} | {m['rss_kb'] / 1024:.1f} MiB |")
+        w("")
+    if floors:
+        w("## Physical floor (in-process, pinned to the server CPU, server idle)")
+        w("")
+        w("| operation | best | median | → per second |")
+        w("|---|---|---|---|")
+        for f in floors:
+            w(f"| {f['floor']} | {_fmt_us(f['best_us'])} | {_fmt_us(f['median_us'])} | "
+              f"{1e6 / f['median_us']:.1f} |")
+        w("")
+    if shared:
+        w("## Side by side (shared/bench/run.sh, same run, same pinning)")
+        w("")
+        w("| target | scenario | request | conns | req/s (mean) | p50 | p99 (worst) | non-2xx |")
+        w("|---|---|---|---|---|---|---|---|")
+        keys = list(dict.fromkeys((r["target"], r["scenario"]) for r in shared))
+        for tgt, sc in keys:
+            rows = [r for r in shared if (r["target"], r["scenario"]) == (tgt, sc)]
+            w(f"| {tgt} | {sc} | {rows[0]['request']} | {rows[0]['conns']} | "
+              f"{statistics.mean(r['rps'] for r in rows):.1f} | "
+              f"{_ms(statistics.mean(r['p50_us'] for r in rows))} | "
+              f"{_ms(max(r['p99_us'] for r in rows))} | {sum(r['non2xx'] for r in rows)} |")
+        w("")
+    if a.profile and Path(a.profile).exists():
+        w("## Profile: GET /me under load (py-spy)")
+        w("")
+        pw = Path(a.profile).with_name("profile.wrk.txt")
+        line = next((x for x in (pw.read_text().splitlines() if pw.exists() else [])
+                     if x.startswith("WRK_RESULT ")), None)
+        if line:
+            r = json.loads(line.split(" ", 1)[1])
+            w(f"Recorded while wrk drove GET /me at {r['rps']:.0f} req/s (-c"
+              f"{meta.get('conns', '?')}, py-spy sampling included); flame graph: "
+              f"`{Path(a.profile).with_suffix('.svg').name}` beside this file.")
+            w("")
+        w(profile_summary(Path(a.profile)))
+        w("")
+    text = "\n".join(md)
+    Path(a.out).write_text(text + "\n")
+    print(text)
+
+
+def wrk_target(wrk: list[dict], scenario: str) -> str:
+    t = [r.get("target_rps") for r in wrk if r["scenario"] == scenario and r.get("target_rps")]
+    return f"{t[0]:.0f}" if t else "?"
+
+
+def _fmt_us(us: float) -> str:
+    return f"{us / 1000:.1f} ms" if us >= 1000 else f"{us:.1f} µs"
+
+
+def cmd_meta(a):
+    import platform
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines()
+                      if x.startswith("MemTotal")).split()[1])
+    try:
+        commit = subprocess.run(["git", "-C", str(HERE.parent), "log", "-1", "--format=%h %s"],
+                                capture_output=True, text=True).stdout.strip()[:80]
+        dirty = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "app"],
+                               capture_output=True, text=True).stdout.strip()
+        commit += " (+ uncommitted changes in app/)" if dirty else ""
+    except OSError:
+        commit = "?"
+    _append(a.results, {"kind": "meta", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                        "nproc": os.cpu_count(), "cpu": cpu, "mem_gib": round(mem_kb / 2**20, 1),
+                        "kernel": platform.release(), "python": platform.python_version(),
+                        "database": a.database, "commit": commit, "duration": a.duration,
+                        "warmup": a.warmup, "runs": a.runs, "server_cpu": a.server_cpu,
+                        "load_cpu": a.load_cpu, "conns": a.conns})
+
+
+# ----------------------------------------------------------------------- main --
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("wait-http"); s.add_argument("url")
+    s.add_argument("--timeout", type=float, default=60); s.set_defaults(fn=cmd_wait_http)
+    s = sub.add_parser("free-ports"); s.add_argument("n", type=int); s.set_defaults(fn=cmd_free_ports)
+    s = sub.add_parser("policy"); s.add_argument("base"); s.set_defaults(fn=cmd_policy)
+    s = sub.add_parser("seed")
+    for k in ("base", "email", "password"):
+        s.add_argument(f"--{k}", required=True)
+    s.add_argument("--service-key", default=""); s.set_defaults(fn=cmd_seed)
+    s = sub.add_parser("background"); s.add_argument("--label", default="")
+    s.add_argument("--secs", type=float, default=1.0); s.add_argument("--results")
+    s.set_defaults(fn=cmd_background)
+    s = sub.add_parser("idle"); s.add_argument("--pid", type=int)
+    s.add_argument("--sleep", type=float, default=2.0); s.add_argument("--timeout", type=float, default=60)
+    s.set_defaults(fn=cmd_idle)
+
+    def wrk_common(s):
+        s.add_argument("--scenario", required=True); s.add_argument("--request", default="")
+        s.add_argument("--run", type=int, default=1); s.add_argument("--results", required=True)
+        s.add_argument("--duration", default="10s"); s.add_argument("--pin", default="")
+        s.add_argument("--pids", default="", help="our server pids (tessera,redis), comma-separated")
+        s.add_argument("--server-cpu", type=int, default=0); s.add_argument("--load-cpu", type=int, default=1)
+        s.add_argument("wrk_args", nargs=argparse.REMAINDER, help="URL [-- script args]")
+
+    s = sub.add_parser("wrk"); wrk_common(s)
+    s.add_argument("--conns", type=int, required=True); s.add_argument("--script", required=True)
+    s.add_argument("--warmup", action="store_true", help="run, print req/s, record nothing")
+    s.set_defaults(fn=cmd_wrk)
+    s = sub.add_parser("paced"); wrk_common(s)
+    s.add_argument("--peak", type=float, required=True); s.add_argument("--fraction", type=float, default=0.5)
+    s.add_argument("--mean-delay-ms", type=int, default=20); s.add_argument("--runs", type=int, default=2)
+    s.set_defaults(fn=cmd_paced)
+    s = sub.add_parser("mem"); wrk_common(s)
+    s.add_argument("--pid", type=int, required=True); s.add_argument("--conns", type=int, default=32)
+    s.add_argument("--steps", default="50000,100000"); s.set_defaults(fn=cmd_mem)
+    s = sub.add_parser("rss"); s.add_argument("pid", type=int); s.set_defaults(fn=cmd_rss)
+    s = sub.add_parser("mean-rps"); s.add_argument("--results", required=True)
+    s.add_argument("--scenario", required=True); s.set_defaults(fn=cmd_mean_rps)
+    s = sub.add_parser("mint"); s.add_argument("--email", required=True)
+    s.add_argument("--count", type=int, required=True); s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_mint)
+    s = sub.add_parser("floor"); s.add_argument("--results", required=True)
+    s.add_argument("--rounds", type=int, default=12); s.add_argument("--repeat", type=int, default=7)
+    s.add_argument("--redis-port", type=int); s.set_defaults(fn=cmd_floor)
+    s = sub.add_parser("pg-reset"); s.add_argument("url"); s.set_defaults(fn=cmd_pg_reset)
+    s = sub.add_parser("profile-summary"); s.add_argument("raw")
+    s.add_argument("--top", type=int, default=15); s.set_defaults(fn=cmd_profile_summary)
+    s = sub.add_parser("meta"); s.add_argument("--results", required=True)
+    for k in ("database", "duration", "warmup", "runs"):
+        s.add_argument(f"--{k}", default="?")
+    s.add_argument("--server-cpu", type=int, default=0); s.add_argument("--load-cpu", type=int, default=1)
+    s.add_argument("--conns", default="?"); s.set_defaults(fn=cmd_meta)
+    s = sub.add_parser("report"); s.add_argument("--state", required=True)
+    s.add_argument("--shared-results"); s.add_argument("--profile")
+    s.add_argument("--out", required=True); s.set_defaults(fn=cmd_report)
+
+    a = p.parse_args()
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()

