@@ -572,7 +572,7 @@ def profile_summary(raw: Path, top: int = 15) -> str:
     stacks = _parse_raw(raw)
     if not stacks:
         return "(no samples)"
-    main = [(f[1:], n) for f, n in stacks if f and "MainThread" in f[0]]
+    main = [(f[1:], n) for f, n in stacks if len(f) > 1 and "MainThread" in f[0]]
     others = [(f, n) for f, n in stacks
               if f and "MainThread" not in f[0] and not f[-1].startswith(_IDLE_LEAVES)]
     ltotal = sum(n for _, n in main)
