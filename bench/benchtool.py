@@ -161,8 +161,10 @@ def _cpu_ticks() -> dict[str, tuple[int, int]]:
 
 
 def snapshot(pids: list[int]) -> dict:
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk (and taskset), once reaped
     return {"t": time.monotonic(), "cpus": _cpu_ticks(),
-            "pids": {str(p): _pid_ticks(p) for p in pids}}
+            "pids": {str(p): _pid_ticks(p) for p in pids}, "children": ru.ru_utime + ru.ru_stime}
 
 
 def cpu_use(before: dict, after: dict, server_cpu: int, load_cpu: int) -> dict:
@@ -181,22 +183,48 @@ def cpu_use(before: dict, after: dict, server_cpu: int, load_cpu: int) -> dict:
     res["ours_on_server_cpu"] = ours
     if "server_cpu_busy" in res:
         res["foreign_on_server_cpu"] = max(0.0, res["server_cpu_busy"] - ours)
+    wrk = (after.get("children", 0) - before.get("children", 0)) / wall
+    res["wrk_on_load_cpu"] = wrk
+    if "load_cpu_busy" in res:  # a starved load generator under-reports the server
+        res["foreign_on_load_cpu"] = max(0.0, res["load_cpu_busy"] - wrk)
     return res
 
 
+def _speed_probe(cpu: int) -> float:
+    """Milliseconds for a fixed pure-Python loop on `cpu` (best of 5): a slower machine
+    (another VM or process on the host, an SMT sibling, throttling) shows here even when
+    /proc/stat shows nothing else running in this one."""
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError:
+        pass
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x = 0
+        for i in range(200_000):
+            x += i * i % 7
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000
+
+
 def cmd_background(a):
-    """Busy share of each CPU over a quiet second (our servers idle): other work on the box."""
+    """Busy share of each CPU over a quiet second (our servers idle): other work on the box;
+    and the speed probe on the server CPU."""
     b = _cpu_ticks()
     time.sleep(a.secs)
     c = _cpu_ticks()
     busy = {k: (c[k][0] - b[k][0]) / max(1, c[k][1] - b[k][1]) for k in c}
     load = Path("/proc/loadavg").read_text().split()[:3]
+    probe = _speed_probe(a.cpu)
     rec = {"kind": "background", "label": a.label, "loadavg": list(map(float, load)),
+           "probe_ms": round(probe, 2),
            **{f"{k}_busy": round(v, 3) for k, v in sorted(busy.items())}}
     if a.results:
         _append(a.results, rec)
     print("  background (" + a.label + "): load " + " ".join(load) + "; "
-          + ", ".join(f"{k} {v:.0%} busy" for k, v in sorted(busy.items())), file=sys.stderr)
+          + ", ".join(f"{k} {v:.0%} busy" for k, v in sorted(busy.items()))
+          + f"; speed probe {probe:.1f} ms", file=sys.stderr)
 
 
 def cmd_idle(a):
@@ -473,7 +501,9 @@ def _append(path: str, rec: dict) -> None:
               + (f"  non-2xx {rec['non2xx']}" if rec["non2xx"] else "")
               + (f"  errors {rec['errors']}" if rec["errors"] else "")
               + (f"  [other work on the server CPU: {rec['foreign_on_server_cpu']:.0%}]"
-                 if rec.get("foreign_on_server_cpu", 0) > 0.05 else ""), file=sys.stderr)
+                 if rec.get("foreign_on_server_cpu", 0) > 0.05 else "")
+              + (f"  [other work on the load CPU: {rec['foreign_on_load_cpu']:.0%}]"
+                 if rec.get("foreign_on_load_cpu", 0) > 0.10 else ""), file=sys.stderr)
 
 
 def _ms(us: float) -> str:
@@ -692,10 +722,18 @@ def cmd_report(a):
         worst = max(max(v for k, v in r.items() if k.endswith("_busy")) for r in bg)
         la = [r["loadavg"][0] for r in bg]
         foreign = max((r.get("foreign_on_server_cpu", 0) for r in wrk), default=0)
-        disturbed = worst > 0.10 or foreign > 0.10
+        # (the two wrk of the mixed scenario count each other as other work: left out)
+        lforeign = max((r.get("foreign_on_load_cpu", 0) for r in wrk
+                        if not r["scenario"].startswith("mixed")), default=0)
+        probes = [r["probe_ms"] for r in bg if r.get("probe_ms")]
+        swing = (max(probes) / min(probes) - 1) if probes else 0.0
+        disturbed = worst > 0.10 or foreign > 0.10 or lforeign > 0.20 or swing > 0.10
         w(f"Quiet check: load average {min(la):.2f}–{max(la):.2f}; busiest CPU between "
-          f"scenarios {worst:.0%} (our servers idle); other work on the server CPU during a "
-          f"run at most {foreign:.0%}. "
+          f"scenarios {worst:.0%} (our servers idle); during a run, other work took at most "
+          f"{foreign:.0%} of the server CPU and {lforeign:.0%} of the load CPU "
+          "(Python helpers and py-spy of this harness count as other work there); speed probe "
+          + (f"{min(probes):.1f}–{max(probes):.1f} ms (a fixed Python loop on the server CPU; "
+             f"{swing:.0%} swing). " if probes else "n/a. ")
           + ("**Disturbed: other work ran on the machine; treat the figures with care.**"
              if disturbed else "Undisturbed."))
     w("")
@@ -885,6 +923,7 @@ def main() -> None:
     s.add_argument("--service-key", default=""); s.set_defaults(fn=cmd_seed)
     s = sub.add_parser("background"); s.add_argument("--label", default="")
     s.add_argument("--secs", type=float, default=1.0); s.add_argument("--results")
+    s.add_argument("--cpu", type=int, default=0, help="where the speed probe runs")
     s.set_defaults(fn=cmd_background)
     s = sub.add_parser("idle"); s.add_argument("--pid", type=int)
     s.add_argument("--sleep", type=float, default=2.0); s.add_argument("--timeout", type=float, default=60)

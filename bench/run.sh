@@ -61,7 +61,7 @@ RESULTS="$STATE/results.jsonl"
 bt() { "$PY" "$HERE/benchtool.py" "$@"; }
 
 say "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load: $(cut -d' ' -f1-3 /proc/loadavg)"
-bt background --label start --results "$RESULTS"
+bt background --label start --results "$RESULTS" --cpu "$SERVER_CPU"
 bt meta --results "$RESULTS" --database "${BENCH_DATABASE_URL:+postgresql}${BENCH_DATABASE_URL:-sqlite}" \
   --duration "$DURATION" --warmup "$WARMUP" --runs "$RUNS" \
   --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU" --conns "$CONNS"
@@ -137,7 +137,7 @@ measure() {  # SCENARIO "REQUEST" RUN CONNS SCRIPT URL [ARGS...]
 }
 scenario() {  # SCENARIO "REQUEST" CONNS SCRIPT URL [ARGS...]
   local s=$1 req=$2 c=$3 script=$4 url=$5; shift 5
-  bt background --label "$s" --results "$RESULTS"
+  bt background --label "$s" --results "$RESULTS" --cpu "$SERVER_CPU"
   warm "$s" "$c" "$script" "$url" "$@" >/dev/null; settle
   for i in $(seq 1 "$RUNS"); do measure "$s" "$req" "$i" "$c" "$script" "$url" "$@"; done
 }
@@ -151,7 +151,7 @@ bt mem "${W[@]}" --scenario mem --pid "$TPID" --conns "$CONNS" --steps "$MEM_STE
 settle
 
 say "GET /me (bearer) and GET /me with DNT: 1, interleaved run by run"
-bt background --label me --results "$RESULTS"
+bt background --label me --results "$RESULTS" --cpu "$SERVER_CPU"
 warm me "$CONNS" get.lua "$T/me" "$TOKEN" >/dev/null; settle
 warm me-dnt "$CONNS" get.lua "$T/me" "$TOKEN" "DNT: 1" >/dev/null; settle
 for i in $(seq 1 "$RUNS"); do
@@ -164,7 +164,7 @@ scenario introspect "POST /auth/introspect" "$CONNS" introspect.lua "$T/auth/int
   "$SERVICE_KEY" "$TOKEN"
 
 say "POST /auth/register (a new email each request)"
-bt background --label register --results "$RESULTS"
+bt background --label register --results "$RESULTS" --cpu "$SERVER_CPU"
 warm register "$LOGIN_CONNS" register.lua "$T/auth/register" "w$$" "$BENCH_PASSWORD" "$POLICY" >/dev/null
 settle
 for i in $(seq 1 "$RUNS"); do
@@ -179,7 +179,7 @@ scenario login "POST /auth/login" "$LOGIN_CONNS" login.lua "$T/auth/login" \
 say "POST /auth/logout (each request spends a fresh session)"
 # Sessions come from tessera's own open_session (benchtool.py mint), as a login would make
 # them without the bcrypt verify: logins alone (~4/s) cannot feed a logout flood.
-bt background --label logout --results "$RESULTS"
+bt background --label logout --results "$RESULTS" --cpu "$SERVER_CPU"
 $PIN_L "$PY" "$HERE/benchtool.py" mint --email "$BENCH_EMAIL" --count 3000 --out "$STATE/logout.tokens"
 settle
 RATE="$(warm logout "$CONNS" logout.lua "$T/auth/logout" "$STATE/logout.tokens")"
@@ -194,7 +194,7 @@ for i in $(seq 1 "$RUNS"); do
 done
 
 say "mixed: GET /me (-c$CONNS) while one client logs in back to back (-c1)"
-bt background --label mixed --results "$RESULTS"
+bt background --label mixed --results "$RESULTS" --cpu "$SERVER_CPU"
 for i in $(seq 1 "$RUNS"); do
   bt wrk "${W[@]}" --scenario mixed-login --request "POST /auth/login (one client)" --run "$i" \
     --conns 1 --script login.lua --duration "$DURATION" "$T/auth/login" -- \
@@ -209,7 +209,7 @@ done
 
 ME_PEAK="$(bt mean-rps --results "$RESULTS" --scenario me)"
 say "GET /me paced at about half its peak ($ME_PEAK req/s / 2)"
-bt background --label me-half --results "$RESULTS"
+bt background --label me-half --results "$RESULTS" --cpu "$SERVER_CPU"
 bt paced "${W[@]}" --scenario me-half --request "GET /me at ~half peak" --peak "$ME_PEAK" \
   --mean-delay-ms "$HALF_DELAY_MS" --runs "$RUNS" --duration "$DURATION" "$T/me" -- "$TOKEN"
 settle
@@ -221,10 +221,10 @@ if [ "$PROFILE_SECS" != 0 ] && [ -n "$PYSPY" ]; then
     -- "$TOKEN" > "$STATE/profile.wrk.txt" &
   PWRK=$!
   sleep 2
-  $PIN_L "$PYSPY" record --pid "$TPID" --duration "$PROFILE_SECS" --rate 100 --threads --nonblocking \
+  $PIN_L "$PYSPY" record --pid "$TPID" --duration "$PROFILE_SECS" --rate 100 --threads \
     --format raw -o "$STATE/profile.txt" >/dev/null 2>"$STATE/py-spy.log" \
     && PROFILE="$STATE/profile.txt" || echo "py-spy failed: see $STATE/py-spy.log" >&2
-  $PIN_L "$PYSPY" record --pid "$TPID" --duration "$PROFILE_SECS" --rate 100 --nonblocking \
+  $PIN_L "$PYSPY" record --pid "$TPID" --duration "$PROFILE_SECS" --rate 100 \
     --format flamegraph -o "$STATE/profile.svg" >/dev/null 2>>"$STATE/py-spy.log" || true
   wait "$PWRK" || true
   settle
@@ -244,7 +244,7 @@ elif [ "$SHARED" = 1 ]; then
   echo "no $SHARED_BENCH/run.sh: no side-by-side figures (set SHARED_BENCH)" >&2
 fi
 
-bt background --label end --results "$RESULTS"
+bt background --label end --results "$RESULTS" --cpu "$SERVER_CPU"
 say "report"
 bt report --state "$STATE" ${SHARED_RESULTS:+--shared-results "$SHARED_RESULTS"} \
   ${PROFILE:+--profile "$PROFILE"} --out "$STATE/results.md"
