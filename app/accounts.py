@@ -25,7 +25,8 @@ def email_key(email: str) -> str:
 
 
 def invalid_credentials() -> Problem:
-    return Problem(401, "invalid_credentials", "The email or password is wrong.")
+    return Problem(401, "invalid_credentials", "The email or password is wrong.",
+                   headers={"WWW-Authenticate": "Bearer"})
 
 
 async def find_by_email(db: AsyncSession, email: str) -> User | None:
@@ -79,7 +80,7 @@ async def open_session(t: Tessera, user: User, user_agent: str | None) -> Issued
                          ttl_seconds=s.session_ttl_seconds, issuer=s.issuer,
                          audience=s.audience, now=int(time.time()))
     await t.sessions.create(SessionRecord(
-        sid=issued.sid, user_id=user.id, token_hash=token_hash(issued.token),
+        sid=issued.sid, user_id=user.id, token_hash=token_hash(t.token_key, issued.token),
         created_at=issued.iat, expires_at=issued.exp,
         user_agent=(user_agent or "")[:256] or None))
     t.metrics.sessions_issued.inc()

@@ -11,9 +11,10 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 
 def create_engine(url: str) -> AsyncEngine:
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # hide_parameters: a database error never carries an email or a hash into the logs.
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
     if url.startswith("sqlite"):
-        kwargs = {"connect_args": {"timeout": 15}}
+        kwargs = {"connect_args": {"timeout": 15}, "hide_parameters": True}
     else:
         kwargs.update(pool_size=10, max_overflow=20, pool_timeout=5)
     engine = create_async_engine(url, **kwargs)

@@ -56,7 +56,7 @@ class EmbeddedRedis:
         return f"unix://{self.socket_path}?db=0"
 
     def start(self, timeout: float = 10.0) -> str:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if _answers(self.socket_path):
             return self.url  # another tessera process on this data folder started it
         self.socket_path.unlink(missing_ok=True)
@@ -68,13 +68,14 @@ class EmbeddedRedis:
             "--dir", str(self.data_dir),
             "--dbfilename", "redis.rdb",
             # Sessions survive a restart of `make run`: snapshot now and then, and at shutdown.
-            "--save", "60 1",
+            "--save", "60", "1",
             "--appendonly", "no",
             "--logfile", str(self.data_dir / "redis.log"),
             "--daemonize", "no",
         ]
-        self._proc = subprocess.Popen(args,  # noqa: S603 (our own binary, fixed arguments) stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True)
+        self._proc = subprocess.Popen(  # noqa: S603 (our own binary, fixed arguments)
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if _answers(self.socket_path):

@@ -14,7 +14,12 @@ from app.db import create_engine, session_factory
 from app.embedded import EmbeddedRedis
 from app.errors import install_error_handlers, install_unavailable_handlers
 from app.metrics import Metrics, MetricsMiddleware
-from app.middleware import BodyLimitMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
+from app.middleware import (
+    BodyLimitMiddleware,
+    HeaderLimitMiddleware,
+    RequestIdMiddleware,
+    SecurityHeadersMiddleware,
+)
 from app.policy import PolicyCache
 from app.privacy import PrivacyMiddleware
 from app.profiles import ProfileCache
@@ -58,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 redis=redis, sessions=SessionStore(redis), keys=keys,
                 hasher=PasswordHasher(settings.bcrypt_rounds), usage=usage, metrics=metrics,
                 policy=PolicyCache(db_factory), csrf_key=derive_key(secret, b"csrf"),
+                token_key=derive_key(secret, b"token-hash"),
                 limiter=AttemptLimiter(redis, derive_key(secret, b"rate-limit")),
                 profiles=ProfileCache(redis), embedded_redis=embedded)
             usage.start()
@@ -69,14 +75,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if embedded is not None:
                 embedded.stop()
 
+    # No slash redirects: they would be built from the client's Host header.
     app = FastAPI(title="tessera", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, redirect_slashes=False)
     install_error_handlers(app)
     install_unavailable_handlers(app)
     for module in (health, wellknown, auth, me, admin):
         app.include_router(module.router)
 
     # Added innermost first: a request meets them in the reverse order.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(PrivacyMiddleware, settings=settings, usage=usage)
     if settings.cors_origins:
         app.add_middleware(
@@ -84,7 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-CSRF-Token", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Tk", "Retry-After"], max_age=600)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HeaderLimitMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(SecurityHeadersMiddleware, hsts=settings.cookie_secure)
     app.add_middleware(RequestIdMiddleware)

@@ -144,3 +144,30 @@ async def _send_400(send: Send) -> None:
 
     body = json.dumps(problem_body(400, "bad_request", "Invalid Content-Length.")).encode()
     await _send_json(send, 400, body)
+
+
+class HeaderLimitMiddleware:
+    """431 for oversized headers, before anything parses them: cookie unquoting is quadratic
+    on CPython before 3.11.10/3.12.6 (CVE-2024-7592), and the HTTP parser sets no cap."""
+
+    MAX_COOKIE_BYTES = 8192
+    MAX_HEADER_BYTES = 32768
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            total = 0
+            for name, value in scope["headers"]:
+                total += len(name) + len(value)
+                if (name == b"cookie" and len(value) > self.MAX_COOKIE_BYTES) \
+                        or total > self.MAX_HEADER_BYTES:
+                    import json
+
+                    body = json.dumps(problem_body(
+                        431, "request_header_fields_too_large",
+                        "The request headers (or the Cookie header) are too large.")).encode()
+                    await _send_json(send, 431, body)
+                    return
+        await self.app(scope, receive, send)

@@ -22,5 +22,5 @@ def alembic_config(database_url: str) -> Config:
 def upgrade(settings: Settings) -> None:
     url = settings.resolved_database_url
     if url.startswith("sqlite"):
-        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        Path(settings.data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     command.upgrade(alembic_config(url), "head")

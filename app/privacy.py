@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import MutableMapping
-from http.cookies import SimpleCookie
 from typing import Any
 
 from starlette.datastructures import MutableHeaders
@@ -63,14 +62,12 @@ def _opted_out(headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 def _has_visitor_cookie(headers: list[tuple[bytes, bytes]]) -> bool:
+    # Compare names only: no unquoting of values (see HeaderLimitMiddleware).
+    prefix = VISITOR_COOKIE.encode() + b"="
     for name, value in headers:
-        if name == b"cookie" and b"visitor=" in value:
-            cookie = SimpleCookie()
-            try:
-                cookie.load(value.decode("latin-1"))
-            except Exception:
-                return False
-            return VISITOR_COOKIE in cookie
+        if name == b"cookie" and any(part.strip().startswith(prefix)
+                                     for part in value.split(b";")):
+            return True
     return False
 
 

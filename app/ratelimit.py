@@ -1,5 +1,9 @@
-"""Attempt counters in Redis, shared by every instance: fixed windows that expire by themselves,
-so a flood backs off and a real user is never locked out for good."""
+"""Attempt counters in Redis, shared by every instance: fixed windows that expire by
+themselves, so a flood backs off and a real user is never locked out for good.
+
+An attempt is counted *before* the work it guards (one pipeline: SET NX EX, INCR), so
+concurrent attempts cannot slip past the limit while a password is being hashed.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import hmac
 from redis.asyncio import Redis
 
 from app.errors import Problem
+
+Limit = tuple[str, str, int]  # (kind, value, max attempts in the window)
 
 
 class AttemptLimiter:
@@ -21,25 +27,25 @@ class AttemptLimiter:
         digest = hmac.new(self._key, value.encode(), hashlib.sha256).hexdigest()[:32]
         return f"tessera:rl:{kind}:{digest}"
 
-    async def check(self, limits: list[tuple[str, str, int]]) -> None:
-        """limits: (kind, value, max). 429 `too_many_attempts` if any counter is at its max."""
+    async def attempt(self, limits: list[Limit], window: int) -> None:
+        """Count one attempt on every counter; 429 `too_many_attempts` if any is past its max."""
         names = [self._name(kind, value) for kind, value, _ in limits]
-        counts = await self.redis.mget(names)
-        for (_, _, maximum), name, count in zip(limits, names, counts, strict=True):
-            if count is not None and int(count) >= maximum:
-                ttl = await self.redis.ttl(name)
-                retry = str(max(1, ttl))
-                raise Problem(429, "too_many_attempts", "Too many attempts; try again later.",
-                              headers={"Retry-After": retry})
-
-    async def hit(self, limits: list[tuple[str, str, int]], window: int) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
-            for kind, value, _ in limits:
-                name = self._name(kind, value)
-                # SET NX EX then INCR: the window starts at the first attempt (Redis 6.2+).
-                pipe.set(name, 0, ex=window, nx=True)
+            for name in names:
+                pipe.set(name, 0, ex=window, nx=True)  # the window starts at the first attempt
                 pipe.incr(name)
-            await pipe.execute()
+                pipe.ttl(name)
+            results = await pipe.execute()
+        for i, (_, _, maximum) in enumerate(limits):
+            count, ttl = results[3 * i + 1], results[3 * i + 2]
+            if int(count) > maximum:
+                raise Problem(429, "too_many_attempts", "Too many attempts; try again later.",
+                              headers={"Retry-After": str(max(1, int(ttl)))})
 
-    async def clear(self, kind: str, value: str) -> None:
-        await self.redis.delete(self._name(kind, value))
+    async def forgive(self, kind: str, value: str, *, all_of_them: bool = False) -> None:
+        """A success: take back this attempt (or every attempt counted so far)."""
+        name = self._name(kind, value)
+        if all_of_them:
+            await self.redis.delete(name)
+        else:
+            await self.redis.decr(name)

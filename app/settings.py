@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated
@@ -65,6 +66,23 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _exact_origins(cls, value: list[str]) -> list[str]:
+        # Credentials are allowed, so a wildcard would let every site read users' data.
+        for origin in value:
+            if not re.fullmatch(r"https?://[^/\s*]+", origin):
+                raise ValueError(f"TESSERA_CORS_ORIGINS takes exact origins "
+                                 f"(scheme://host[:port]), not {origin!r}")
+        return value
+
+    @field_validator("service_keys")
+    @classmethod
+    def _service_keys_long_enough(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if any(len(key.get_secret_value()) < 32 for key in value):
+            raise ValueError("each of TESSERA_SERVICE_KEYS must be at least 32 characters")
+        return value
 
     @field_validator("secret_key")
     @classmethod

@@ -34,6 +34,7 @@ class Tessera:
     metrics: Metrics
     policy: PolicyCache
     csrf_key: bytes
+    token_key: bytes
     limiter: AttemptLimiter
     profiles: ProfileCache
     embedded_redis: EmbeddedRedis | None = field(default=None)

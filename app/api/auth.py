@@ -17,17 +17,16 @@ from app.api.deps import (
     CurrentUser,
     DbDep,
     OptionalSession,
-    Principal,
     TesseraDep,
     csrf_token_for,
-    principal_profile,
+    lookup_token,
 )
 from app.api.schemas import LoginJSON, RegisterIn, SessionOut, TokenOut, UserOut
 from app.errors import Problem, problem_doc, problem_responses
 from app.policy import must_consent
-from app.profiles import ProfileCache, profile_key
+from app.privacy import forbid_tracking
 from app.security.passwords import normalise_password
-from app.security.tokens import peek_claims, token_hash
+from app.state import Tessera
 from app.timeutil import from_epoch
 
 router = APIRouter(
@@ -36,6 +35,22 @@ router = APIRouter(
 )
 
 NO_STORE = {"Cache-Control": "no-store"}
+
+
+def check_origin(request: Request, t: Tessera) -> None:
+    """Login CSRF: a browser page on a foreign site must not log its visitor in (or register
+    them) as someone else. Pages on tessera's own origin or on a CORS-allowed one may."""
+    origin = request.headers.get("origin")
+    cross_site = request.headers.get("sec-fetch-site") == "cross-site"
+    if origin is None and not cross_site:
+        return  # not a browser, or a same-origin navigation
+    if origin is not None and origin in t.settings.cors_origins:
+        return
+    if origin is not None and not cross_site:
+        host = request.headers.get("host", "")
+        if origin.split("://", 1)[-1] == host:
+            return
+    raise Problem(403, "csrf_failed", "Cross-site login and registration are refused.")
 
 
 def _client_key(request: Request) -> str:
@@ -49,15 +64,16 @@ def _client_key(request: Request) -> str:
 async def register(body: RegisterIn, request: Request, response: Response, db: DbDep,
                    t: TesseraDep) -> UserOut:
     if body.is_adult is not True:
-        raise Problem(422, "underage", "tessera accepts no users under 18: is_adult must be true.")
+        raise Problem(422, "underage", "tessera accepts no users under 18: is_adult must be true.",
+                      extra={"errors": [{"loc": ["body", "is_adult"], "msg": "must be true"}]})
     policy = await t.policy.get()
     if body.policy_version is not None and body.policy_version != policy.current.version:
         raise Problem(409, "policy_outdated", "That is not the current policy version.",
                       extra={"current_version": policy.current.version})
     s = t.settings
-    limit = [("register-ip", _client_key(request), s.register_max_per_ip)]
-    await t.limiter.check(limit)
-    await t.limiter.hit(limit, s.register_window_seconds)
+    check_origin(request, t)
+    await t.limiter.attempt([("register-ip", _client_key(request), s.register_max_per_ip)],
+                            s.register_window_seconds)
     user = await accounts.register_user(db, t.hasher, email=str(body.email),
                                         password=body.password, policy=policy)
     await accounts.audit(db, "register", user_id=user.id, outcome="ok")
@@ -124,11 +140,13 @@ async def _read_credentials(request: Request) -> tuple[str, str]:
              responses=problem_doc({401: "invalid_credentials", 403: "account_inactive",
                                     429: "too_many_attempts"}))
 async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
+    check_origin(request, t)
     email, password = await _read_credentials(request)
     s = t.settings
-    limits = [("login-account", accounts.email_key(email), s.login_max_failures_per_account),
-              ("login-ip", _client_key(request), s.login_max_failures_per_ip)]
-    await t.limiter.check(limits)
+    account, ip = accounts.email_key(email), _client_key(request)
+    await t.limiter.attempt([("login-account", account, s.login_max_failures_per_account),
+                             ("login-ip", ip, s.login_max_failures_per_ip)],
+                            s.login_failure_window_seconds)
     try:
         try:
             password = normalise_password(password)
@@ -138,13 +156,15 @@ async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
     except Problem as problem:
         outcome = "inactive" if problem.code == "account_inactive" else "failed"
         t.metrics.logins.labels(outcome).inc()
-        if problem.code == "invalid_credentials":
-            await t.limiter.hit(limits, s.login_failure_window_seconds)
         user_row = await accounts.find_by_email(db, email)
         await accounts.audit(db, "login", user_id=user_row.id if user_row else None,
                              outcome=outcome)
         raise
-    await t.limiter.clear("login-account", accounts.email_key(email))
+    if user.restrict_processing or user.object_to_processing:
+        forbid_tracking(request.scope)
+    # Only failures count: a success clears the account and takes back this IP attempt.
+    await t.limiter.forgive("login-account", account, all_of_them=True)
+    await t.limiter.forgive("login-ip", ip)
     issued = await accounts.open_session(t, user, request.headers.get("user-agent"))
     t.metrics.logins.labels("ok").inc()
     await accounts.audit(db, "login", user_id=user.id, outcome="ok")
@@ -218,16 +238,10 @@ async def introspect(request: Request, t: TesseraDep,
                      token: Annotated[str, Form(max_length=4096)] = "") -> JSONResponse:
     """RFC 7662. Active while the session exists: the same check every endpoint makes."""
     check_service_key(request, t)
-    claims = peek_claims(token)
-    record, raw_profile = (None, None) if claims is None else await t.sessions.check_with(
-        claims.sub, claims.sid, token_hash(token), profile_key(claims.sub))
-    if claims is None or record is None:
+    principal = await lookup_token(t, token)
+    if principal is None or principal.profile is None or principal.claims is None:
         return JSONResponse({"active": False}, headers=NO_STORE)
-    principal = Principal(record.user_id, record, token, False, ProfileCache.decode(raw_profile))
-    profile = await principal_profile(t, principal)
-    if profile is None or not profile["is_active"]:
-        return JSONResponse({"active": False}, headers=NO_STORE)
-    raw = claims.raw
+    profile, record, raw = principal.profile, principal.session, principal.claims
     return JSONResponse({
         "active": True, "sub": record.user_id, "sid": record.sid, "exp": raw.get("exp"),
         "iat": raw.get("iat"), "iss": raw.get("iss"), "aud": raw.get("aud"),

@@ -59,6 +59,7 @@ class Principal:
     token: str
     via_cookie: bool
     profile: dict[str, Any] | None = None
+    claims: dict[str, Any] | None = None
 
     @property
     def sid(self) -> str:
@@ -85,23 +86,42 @@ def check_csrf(request: Request, t: Tessera, sid: str) -> None:
         raise Problem(403, "csrf_failed", "The X-CSRF-Token header must match the csrf cookie.")
 
 
-async def resolve_principal(request: Request, t: Tessera) -> Principal | None:
-    """The session this request's token belongs to, or None. Checks CSRF for cookies.
-
-    One Redis round trip: the session and the user's profile share a hash slot."""
-    token, via_cookie = _presented_token(request, t)
-    if token is None:
-        return None
+async def lookup_token(t: Tessera, token: str) -> Principal | None:
+    """The one token check (routes, introspection): a well-formed token whose session exists
+    and holds this token's keyed hash. One Redis round trip: the session and the user's
+    cached profile share a hash slot. The profile is loaded on a miss."""
     claims = peek_claims(token)
     if claims is None:
         return None
     record, raw_profile = await t.sessions.check_with(
-        claims.sub, claims.sid, token_hash(token), profile_key(claims.sub))
+        claims.sub, claims.sid, token_hash(t.token_key, token), profile_key(claims.sub))
     if record is None:
         return None
+    principal = Principal(record.user_id, record, token, False, ProfileCache.decode(raw_profile),
+                          claims.raw)
+    profile = await principal_profile(t, principal)
+    if profile is None or not profile["is_active"]:
+        return None
+    return principal
+
+
+async def resolve_principal(request: Request, t: Tessera) -> Principal | None:
+    """The session this request is authenticated by, or None. Checks CSRF for cookies and
+    applies the user's tracking choice to the whole request."""
+    token, via_cookie = _presented_token(request, t)
+    if token is None:
+        return None
+    principal = await lookup_token(t, token)
+    if principal is None:
+        return None
+    principal.via_cookie = via_cookie
     if via_cookie and request.method in UNSAFE_METHODS:
-        check_csrf(request, t, record.sid)
-    return Principal(record.user_id, record, token, via_cookie, ProfileCache.decode(raw_profile))
+        check_csrf(request, t, principal.sid)
+    assert principal.profile is not None
+    if not principal.profile["tracking_allowed"]:
+        forbid_tracking(request.scope)
+    attribute_usage(request.scope, principal.user_id)
+    return principal
 
 
 async def principal_profile(t: Tessera, principal: Principal) -> dict[str, Any] | None:
@@ -113,6 +133,10 @@ async def principal_profile(t: Tessera, principal: Principal) -> dict[str, Any] 
                 return None
             principal.profile = await build_profile(db, user)
         await t.profiles.store(principal.user_id, principal.profile)
+        # A session deleted meanwhile (logout, account deletion) must not leave a profile.
+        if await t.sessions.get(principal.user_id, principal.sid) is None:
+            await t.profiles.invalidate(principal.user_id)
+            return None
     return principal.profile
 
 
@@ -135,12 +159,8 @@ OptionalSession = Annotated[Principal | None, Depends(optional_principal)]
 
 async def _checked_profile(request: Request, t: Tessera, principal: Principal,
                            *, gated: bool) -> dict[str, Any]:
-    profile = await principal_profile(t, principal)
-    if profile is None or not profile["is_active"]:
-        raise not_authenticated()
-    if not profile["tracking_allowed"]:
-        forbid_tracking(request.scope)
-    attribute_usage(request.scope, principal.user_id)
+    profile = principal.profile
+    assert profile is not None  # set by lookup_token
     if gated and must_consent(profile["policy_seq"], await t.policy.get()):
         raise Problem(403, "policy_consent_required",
                       "The policy changed substantially; accept the current version first.")

@@ -94,6 +94,14 @@ class PrivacyRequestIn(_Body):
         return privacy_requests.normalise_region(value)
 
 
+async def confirm_attempt(t: Tessera, user_id: str) -> None:
+    """A stolen token must not buy unlimited password guesses: confirmations are limited
+    like logins."""
+    s = t.settings
+    await t.limiter.attempt([("password-confirm", user_id, s.login_max_failures_per_account)],
+                            s.login_failure_window_seconds)
+
+
 def _password_text(raw: str) -> str:
     try:
         return normalise_password(raw)
@@ -139,8 +147,10 @@ async def update_me(body: EmailIn, user: CurrentUser, db: DbDep, t: TesseraDep,
              responses=problem_doc({403: "invalid_credentials"}))
 async def change_password(body: PasswordChangeIn, user: CurrentUser, principal: CurrentSession,
                           db: DbDep, t: TesseraDep) -> Response:
+    await confirm_attempt(t, user.id)
     await accounts.change_password(t, db, user, _password_text(body.current_password),
                                    body.new_password, keep_sid=principal.sid)
+    await t.limiter.forgive("password-confirm", user.id, all_of_them=True)
     return Response(status_code=204, headers=NO_STORE)
 
 
@@ -188,6 +198,7 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
                responses=problem_doc({403: "invalid_credentials"}))
 async def delete_me(request: Request, body: PasswordConfirmIn, user: CurrentUserAnyPolicy,
                     db: DbDep, t: TesseraDep) -> Response:
+    await confirm_attempt(t, user.id)
     if not await accounts.verify_password(t.hasher, user, _password_text(body.password)):
         raise Problem(403, "invalid_credentials", "The password is wrong.")
     await accounts.delete_account(t, db, user)
