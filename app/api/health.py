@@ -44,6 +44,8 @@ async def readyz(t: TesseraDep) -> Response:
                         headers={"Cache-Control": "no-store"})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}},
+                             "description": "Prometheus text format"}})
 async def metrics(t: TesseraDep) -> Response:
     return Response(t.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+import anyio.to_thread
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StrictBool, field_validator
 from sqlmodel import col, select
@@ -51,7 +52,7 @@ class EmailIn(_Body):
 
 class PasswordChangeIn(_Body):
     current_password: str = Field(max_length=1024)
-    new_password: str
+    new_password: str = Field(json_schema_extra={"minLength": 8, "maxLength": 256})
 
     @field_validator("new_password")
     @classmethod
@@ -77,16 +78,10 @@ class PolicyConsentIn(_Body):
 
 
 class PrivacyRequestIn(_Body):
-    kind: str
-    region: str = Field(max_length=8)
+    kind: Literal["confirm", "access", "rectify", "delete", "restrict", "portability", "object",
+                  "withdraw_consent"]
+    region: str = Field(max_length=8, pattern=r"^[A-Za-z]{2}$")
     message: SafeStr | None = Field(default=None, max_length=2000)
-
-    @field_validator("kind")
-    @classmethod
-    def _kind(cls, value: str) -> str:
-        if value not in privacy_requests.KINDS:
-            raise ValueError(f"kind must be one of {', '.join(privacy_requests.KINDS)}")
-        return value
 
     @field_validator("region")
     @classmethod
@@ -188,8 +183,10 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
         "security_events": [{"at": rfc3339(a.at), "event": a.event, "outcome": a.outcome}
                             for a in audit_rows],
     }
+    body = await anyio.to_thread.run_sync(  # a large usage log must not stall the event loop
+        lambda: json.dumps(document, ensure_ascii=False, indent=1))
     return Response(
-        json.dumps(document, ensure_ascii=False, indent=2), media_type="application/json",
+        body, media_type="application/json",
         headers={**NO_STORE, "Content-Disposition":
                  f'attachment; filename="tessera-export-{user.id}.json"'})
 

@@ -35,7 +35,7 @@ class Strict(BaseModel):
 
 class RegisterIn(Strict):
     email: EmailStr = Field(max_length=254)
-    password: str
+    password: str = Field(json_schema_extra={"minLength": 8, "maxLength": 256})
     # Any JSON value: only the boolean `true` passes, checked by the route (422 `underage`).
     is_adult: Any = None
     policy_version: SafeStr | None = Field(default=None, max_length=64)

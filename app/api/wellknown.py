@@ -23,7 +23,10 @@ async def jwks(request: Request, t: TesseraDep) -> Response:
     return JSONResponse(t.keys.jwks(), headers=headers)
 
 
-@router.get("/.well-known/dnt/")
+@router.get("/.well-known/dnt/", response_class=Response, responses={200: {
+    "description": "W3C Tracking Status Resource",
+    "content": {"application/tracking-status+json": {"schema": {
+        "type": "object", "properties": {"tracking": {"type": "string"}}}}}}})
 async def tracking_status() -> Response:
     # The status is per response (the Tk header); the resource says so with "?".
     return JSONResponse({"tracking": "?"}, media_type="application/tracking-status+json")
