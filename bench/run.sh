@@ -27,6 +27,7 @@ LOAD_CPU="${LOAD_CPU:-1}"
 MEM_STEPS="${MEM_STEPS:-50000,100000}"   # VmRSS read after this many GET /me requests
 HALF_DELAY_MS="${HALF_DELAY_MS:-20}"     # mean think time per connection, half-peak run
 PROFILE_SECS="${PROFILE_SECS:-15}"       # py-spy sampling time (0: no profile)
+SCENARIOS="${SCENARIOS:-all}"            # or a subset: mem me introspect register login logout mixed half profile
 SHARED="${SHARED:-1}"                    # 1: run ../shared/bench/run.sh too (side by side)
 SHARED_BENCH="${SHARED_BENCH:-$ROOT/../shared/bench}"
 BENCH_DATABASE_URL="${BENCH_DATABASE_URL:-}"  # empty: SQLite; else postgresql://.../<bench db>
@@ -59,6 +60,7 @@ mkdir -p "$STATE/data"
 RESULTS="$STATE/results.jsonl"
 : > "$RESULTS"
 bt() { "$PY" "$HERE/benchtool.py" "$@"; }
+want() { [ "$SCENARIOS" = all ] || [[ " $SCENARIOS " == *" $1 "* ]]; }
 
 say "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load: $(cut -d' ' -f1-3 /proc/loadavg)"
 bt background --label start --results "$RESULTS" --cpu "$SERVER_CPU"
@@ -145,11 +147,14 @@ scenario() {  # SCENARIO "REQUEST" CONNS SCRIPT URL [ARGS...]
 say "physical floor: bcrypt_sha256 cost 12 (passlib) and a Redis round trip, on CPU $SERVER_CPU"
 $PIN_S "$PY" "$HERE/benchtool.py" floor --results "$RESULTS" --redis-port "$RPORT"
 
+if want mem; then
 say "memory: VmRSS of the worker after $MEM_STEPS GET /me requests (the first requests it serves)"
 bt mem "${W[@]}" --scenario mem --pid "$TPID" --conns "$CONNS" --steps "$MEM_STEPS" \
   "$T/me" -- "$TOKEN"
 settle
+fi
 
+if want me; then
 say "GET /me (bearer) and GET /me with DNT: 1, interleaved run by run"
 bt background --label me --results "$RESULTS" --cpu "$SERVER_CPU"
 warm me "$CONNS" get.lua "$T/me" "$TOKEN" >/dev/null; settle
@@ -158,11 +163,15 @@ for i in $(seq 1 "$RUNS"); do
   measure me "GET /me" "$i" "$CONNS" get.lua "$T/me" "$TOKEN"
   measure me-dnt "GET /me, DNT: 1" "$i" "$CONNS" get.lua "$T/me" "$TOKEN" "DNT: 1"
 done
+fi
 
+if want introspect; then
 say "POST /auth/introspect (service key)"
 scenario introspect "POST /auth/introspect" "$CONNS" introspect.lua "$T/auth/introspect" \
   "$SERVICE_KEY" "$TOKEN"
+fi
 
+if want register; then
 say "POST /auth/register (a new email each request)"
 bt background --label register --results "$RESULTS" --cpu "$SERVER_CPU"
 warm register "$LOGIN_CONNS" register.lua "$T/auth/register" "w$$" "$BENCH_PASSWORD" "$POLICY" >/dev/null
@@ -171,11 +180,15 @@ for i in $(seq 1 "$RUNS"); do
   measure register "POST /auth/register" "$i" "$LOGIN_CONNS" register.lua "$T/auth/register" \
     "r$$x$i" "$BENCH_PASSWORD" "$POLICY"
 done
+fi
 
+if want login; then
 say "POST /auth/login (JSON)"
 scenario login "POST /auth/login" "$LOGIN_CONNS" login.lua "$T/auth/login" \
   "$BENCH_EMAIL" "$BENCH_PASSWORD"
+fi
 
+if want logout; then
 say "POST /auth/logout (each request spends a fresh session)"
 # Sessions come from tessera's own open_session (benchtool.py mint), as a login would make
 # them without the bcrypt verify: logins alone (~4/s) cannot feed a logout flood.
@@ -192,7 +205,9 @@ for i in $(seq 1 "$RUNS"); do
   settle
   measure logout "POST /auth/logout" "$i" "$CONNS" logout.lua "$T/auth/logout" "$STATE/logout.tokens"
 done
+fi
 
+if want mixed; then
 say "mixed: GET /me (-c$CONNS) while one client logs in back to back (-c1)"
 bt background --label mixed --results "$RESULTS" --cpu "$SERVER_CPU"
 for i in $(seq 1 "$RUNS"); do
@@ -206,16 +221,19 @@ for i in $(seq 1 "$RUNS"); do
   wait "$LOGIN_WRK"
   settle
 done
+fi
 
-ME_PEAK="$(bt mean-rps --results "$RESULTS" --scenario me)"
+if want half; then
+ME_PEAK="$(bt mean-rps --results "$RESULTS" --scenario me)" || die "half needs the me scenario"
 say "GET /me paced at about half its peak ($ME_PEAK req/s / 2)"
 bt background --label me-half --results "$RESULTS" --cpu "$SERVER_CPU"
 bt paced "${W[@]}" --scenario me-half --request "GET /me at ~half peak" --peak "$ME_PEAK" \
   --mean-delay-ms "$HALF_DELAY_MS" --runs "$RUNS" --duration "$DURATION" "$T/me" -- "$TOKEN"
 settle
+fi
 
 PROFILE=""
-if [ "$PROFILE_SECS" != 0 ] && [ -n "$PYSPY" ]; then
+if want profile && [ "$PROFILE_SECS" != 0 ] && [ -n "$PYSPY" ]; then
   say "profile: py-spy on the worker while wrk drives GET /me (-c$CONNS)"
   $PIN_L wrk -t1 -c"$CONNS" -d"$((PROFILE_SECS * 2 + 4))s" -s "$HERE/lua/get.lua" "$T/me" \
     -- "$TOKEN" > "$STATE/profile.wrk.txt" &
