@@ -7,6 +7,9 @@ Redis Cluster slot and multi-key updates can be atomic):
     tessera:{<uid>}:sessions    sorted set sid -> exp, the user's index
 
 Every deleted session is published on `tessera:revocations` as {sid, sub, exp}.
+
+The same code runs on one Redis and on a Redis Cluster (`redis.asyncio.cluster.RedisCluster`):
+multi-key steps touch one user's keys only, as MULTI/EXEC pipelines or a Lua script.
 """
 
 from __future__ import annotations
@@ -14,12 +17,38 @@ from __future__ import annotations
 import hmac
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from redis.asyncio import Redis
-from redis.exceptions import WatchError
+from redis.asyncio.cluster import RedisCluster
+
+from app.redis import AnyRedis
 
 REVOCATION_CHANNEL = "tessera:revocations"
+
+# Deletes the sessions KEYS[2..] (sids ARGV[2..]) if the index KEYS[1] still holds exactly
+# them besides ARGV[1] (the kept sid), and returns their records; else returns nil and the
+# caller reads the index again. An optimistic check-and-delete that, unlike WATCH/MULTI,
+# also runs on a Redis Cluster (all keys share the user's hash tag, so one slot).
+_DELETE_LISTED = """
+local expected = {}
+for i = 2, #ARGV do expected[ARGV[i]] = true end
+local others = 0
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if sid ~= ARGV[1] then
+    if not expected[sid] then return nil end
+    others = others + 1
+  end
+end
+if others ~= #ARGV - 1 then return nil end
+local records = {}
+for i = 2, #KEYS do
+  records[i - 1] = redis.call('GET', KEYS[i]) or false
+  redis.call('DEL', KEYS[i])
+  redis.call('ZREM', KEYS[1], ARGV[i])
+end
+return records
+"""
 
 
 @dataclass(frozen=True)
@@ -50,8 +79,9 @@ def _decode(raw: str | None) -> SessionRecord | None:
 
 
 class SessionStore:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: AnyRedis) -> None:
         self.redis = redis
+        self._delete_listed = redis.register_script(_DELETE_LISTED)
 
     async def create(self, record: SessionRecord) -> None:
         now = int(time.time())
@@ -113,30 +143,28 @@ class SessionStore:
         """Delete every session of the user (but `keep_sid`), atomically against new logins."""
         index = _index_key(user_id)
         while True:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    await pipe.watch(index)
-                    sids = [s for s in await pipe.zrange(index, 0, -1) if s != keep_sid]
-                    if not sids:
-                        await pipe.unwatch()
-                        return 0
-                    keys = [_session_key(user_id, s) for s in sids]
-                    raws = await pipe.mget(keys)
-                    pipe.multi()
-                    pipe.delete(*keys)
-                    pipe.zrem(index, *sids)
-                    await pipe.execute()
-                except WatchError:
-                    continue
+            sids = [s for s in map(str, await self.redis.zrange(index, 0, -1)) if s != keep_sid]
+            if not sids:
+                return 0
+            raws = await self._delete_listed(
+                keys=[index, *(_session_key(user_id, s) for s in sids)],
+                args=[keep_sid or "", *sids])
+            if raws is None:
+                continue  # a login or logout changed the index meanwhile
             records = [r for r in (_decode(raw) for raw in raws) if r is not None]
             await self._publish(records)
             return len(records)
 
-    async def _publish(self, records: list[SessionRecord]) -> None:
+    async def _publish(self, records: Sequence[SessionRecord]) -> None:
         if not records:
             return
+        messages = [json.dumps({"sid": r.sid, "sub": r.user_id, "exp": r.expires_at})
+                    for r in records]
+        if isinstance(self.redis, RedisCluster):  # a cluster pipeline refuses PUBLISH
+            for message in messages:
+                await self.redis.publish(REVOCATION_CHANNEL, message)
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
-            for r in records:
-                pipe.publish(REVOCATION_CHANNEL,
-                             json.dumps({"sid": r.sid, "sub": r.user_id, "exp": r.expires_at}))
+            for message in messages:
+                pipe.publish(REVOCATION_CHANNEL, message)
             await pipe.execute()
