@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import admin, auth, health, me, wellknown
+from app.api import admin, auth, health, me, revocations, wellknown
 from app.db import create_engine, session_factory
 from app.embedded import EmbeddedRedis
 from app.errors import install_error_handlers, install_unavailable_handlers
@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             usage.start()
             yield
         finally:
+            await revocations.close_revocation_hub(app)  # end open feeds and the subscription
             await usage.stop()
             await redis.aclose()
             await engine.dispose()
@@ -80,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   lifespan=lifespan, redirect_slashes=False)
     install_error_handlers(app)
     install_unavailable_handlers(app)
-    for module in (health, wellknown, auth, me, admin):
+    for module in (health, wellknown, auth, revocations, me, admin):
         app.include_router(module.router)
 
     # Added innermost first: a request meets them in the reverse order.

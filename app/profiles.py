@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from redis.asyncio import Redis
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app import consents
 from app.models import User
+from app.redis import AnyRedis
 from app.timeutil import rfc3339
 
 PROFILE_TTL_SECONDS = 300
@@ -51,7 +51,7 @@ async def build_profile(db: AsyncSession, user: User) -> dict[str, Any]:
 
 
 class ProfileCache:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: AnyRedis) -> None:
         self.redis = redis
 
     @staticmethod

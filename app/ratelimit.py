@@ -10,15 +10,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from redis.asyncio import Redis
-
 from app.errors import Problem
+from app.redis import AnyRedis
 
 Limit = tuple[str, str, int]  # (kind, value, max attempts in the window)
 
 
 class AttemptLimiter:
-    def __init__(self, redis: Redis, key: bytes) -> None:
+    def __init__(self, redis: AnyRedis, key: bytes) -> None:
         self.redis = redis
         self._key = key
 

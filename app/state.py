@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -13,6 +12,7 @@ from app.metrics import Metrics
 from app.policy import PolicyCache
 from app.profiles import ProfileCache
 from app.ratelimit import AttemptLimiter
+from app.redis import AnyRedis
 from app.security.keys import KeyRing
 from app.security.passwords import PasswordHasher
 from app.sessions import SessionStore
@@ -26,7 +26,7 @@ class Tessera:
     secret: bytes
     engine: AsyncEngine
     db_factory: async_sessionmaker[AsyncSession]
-    redis: Redis
+    redis: AnyRedis
     sessions: SessionStore
     keys: KeyRing
     hasher: PasswordHasher
