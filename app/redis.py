@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 # What create_redis() returns: both speak the same commands for keys of one hash slot.
@@ -23,8 +23,11 @@ def create_redis(url: str) -> AnyRedis:
     scheme = urlsplit(url).scheme.lower()
     if scheme in CLUSTER_SCHEMES:
         return _create_cluster(url, CLUSTER_SCHEMES[scheme])
-    return Redis.from_url(url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
-                          health_check_interval=30, max_connections=256, retry_on_timeout=False)
+    # A burst beyond the pool waits (up to 5 s) for a connection instead of failing at once.
+    pool = BlockingConnectionPool.from_url(
+        url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
+        health_check_interval=30, max_connections=256, timeout=5)
+    return Redis.from_pool(pool)
 
 
 def _create_cluster(url: str, plain_scheme: str) -> RedisCluster:

@@ -25,6 +25,8 @@ from redis.asyncio.cluster import RedisCluster
 from app.redis import AnyRedis
 
 REVOCATION_CHANNEL = "tessera:revocations"
+# The oldest sessions of a user past this many are ended at the next login.
+MAX_SESSIONS_PER_USER = 100
 
 # Deletes the sessions KEYS[2..] (sids ARGV[2..]) if the index KEYS[1] still holds exactly
 # them besides ARGV[1] (the kept sid), and returns their records; else returns nil and the
@@ -92,10 +94,15 @@ class SessionStore:
         index_ttl = max(ttl, int(longest[0][1]) - now if longest else 0)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(_session_key(record.user_id, record.sid), json.dumps(asdict(record)), ex=ttl)
-            pipe.zadd(index, {record.sid: record.expires_at})
+            # Score: the expiry, with the sub-second of creation so the oldest sorts first.
+            pipe.zadd(index, {record.sid: record.expires_at + time.time() % 1})
             pipe.zremrangebyscore(index, "-inf", now)
             pipe.expire(index, index_ttl)
-            await pipe.execute()
+            pipe.zcard(index)
+            *_, count = await pipe.execute()
+        if count > MAX_SESSIONS_PER_USER:  # a login loop must not grow a user's sessions forever
+            for sid in await self.redis.zrange(index, 0, count - MAX_SESSIONS_PER_USER - 1):
+                await self.delete(record.user_id, sid)
 
     async def get(self, user_id: str, sid: str) -> SessionRecord | None:
         return _decode(await self.redis.get(_session_key(user_id, sid)))

@@ -148,3 +148,16 @@ async def test_a_forged_session_record_without_the_secret_is_refused(app, client
     await app.state.tessera.redis.set(f"tessera:{{{user['id']}}}:s:forged-sid",
                                       json.dumps(record), ex=60)
     assert_problem(await client.get("/me", headers=bearer(forged)), 401, "not_authenticated")
+
+
+async def test_a_user_keeps_at_most_100_sessions(app, client) -> None:
+    from app.sessions import MAX_SESSIONS_PER_USER
+
+    user = await register(client)
+    first = (await login(client, user["email"])).json()["access_token"]
+    for _ in range(MAX_SESSIONS_PER_USER):
+        assert (await login(client, user["email"])).status_code == 200
+    last = (await login(client, user["email"])).json()["access_token"]
+    sessions = (await client.get("/auth/sessions", headers=bearer(last))).json()
+    assert len(sessions) == MAX_SESSIONS_PER_USER
+    assert_problem(await client.get("/me", headers=bearer(first)), 401, "not_authenticated")
