@@ -268,3 +268,14 @@ def redis_cluster(base_dir: Path, masters: int = 3, timeout: float = 30.0,
 
         _wait(cluster_ok, "cluster_state:ok on every node", timeout)
         yield RedisClusterProcesses(ports)
+
+
+def session_server_env(base_settings: dict[str, Any], data_dir: Path,
+                       **extra: str) -> dict[str, str]:
+    """`tessera_env` on the test session's own database and Redis (conftest's settings)."""
+    from tests.conftest import SERVICE_KEY
+
+    return tessera_env(database_url=str(base_settings["database_url"]),
+                       redis_url=str(base_settings["redis_url"]),
+                       secret=shared_secret(base_settings["data_dir"]), data_dir=data_dir,
+                       service_key=SERVICE_KEY, **extra)

@@ -7,7 +7,6 @@ import asyncio
 import json
 import signal
 import threading
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,14 +16,7 @@ from sqlmodel import select
 from app.db import create_engine, session_factory
 from app.models import UsageEvent
 from tests.conftest import PASSWORD, SERVICE_KEY, new_email
-from tests.servers import shared_secret, tessera_env, tessera_server
-
-
-def server_env(base_settings: dict[str, Any], tmp_path: Path, **extra: str) -> dict[str, str]:
-    return tessera_env(database_url=str(base_settings["database_url"]),
-                       redis_url=str(base_settings["redis_url"]),
-                       secret=shared_secret(base_settings["data_dir"]), data_dir=tmp_path,
-                       service_key=SERVICE_KEY, **extra)
+from tests.servers import session_server_env, shared_secret, tessera_server
 
 
 def count_usage(database_url: str, user_id: str) -> int:
@@ -42,7 +34,7 @@ def count_usage(database_url: str, user_id: str) -> int:
 def test_sigterm_drains_in_flight_requests_and_flushes_usage(base_settings, tmp_path) -> None:
     # Usage events would wait 60 s for the flusher: only the shutdown flush can write them.
     # bcrypt cost 13 makes a login slow enough to be in flight when SIGTERM arrives.
-    env = server_env(base_settings, tmp_path, TESSERA_USAGE_FLUSH_SECONDS="60",
+    env = session_server_env(base_settings, tmp_path, TESSERA_USAGE_FLUSH_SECONDS="60",
                      TESSERA_BCRYPT_ROUNDS="13")
     with tessera_server(env, tmp_path / "logs") as server:
         email = new_email()
@@ -75,7 +67,7 @@ def test_sigterm_drains_in_flight_requests_and_flushes_usage(base_settings, tmp_
 
 
 def test_logs_are_json_with_request_ids_and_hold_no_secrets(base_settings, tmp_path) -> None:
-    env = server_env(base_settings, tmp_path, TESSERA_LOG_LEVEL="info")
+    env = session_server_env(base_settings, tmp_path, TESSERA_LOG_LEVEL="info")
     with tessera_server(env, tmp_path / "logs") as server:
         email = new_email()
         with httpx.Client(base_url=server.url, timeout=30) as http:
@@ -121,7 +113,7 @@ def test_another_process_verifies_tokens_with_pyjwkclient(base_settings, tmp_pat
     import subprocess
     import sys
 
-    with tessera_server(server_env(base_settings, tmp_path), tmp_path / "logs") as server:
+    with tessera_server(session_server_env(base_settings, tmp_path), tmp_path / "logs") as server:
         email = new_email()
         with httpx.Client(base_url=server.url, timeout=30) as http:
             user = http.post("/auth/register", json={"email": email, "password": PASSWORD,

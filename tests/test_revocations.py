@@ -34,8 +34,7 @@ from tests.servers import (
     LOOPBACK,
     TesseraServer,
     free_port,
-    shared_secret,
-    tessera_env,
+    session_server_env,
     tessera_server,
 )
 
@@ -43,18 +42,13 @@ FEED = "/auth/revocations"
 SERVICE = bearer(SERVICE_KEY)
 
 
-def server_env(base_settings: dict[str, Any], data_dir: Path) -> dict[str, str]:
-    return tessera_env(database_url=str(base_settings["database_url"]),
-                       redis_url=str(base_settings["redis_url"]),
-                       secret=shared_secret(base_settings["data_dir"]), data_dir=data_dir,
-                       service_key=SERVICE_KEY)
 
 
 @pytest.fixture(scope="module")
 def server(base_settings: dict[str, Any],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[TesseraServer]:
     data_dir = tmp_path_factory.mktemp("feed-server")
-    with tessera_server(server_env(base_settings, data_dir), data_dir / "logs") as running:
+    with tessera_server(session_server_env(base_settings, data_dir), data_dir / "logs") as running:
         yield running
 
 
@@ -251,7 +245,7 @@ async def test_unavailable_without_redis(base_settings: dict[str, Any]) -> None:
 
 async def test_sigterm_ends_open_streams_and_the_server_stops_promptly(
         base_settings: dict[str, Any], tmp_path: Path) -> None:
-    with tessera_server(server_env(base_settings, tmp_path), tmp_path / "logs") as server:
+    with tessera_server(session_server_env(base_settings, tmp_path), tmp_path / "logs") as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
             async with open_feed(http) as feed:
                 started = time.monotonic()

@@ -27,24 +27,16 @@ from tests.servers import (
     TesseraServer,
     downstream_example,
     free_port,
-    shared_secret,
-    tessera_env,
+    session_server_env,
     tessera_server,
 )
-
-
-def server_env(base_settings: dict[str, Any], data_dir: Path) -> dict[str, str]:
-    return tessera_env(database_url=str(base_settings["database_url"]),
-                       redis_url=str(base_settings["redis_url"]),
-                       secret=shared_secret(base_settings["data_dir"]), data_dir=data_dir,
-                       service_key=SERVICE_KEY)
 
 
 @pytest.fixture(scope="module")
 def server(base_settings: dict[str, Any],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[TesseraServer]:
     data_dir = tmp_path_factory.mktemp("verify-server")
-    with tessera_server(server_env(base_settings, data_dir), data_dir / "logs") as running:
+    with tessera_server(session_server_env(base_settings, data_dir), data_dir / "logs") as running:
         yield running
 
 
@@ -271,7 +263,7 @@ async def test_follows_revocations_and_rejects_logged_out_tokens_locally(
 
 async def test_feed_reconnects_by_itself_after_a_drop(base_settings: dict[str, Any],
                                                       tmp_path: Path) -> None:
-    env = server_env(base_settings, tmp_path)
+    env = session_server_env(base_settings, tmp_path)
     port = free_port()
     url = f"http://{LOOPBACK}:{port}"
     client, paths = counting_client()
