@@ -86,6 +86,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Added innermost first: a request meets them in the reverse order.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Inside the privacy middleware (whose cookie check splits names only, no unquoting), so
+    # a 431 carries Tk and Vary like every answer.
+    app.add_middleware(HeaderLimitMiddleware)
     app.add_middleware(PrivacyMiddleware, settings=settings, usage=usage)
     if settings.cors_origins:
         app.add_middleware(
@@ -93,7 +96,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-CSRF-Token", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Tk", "Retry-After"], max_age=600)
-    app.add_middleware(HeaderLimitMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(SecurityHeadersMiddleware, hsts=settings.cookie_secure)
     app.add_middleware(RequestIdMiddleware)

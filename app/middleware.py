@@ -150,7 +150,7 @@ class HeaderLimitMiddleware:
     """431 for oversized headers, before anything parses them: cookie unquoting is quadratic
     on CPython before 3.11.10/3.12.6 (CVE-2024-7592), and the HTTP parser sets no cap."""
 
-    MAX_COOKIE_BYTES = 8192
+    MAX_COOKIE_BYTES = 4096  # tessera's own cookies take under 1 KiB
     MAX_HEADER_BYTES = 32768
 
     def __init__(self, app: ASGIApp) -> None:

@@ -66,8 +66,10 @@ async def test_cross_site_login_is_refused(base_settings) -> None:
 
 
 async def test_oversized_cookie_header_is_refused_before_parsing(client) -> None:
-    response = await client.get("/healthz", headers={"Cookie": 'visitor="' + "\\" * 20000})
+    response = await client.get("/healthz", headers={"Cookie": 'visitor="' + "\\" * 20000,
+                                                     "DNT": "1"})
     assert_problem(response, 431, "request_header_fields_too_large")
+    assert response.headers["tk"] == "N"
 
 
 async def test_restricted_user_is_not_tracked_on_login_or_logout(client) -> None:
