@@ -9,8 +9,11 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from app.settings import normalise_database_url
+
 
 def create_engine(url: str) -> AsyncEngine:
+    url = normalise_database_url(url)
     # hide_parameters: a database error never carries an email or a hash into the logs.
     kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
     if url.startswith("sqlite"):

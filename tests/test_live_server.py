@@ -4,6 +4,7 @@ events; logs are JSON with a request id and never hold secrets."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import signal
 import threading
@@ -124,7 +125,12 @@ def test_another_process_verifies_tokens_with_pyjwkclient(base_settings, tmp_pat
                                       input=token, capture_output=True, text=True, timeout=60)
             assert verified.returncode == 0, verified.stderr
             assert verified.stdout.split() == [user["id"], login["session_id"]]
-            tampered = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+            # Someone else's id in the payload, the signature left as it was.
+            head, payload, signature = token.split(".")
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            forged = base64.urlsafe_b64encode(json.dumps({**claims, "sub": "someone-else"})
+                                              .encode()).rstrip(b"=").decode()
+            tampered = f"{head}.{forged}.{signature}"
             refused = subprocess.run([sys.executable, "-c", VERIFY_SCRIPT, server.url],
                                      input=tampered, capture_output=True, text=True, timeout=60)
             assert refused.returncode != 0 and "InvalidSignatureError" in refused.stderr
