@@ -154,16 +154,16 @@ async def deactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str 
 
 
 async def _erase_personal_rows(db: AsyncSession, user_id: str) -> None:
-    from sqlmodel import delete, update
+    from sqlmodel import col, delete, update
 
     from app.models import ConsentEvent, PrivacyRequest, UsageEvent
 
     for table in (UsageEvent, ConsentEvent, PrivacyRequest):
-        await db.exec(delete(table).where(table.user_id == user_id))  # type: ignore[attr-defined]
+        await db.exec(delete(table).where(col(table.user_id) == user_id))
     # The audit trail keeps what happened, anonymised: no link back to the person.
-    await db.exec(update(AuditEvent).where(AuditEvent.user_id == user_id)  # type: ignore[call-overload]
+    await db.exec(update(AuditEvent).where(col(AuditEvent.user_id) == user_id)
                   .values(user_id=None))
-    await db.exec(update(AuditEvent).where(AuditEvent.actor_id == user_id)  # type: ignore[call-overload]
+    await db.exec(update(AuditEvent).where(col(AuditEvent.actor_id) == user_id)
                   .values(actor_id=None))
 
 

@@ -6,11 +6,15 @@ import asyncio
 import os
 import signal
 import sys
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
 
 import typer
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.settings import Settings
+
+T = TypeVar("T")
 
 cli = typer.Typer(help="tessera: auth and sessions that enforce a privacy policy.",
                   no_args_is_help=True, add_completion=False)
@@ -64,7 +68,7 @@ def migrate() -> None:
     typer.echo("database is at the newest schema")
 
 
-async def _with_db(fn):  # type: ignore[no-untyped-def]
+async def _with_db(fn: Callable[[Settings, AsyncSession], Awaitable[T]]) -> T:
     from app.db import create_engine, session_factory
 
     settings = Settings()
@@ -87,7 +91,7 @@ def create_admin(email: str) -> None:
     settings = Settings()
     migrations.upgrade(settings)
 
-    async def run(settings: Settings, db):  # type: ignore[no-untyped-def]
+    async def run(settings: Settings, db: AsyncSession) -> str:
         user = await accounts.find_by_email(db, email)
         if user is not None:
             user.is_admin = True
@@ -123,7 +127,7 @@ def rotate() -> None:
     from app.security.keys import KeyCipher, create_signing_key
     from app.security.secret import load_or_create_secret
 
-    async def run(settings: Settings, db):  # type: ignore[no-untyped-def]
+    async def run(settings: Settings, db: AsyncSession) -> str:
         cipher = KeyCipher(load_or_create_secret(settings))
         return await create_signing_key(db, cipher, ttl_seconds=settings.session_ttl_seconds)
 
@@ -137,7 +141,7 @@ def purge() -> None:
     from app.security.keys import purge_expired_keys
     from app.usage import purge_usage
 
-    async def run(settings: Settings, db):  # type: ignore[no-untyped-def]
+    async def run(settings: Settings, db: AsyncSession) -> str:
         events = await purge_usage(db, settings.usage_retention_days)
         keys = await purge_expired_keys(db)
         return f"purged {events} usage events and {keys} expired signing keys"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
@@ -17,8 +18,8 @@ def new_id() -> str:
     return secrets.token_hex(16)
 
 
-def _ts(**kw: object) -> object:
-    return Field(sa_type=sa.DateTime(timezone=True), **kw)  # type: ignore[arg-type]
+def _ts(**kw: Any) -> Any:
+    return Field(sa_type=sa.DateTime(timezone=True), **kw)
 
 
 class User(SQLModel, table=True):
@@ -32,14 +33,14 @@ class User(SQLModel, table=True):
     password_hash: str | None = Field(default=None, max_length=255)
     is_active: bool = True
     is_admin: bool = False
-    created_at: datetime = _ts(default_factory=utcnow)  # type: ignore[assignment]
-    updated_at: datetime = _ts(default_factory=utcnow)  # type: ignore[assignment]
+    created_at: datetime = _ts(default_factory=utcnow)
+    updated_at: datetime = _ts(default_factory=utcnow)
     policy_version: str | None = Field(default=None, max_length=64)
     policy_seq: int = 0
-    policy_accepted_at: datetime | None = _ts(default=None)  # type: ignore[assignment]
+    policy_accepted_at: datetime | None = _ts(default=None)
     restrict_processing: bool = False
     object_to_processing: bool = False
-    deactivated_at: datetime | None = _ts(default=None)  # type: ignore[assignment]
+    deactivated_at: datetime | None = _ts(default=None)
 
 
 class PolicyVersion(SQLModel, table=True):
@@ -48,7 +49,7 @@ class PolicyVersion(SQLModel, table=True):
     seq: int | None = Field(default=None, primary_key=True)
     version: str = Field(max_length=64, unique=True)
     substantial: bool = False
-    published_at: datetime = _ts(default_factory=utcnow)  # type: ignore[assignment]
+    published_at: datetime = _ts(default_factory=utcnow)
 
 
 class SigningKey(SQLModel, table=True):
@@ -57,10 +58,10 @@ class SigningKey(SQLModel, table=True):
     kid: str = Field(primary_key=True, max_length=64)
     public_x: str = Field(max_length=64)  # base64url raw Ed25519 public key
     private_enc: str = Field(max_length=512)  # AES-GCM under a key derived from the secret
-    created_at: datetime = _ts(default_factory=utcnow)  # type: ignore[assignment]
-    retired_at: datetime | None = _ts(default=None)  # type: ignore[assignment]
+    created_at: datetime = _ts(default_factory=utcnow)
+    retired_at: datetime | None = _ts(default=None)
     # Published until this moment: the last token it may have signed has expired by then.
-    publish_until: datetime | None = _ts(default=None)  # type: ignore[assignment]
+    publish_until: datetime | None = _ts(default=None)
 
 
 class ConsentEvent(SQLModel, table=True):
@@ -72,7 +73,7 @@ class ConsentEvent(SQLModel, table=True):
     user_id: str = Field(foreign_key="users.id", index=True, max_length=32, ondelete="CASCADE")
     purpose: str = Field(max_length=32)
     granted: bool
-    at: datetime = _ts(default_factory=utcnow)  # type: ignore[assignment]
+    at: datetime = _ts(default_factory=utcnow)
 
 
 class PrivacyRequest(SQLModel, table=True):
@@ -84,9 +85,9 @@ class PrivacyRequest(SQLModel, table=True):
     region: str = Field(max_length=2)
     message: str | None = Field(default=None, max_length=2000)
     status: str = Field(default="open", max_length=16, index=True)
-    created_at: datetime = _ts(default_factory=utcnow)  # type: ignore[assignment]
-    due_at: datetime = _ts(index=True)  # type: ignore[assignment]
-    resolved_at: datetime | None = _ts(default=None)  # type: ignore[assignment]
+    created_at: datetime = _ts(default_factory=utcnow)
+    due_at: datetime = _ts(index=True)
+    resolved_at: datetime | None = _ts(default=None)
     resolution: str | None = Field(default=None, max_length=2000)
 
 
@@ -97,7 +98,7 @@ class UsageEvent(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     user_id: str = Field(foreign_key="users.id", index=True, max_length=32, ondelete="CASCADE")
-    at: datetime = _ts(index=True)  # type: ignore[assignment]
+    at: datetime = _ts(index=True)
     ip: str | None = Field(default=None, max_length=64)
     method: str = Field(max_length=16)
     path: str = Field(max_length=512)
@@ -112,7 +113,7 @@ class AuditEvent(SQLModel, table=True):
     __tablename__ = "audit_events"
 
     id: int | None = Field(default=None, primary_key=True)
-    at: datetime = _ts(default_factory=utcnow, index=True)  # type: ignore[assignment]
+    at: datetime = _ts(default_factory=utcnow, index=True)
     event: str = Field(max_length=64)
     user_id: str | None = Field(default=None, max_length=32, index=True)
     actor_id: str | None = Field(default=None, max_length=32)

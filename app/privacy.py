@@ -30,7 +30,8 @@ _USAGE_USER = "usage_user_id"
 
 
 def _state(scope: Scope) -> MutableMapping[str, Any]:
-    return scope.setdefault("state", {})  # type: ignore[no-any-return]
+    state: MutableMapping[str, Any] = scope.setdefault("state", {})
+    return state
 
 
 def forbid_tracking(scope: Scope) -> None:

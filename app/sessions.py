@@ -71,7 +71,7 @@ def _index_key(user_id: str) -> str:
     return f"tessera:{{{user_id}}}:sessions"
 
 
-def _decode(raw: str | None) -> SessionRecord | None:
+def _decode(raw: str | bytes | None) -> SessionRecord | None:
     if raw is None:
         return None
     try:
@@ -102,7 +102,7 @@ class SessionStore:
             *_, count = await pipe.execute()
         if count > MAX_SESSIONS_PER_USER:  # a login loop must not grow a user's sessions forever
             for sid in await self.redis.zrange(index, 0, count - MAX_SESSIONS_PER_USER - 1):
-                await self.delete(record.user_id, sid)
+                await self.delete(record.user_id, str(sid))
 
     async def get(self, user_id: str, sid: str) -> SessionRecord | None:
         return _decode(await self.redis.get(_session_key(user_id, sid)))
@@ -124,13 +124,13 @@ class SessionStore:
         if (record is None or not hmac.compare_digest(record.token_hash, token_hash)
                 or record.expires_at <= time.time()):
             return None, None
-        return record, extra
+        return record, extra if isinstance(extra, str) else None
 
     async def list(self, user_id: str) -> list[SessionRecord]:
         sids = await self.redis.zrangebyscore(_index_key(user_id), int(time.time()), "+inf")
         if not sids:
             return []
-        raws = await self.redis.mget([_session_key(user_id, sid) for sid in sids])
+        raws = await self.redis.mget([_session_key(user_id, str(sid)) for sid in sids])
         records = [r for r in (_decode(raw) for raw in raws) if r is not None]
         return sorted(records, key=lambda r: r.created_at)
 

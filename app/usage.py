@@ -95,7 +95,7 @@ class UsageRecorder:
 
     async def _insert(self, batch: list[dict[str, Any]]) -> None:
         async with self._factory() as db:
-            await db.exec(sa.insert(UsageEvent), params=batch)  # type: ignore[call-overload]
+            await db.exec(sa.insert(UsageEvent), params=batch)
             await db.commit()
 
     async def _insert_each(self, batch: list[dict[str, Any]]) -> None:

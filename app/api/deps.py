@@ -29,7 +29,8 @@ oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/auth/login", auto_error=False)
 
 
 def get_tessera(request: Request) -> Tessera:
-    return request.app.state.tessera  # type: ignore[no-any-return]
+    tessera: Tessera = request.app.state.tessera
+    return tessera
 
 
 TesseraDep = Annotated[Tessera, Depends(get_tessera)]
