@@ -386,10 +386,15 @@ def cmd_mean_rps(a):
 
 
 def cmd_mint(a):
-    """Issue COUNT sessions for EMAIL through tessera's own code (app.main.create_app's
-    lifespan, then app.accounts.open_session), on the same database, Redis and secret as the
-    server (same TESSERA_* environment). Only the logout scenario needs this: a login costs a
-    bcrypt verify (~4/s per core), so real logins cannot supply 10k+ tokens in time."""
+    """Open COUNT live sessions through tessera's own code, on the same database, Redis and
+    secret as the server (same TESSERA_* environment): app.main.create_app()'s lifespan, then
+    app.accounts.register_user() for fresh users and app.accounts.open_session() (what login
+    does after the password check) PER_USER times each, below tessera's cap on sessions per
+    user. Only the logout scenario needs this: a login costs a bcrypt verify (~4/s per core),
+    so real logins cannot supply thousands of sessions per run. The users get one real
+    bcrypt_sha256 hash of --password, computed once and shared (so they can log in too)."""
+    import random
+    import secrets as _secrets
 
     async def main() -> list[str]:
         from app import accounts
@@ -399,16 +404,26 @@ def cmd_mint(a):
         tokens: list[str] = []
         async with app.router.lifespan_context(app):
             t = app.state.tessera
-            async with t.db_factory() as db:
-                user = await accounts.find_by_email(db, a.email)
-            if user is None:
-                raise SystemExit(f"mint: no user {a.email}")
-            while len(tokens) < a.count:
-                batch = min(200, a.count - len(tokens))
+            stored = await t.hasher.hash(a.password)
+
+            class OneHash:  # register_user asks its hasher for the hash: no bcrypt per user
+                async def hash(self, _password: str) -> str:
+                    return stored
+
+            tag = _secrets.token_hex(4)
+            policy = await t.policy.get()
+            users = []
+            for i in range(math.ceil(a.count / a.per_user)):
+                async with t.db_factory() as db:
+                    users.append(await accounts.register_user(
+                        db, OneHash(), email=f"bench-mint-{tag}-{i}@example.com",  # type: ignore[arg-type]
+                        password=a.password, policy=policy))
+            for user in users:
+                n = min(a.per_user, a.count - len(tokens))
                 issued = await asyncio.gather(*(
-                    accounts.open_session(t, user, "tessera-bench (minted)")
-                    for _ in range(batch)))
+                    accounts.open_session(t, user, "tessera-bench (minted)") for _ in range(n)))
                 tokens.extend(i.token for i in issued)
+        random.shuffle(tokens)
         return tokens
 
     import logging
@@ -416,7 +431,21 @@ def cmd_mint(a):
     t0 = time.perf_counter()
     tokens = asyncio.run(main())
     Path(a.out).write_text("\n".join(tokens) + "\n")
-    print(f"  mint: {len(tokens)} sessions in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    print(f"  mint: {len(tokens)} sessions ({math.ceil(a.count / a.per_user)} new users) in "
+          f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+
+
+def cmd_check_tokens(a):
+    """GET /me with the first/last N tokens of a file: all must answer EXPECT (200 before a
+    logout run: the sessions are live; 401 after it: the logouts revoked them)."""
+    tokens = [x for x in Path(a.file).read_text().split() if x]
+    pick = tokens[: a.n] + (tokens[-a.n:] if a.tail else [])
+    c = Client(a.base)
+    got = [c.request("GET", "/me", headers={"Authorization": f"Bearer {t}"})[0] for t in pick]
+    ok = all(g == a.expect for g in got)
+    _append(a.results, {"kind": "check", "what": a.what, "expect": a.expect, "got": got, "ok": ok})
+    if not ok:
+        print(f"  WARNING: {a.what}: expected {a.expect}, got {got}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------- floors --
@@ -736,6 +765,8 @@ def cmd_report(a):
              f"{swing:.0%} swing). " if probes else "n/a. ")
           + ("**Disturbed: other work ran on the machine; treat the figures with care.**"
              if disturbed else "Undisturbed."))
+    for c in (r for r in recs if r["kind"] == "check" and not r["ok"]):
+        w(f"**Check failed: {c['what']}: expected {c['expect']}, got {c['got']}.**")
     w("")
     w("## Scenarios")
     w("")
@@ -951,9 +982,15 @@ def main() -> None:
     s = sub.add_parser("rss"); s.add_argument("pid", type=int); s.set_defaults(fn=cmd_rss)
     s = sub.add_parser("mean-rps"); s.add_argument("--results", required=True)
     s.add_argument("--scenario", required=True); s.set_defaults(fn=cmd_mean_rps)
-    s = sub.add_parser("mint"); s.add_argument("--email", required=True)
+    s = sub.add_parser("mint"); s.add_argument("--password", required=True)
+    s.add_argument("--per-user", type=int, default=80, help="below tessera's sessions-per-user cap")
     s.add_argument("--count", type=int, required=True); s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_mint)
+    s = sub.add_parser("check-tokens"); s.add_argument("--base", required=True)
+    s.add_argument("--file", required=True); s.add_argument("--expect", type=int, required=True)
+    s.add_argument("--n", type=int, default=3); s.add_argument("--tail", action="store_true")
+    s.add_argument("--what", default="tokens"); s.add_argument("--results", required=True)
+    s.set_defaults(fn=cmd_check_tokens)
     s = sub.add_parser("floor"); s.add_argument("--results", required=True)
     s.add_argument("--rounds", type=int, default=12); s.add_argument("--repeat", type=int, default=7)
     s.add_argument("--redis-port", type=int); s.set_defaults(fn=cmd_floor)

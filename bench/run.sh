@@ -31,7 +31,9 @@ SCENARIOS="${SCENARIOS:-all}"            # or a subset: mem me introspect regist
 SHARED="${SHARED:-1}"                    # 1: run ../shared/bench/run.sh too (side by side)
 SHARED_BENCH="${SHARED_BENCH:-$ROOT/../shared/bench}"
 BENCH_DATABASE_URL="${BENCH_DATABASE_URL:-}"  # empty: SQLite; else postgresql://.../<bench db>
-BENCH_EMAIL="${BENCH_EMAIL:-bench-me@example.com}"
+BENCH_EMAIL="${BENCH_EMAIL:-bench-me@example.com}"          # its token drives GET /me, introspect
+BENCH_LOGIN_EMAIL="${BENCH_LOGIN_EMAIL:-bench-login@example.com}"  # the login floods (tessera
+# ends a user's oldest sessions past a cap, so they must not log out the GET /me token)
 BENCH_PASSWORD="${BENCH_PASSWORD:-correct-horse-battery-staple-42}"
 
 say() { printf '\n== %s\n' "$*" >&2; }
@@ -120,6 +122,8 @@ grep -q python "/proc/$TPID/cmdline" 2>/dev/null || die "pid $TPID is not the te
 
 TOKEN="$($PIN_L "$PY" "$HERE/benchtool.py" seed --base "$T" --email "$BENCH_EMAIL" \
   --password "$BENCH_PASSWORD" --service-key "$SERVICE_KEY")"
+$PIN_L "$PY" "$HERE/benchtool.py" seed --base "$T" --email "$BENCH_LOGIN_EMAIL" \
+  --password "$BENCH_PASSWORD" >/dev/null
 POLICY="$(bt policy "$T")"
 
 # ------------------------------------------------------------- scenarios --
@@ -185,25 +189,30 @@ fi
 if want login; then
 say "POST /auth/login (JSON)"
 scenario login "POST /auth/login" "$LOGIN_CONNS" login.lua "$T/auth/login" \
-  "$BENCH_EMAIL" "$BENCH_PASSWORD"
+  "$BENCH_LOGIN_EMAIL" "$BENCH_PASSWORD"
 fi
 
 if want logout; then
 say "POST /auth/logout (each request spends a fresh session)"
-# Sessions come from tessera's own open_session (benchtool.py mint), as a login would make
-# them without the bcrypt verify: logins alone (~4/s) cannot feed a logout flood.
+# Sessions come from tessera's own register_user/open_session (benchtool.py mint), as logins
+# would make them without the bcrypt verify: logins alone (~4/s) cannot feed a logout flood.
 bt background --label logout --results "$RESULTS" --cpu "$SERVER_CPU"
-$PIN_L "$PY" "$HERE/benchtool.py" mint --email "$BENCH_EMAIL" --count 3000 --out "$STATE/logout.tokens"
+$PIN_L "$PY" "$HERE/benchtool.py" mint --password "$BENCH_PASSWORD" --count 3000 \
+  --out "$STATE/logout.tokens"
 settle
 RATE="$(warm logout "$CONNS" logout.lua "$T/auth/logout" "$STATE/logout.tokens")"
 settle
 SECS="$("$PY" -c "import re,sys; m=re.fullmatch(r'(\d+(?:\.\d+)?)(ms|s|m)?','$DURATION'); print(float(m.group(1))*{'ms':.001,'s':1,'m':60,None:1}[m.group(2)])")"
 for i in $(seq 1 "$RUNS"); do
   POOL="$("$PY" -c "print(int($RATE * $SECS * 1.5) + 500)")"
-  $PIN_L "$PY" "$HERE/benchtool.py" mint --email "$BENCH_EMAIL" --count "$POOL" \
+  $PIN_L "$PY" "$HERE/benchtool.py" mint --password "$BENCH_PASSWORD" --count "$POOL" \
     --out "$STATE/logout.tokens"
+  bt check-tokens --base "$T" --file "$STATE/logout.tokens" --expect 200 --tail \
+    --what "minted sessions are live before logout run $i" --results "$RESULTS"
   settle
   measure logout "POST /auth/logout" "$i" "$CONNS" logout.lua "$T/auth/logout" "$STATE/logout.tokens"
+  bt check-tokens --base "$T" --file "$STATE/logout.tokens" --expect 401 \
+    --what "logout run $i revoked the sessions it spent" --results "$RESULTS"
 done
 fi
 
@@ -213,7 +222,7 @@ bt background --label mixed --results "$RESULTS" --cpu "$SERVER_CPU"
 for i in $(seq 1 "$RUNS"); do
   bt wrk "${W[@]}" --scenario mixed-login --request "POST /auth/login (one client)" --run "$i" \
     --conns 1 --script login.lua --duration "$DURATION" "$T/auth/login" -- \
-    "$BENCH_EMAIL" "$BENCH_PASSWORD" &
+    "$BENCH_LOGIN_EMAIL" "$BENCH_PASSWORD" &
   LOGIN_WRK=$!
   sleep 0.3   # the login loop is running when GET /me starts
   bt wrk "${W[@]}" --scenario mixed-me --request "GET /me under login load" --run "$i" \
