@@ -41,7 +41,9 @@ demo: install
 	$(BIN)/tessera serve --host $(HOST) --port $(PORT)
 
 lint: install
-	$(BIN)/python -m pip install -q ruff mypy && $(BIN)/ruff check app tests && $(BIN)/mypy app
+	$(BIN)/python -m pip install -q --disable-pip-version-check "ruff==0.17.6" "mypy==2.4.1"
+	$(BIN)/ruff check app tests tessera_verify
+	$(BIN)/mypy app tessera_verify
 
 # Load test (bench/run.sh; docs/performance.md): tessera serve pinned to CPU 0 with its own
 # Redis, wrk on CPU 1; ~10 min. Needs 2 CPUs and wrk (apt-get install -y wrk). Results in
