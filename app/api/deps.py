@@ -28,7 +28,8 @@ UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/auth/login", auto_error=False)
 
 
-def get_tessera(request: Request) -> Tessera:
+async def get_tessera(request: Request) -> Tessera:
+    # async: FastAPI would run a plain `def` dependency in a worker thread, per request.
     tessera: Tessera = request.app.state.tessera
     return tessera
 
@@ -37,7 +38,7 @@ TesseraDep = Annotated[Tessera, Depends(get_tessera)]
 
 
 async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
-    async with get_tessera(request).db_factory() as db:
+    async with (await get_tessera(request)).db_factory() as db:
         yield db
 
 
