@@ -26,7 +26,8 @@ SERVER_CPU="${SERVER_CPU:-0}"
 LOAD_CPU="${LOAD_CPU:-1}"
 MEM_STEPS="${MEM_STEPS:-50000,100000}"   # VmRSS read after this many GET /me requests
 HALF_DELAY_MS="${HALF_DELAY_MS:-20}"     # mean think time per connection, half-peak run
-PROFILE_SECS="${PROFILE_SECS:-15}"       # py-spy sampling time (0: no profile)
+PROFILE_SECS="${PROFILE_SECS:-20}"       # py-spy sampling time (0: no profile)
+PROFILE_RATE="${PROFILE_RATE:-50}"       # samples/s: py-spy pauses the worker per sample
 SCENARIOS="${SCENARIOS:-all}"            # or a subset: mem me introspect register login logout mixed half profile
 SHARED="${SHARED:-1}"                    # 1: run ../shared/bench/run.sh too (side by side)
 SHARED_BENCH="${SHARED_BENCH:-$ROOT/../shared/bench}"
@@ -169,6 +170,22 @@ for i in $(seq 1 "$RUNS"); do
 done
 fi
 
+PROFILE=""
+if want profile && [ "$PROFILE_SECS" != 0 ] && [ -n "$PYSPY" ]; then
+  say "profile: py-spy on the worker while wrk drives GET /me (-c$CONNS)"
+  $PIN_L wrk -t1 -c"$CONNS" -d"$((PROFILE_SECS * 2 + 4))s" -s "$HERE/lua/get.lua" "$T/me" \
+    -- "$TOKEN" > "$STATE/profile.wrk.txt" &
+  PWRK=$!
+  sleep 2
+  $PIN_L "$PYSPY" record --pid "$TPID" --duration "$PROFILE_SECS" --rate "$PROFILE_RATE" --threads \
+    --format raw -o "$STATE/profile.txt" >/dev/null 2>"$STATE/py-spy.log" \
+    && PROFILE="$STATE/profile.txt" || echo "py-spy failed: see $STATE/py-spy.log" >&2
+  $PIN_L "$PYSPY" record --pid "$TPID" --duration "$PROFILE_SECS" --rate "$PROFILE_RATE" \
+    --format flamegraph -o "$STATE/profile.svg" >/dev/null 2>>"$STATE/py-spy.log" || true
+  wait "$PWRK" || true
+  settle
+fi
+
 if want introspect; then
 say "POST /auth/introspect (service key)"
 scenario introspect "POST /auth/introspect" "$CONNS" introspect.lua "$T/auth/introspect" \
@@ -239,22 +256,6 @@ bt background --label me-half --results "$RESULTS" --cpu "$SERVER_CPU"
 bt paced "${W[@]}" --scenario me-half --request "GET /me at ~half peak" --peak "$ME_PEAK" \
   --mean-delay-ms "$HALF_DELAY_MS" --runs "$RUNS" --duration "$DURATION" "$T/me" -- "$TOKEN"
 settle
-fi
-
-PROFILE=""
-if want profile && [ "$PROFILE_SECS" != 0 ] && [ -n "$PYSPY" ]; then
-  say "profile: py-spy on the worker while wrk drives GET /me (-c$CONNS)"
-  $PIN_L wrk -t1 -c"$CONNS" -d"$((PROFILE_SECS * 2 + 4))s" -s "$HERE/lua/get.lua" "$T/me" \
-    -- "$TOKEN" > "$STATE/profile.wrk.txt" &
-  PWRK=$!
-  sleep 2
-  $PIN_L "$PYSPY" record --pid "$TPID" --duration "$PROFILE_SECS" --rate 100 --threads \
-    --format raw -o "$STATE/profile.txt" >/dev/null 2>"$STATE/py-spy.log" \
-    && PROFILE="$STATE/profile.txt" || echo "py-spy failed: see $STATE/py-spy.log" >&2
-  $PIN_L "$PYSPY" record --pid "$TPID" --duration "$PROFILE_SECS" --rate 100 \
-    --format flamegraph -o "$STATE/profile.svg" >/dev/null 2>>"$STATE/py-spy.log" || true
-  wait "$PWRK" || true
-  settle
 fi
 
 SHARED_RESULTS=""
