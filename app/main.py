@@ -20,6 +20,7 @@ from app.middleware import (
     RequestIdMiddleware,
     SecurityHeadersMiddleware,
 )
+from app.openapi import install_openapi
 from app.policy import PolicyCache
 from app.privacy import PrivacyMiddleware
 from app.profiles import ProfileCache
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # No slash redirects: they would be built from the client's Host header.
     app = FastAPI(title="tessera", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan, redirect_slashes=False)
+    install_openapi(app)
     install_error_handlers(app)
     install_unavailable_handlers(app)
     for module in (health, wellknown, auth, revocations, me, admin):

@@ -149,3 +149,13 @@ def test_default_cost_is_12_and_hashes_are_bcrypt_sha256() -> None:
     assert Settings().bcrypt_rounds == 12
     hasher = PasswordHasher(12)
     assert hasher._dummy_hash.startswith("$bcrypt-sha256$") and ",r=12$" in hasher._dummy_hash
+
+
+async def test_openapi_authorize_button_uses_the_password_flow(client) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    scheme = schema["components"]["securitySchemes"]["OAuth2PasswordBearer"]
+    assert scheme["flows"]["password"]["tokenUrl"] == "/auth/login"
+    secured = {(path, method) for path, ops in schema["paths"].items()
+               for method, op in ops.items() if op.get("security")}
+    assert {("/me", "get"), ("/auth/sessions", "get"), ("/admin/users", "get")} <= secured
+    assert ("/auth/login", "post") not in secured and ("/policy", "get") not in secured
