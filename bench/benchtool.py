@@ -698,7 +698,11 @@ SCENARIOS = [  # (scenario, label) in table order
     ("mixed-me", "GET /me while one client logs in back to back"),
     ("mixed-login", "POST /auth/login, that one client"),
     ("me-half", "GET /me paced at ~half its peak"),
+    ("me-half-dnt", "the same with DNT: 1 (no usage log; diagnostic, no target)"),
 ]
+# the quiet check before a scenario is labelled with the first word of its name
+_PROBE_LABEL = {"me-dnt": "me", "mixed-me": "mixed", "mixed-login": "mixed",
+                "me-half-dnt": "me-half"}
 
 
 # bcrypt-bound scenarios: a handful of connections, each request ~0.25-1 s, completing in
@@ -770,17 +774,20 @@ def cmd_report(a):
     w("")
     w("## Scenarios")
     w("")
-    w("| scenario | request | conns | req/s | p50 | p99 | runs (spread) | non-2xx | errors |")
-    w("|---|---|---|---|---|---|---|---|---|")
+    probe = {r["label"]: r.get("probe_ms") for r in bg}
+    w("| scenario | request | conns | req/s | p50 | p99 | runs (spread) | non-2xx | errors "
+      "| speed probe before |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
     for s, label in SCENARIOS:
         x = by.get(s)
         if not x:
             continue
-        note = f" (~{wrk_target(wrk, s)}/s offered)" if s == "me-half" else ""
+        note = f" (~{wrk_target(wrk, s)}/s offered)" if s.startswith("me-half") else ""
         dag = "†" if s in LITTLE else ""
         w(f"| {s} | {label}{note} | {x['conns']} | {x['rps']:.{2 if dag else 1}f}{dag} | {_ms(x['p50_us'])} | "
           f"{_ms(x['p99_us'])} | {x['runs']} (±{x['spread'] / 2:.0%}) | {x['non2xx']} | "
-          f"{x['errors']}{' (tokens ran out: ' + str(x['exhausted']) + ')' if x['exhausted'] else ''} |")
+          f"{x['errors']}{' (tokens ran out: ' + str(x['exhausted']) + ')' if x['exhausted'] else ''} | "
+          f"{(str(probe.get(_PROBE_LABEL.get(s, s))) + ' ms') if probe.get(_PROBE_LABEL.get(s, s)) else '-'} |")
     if any(by.get(s) for s in LITTLE):
         w("")
         w("† bcrypt-bound: req/s = connections / mean latency (Little's law), because wrk's "
@@ -874,6 +881,9 @@ def cmd_report(a):
     if shared:
         w("## Side by side (shared/bench/run.sh, same run, same pinning)")
         w("")
+        if probe.get("shared"):
+            w(f"Speed probe before: {probe['shared']} ms.")
+            w("")
         w("| target | scenario | request | conns | req/s (mean) | p50 | p99 (worst) | non-2xx |")
         w("|---|---|---|---|---|---|---|---|")
         keys = list(dict.fromkeys((r["target"], r["scenario"]) for r in shared))

@@ -256,11 +256,17 @@ bt background --label me-half --results "$RESULTS" --cpu "$SERVER_CPU"
 bt paced "${W[@]}" --scenario me-half --request "GET /me at ~half peak" --peak "$ME_PEAK" \
   --mean-delay-ms "$HALF_DELAY_MS" --runs "$RUNS" --duration "$DURATION" "$T/me" -- "$TOKEN"
 settle
+# diagnostic: the same rate without usage events (shows what the usage flush adds to the tail)
+bt paced "${W[@]}" --scenario me-half-dnt --request "GET /me, DNT: 1, at ~half peak" \
+  --peak "$ME_PEAK" --mean-delay-ms "$HALF_DELAY_MS" --runs "$RUNS" --duration "$DURATION" \
+  "$T/me" -- "$TOKEN" "DNT: 1"
+settle
 fi
 
 SHARED_RESULTS=""
 if [ "$SHARED" = 1 ] && [ -x "$SHARED_BENCH/run.sh" ]; then
   say "side by side: $SHARED_BENCH/run.sh (bare FastAPI, fastapi-users, and this tessera)"
+  bt background --label shared --results "$RESULTS" --cpu "$SERVER_CPU"
   read -r SRP SBP SPP <<<"$(bt free-ports 3)"
   mkdir -p "$STATE/shared"
   BENCH_STATE="$STATE/shared" REDIS_PORT="$SRP" BASELINE_PORT="$SBP" PEER_PORT="$SPP" \
