@@ -160,13 +160,18 @@ settle
 fi
 
 if want me; then
-say "GET /me (bearer) and GET /me with DNT: 1, interleaved run by run"
+say "GET /me (bearer) and GET /me with DNT: 1, interleaved ABBA (cancels a linear drift)"
 bt background --label me --results "$RESULTS" --cpu "$SERVER_CPU"
 warm me "$CONNS" get.lua "$T/me" "$TOKEN" >/dev/null; settle
 warm me-dnt "$CONNS" get.lua "$T/me" "$TOKEN" "DNT: 1" >/dev/null; settle
 for i in $(seq 1 "$RUNS"); do
-  measure me "GET /me" "$i" "$CONNS" get.lua "$T/me" "$TOKEN"
-  measure me-dnt "GET /me, DNT: 1" "$i" "$CONNS" get.lua "$T/me" "$TOKEN" "DNT: 1"
+  if [ $((i % 2)) = 1 ]; then
+    measure me "GET /me" "$i" "$CONNS" get.lua "$T/me" "$TOKEN"
+    measure me-dnt "GET /me, DNT: 1" "$i" "$CONNS" get.lua "$T/me" "$TOKEN" "DNT: 1"
+  else
+    measure me-dnt "GET /me, DNT: 1" "$i" "$CONNS" get.lua "$T/me" "$TOKEN" "DNT: 1"
+    measure me "GET /me" "$i" "$CONNS" get.lua "$T/me" "$TOKEN"
+  fi
 done
 fi
 
