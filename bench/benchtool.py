@@ -815,10 +815,20 @@ def cmd_report(a):
         r = me["rps"] / peer_me
         target("GET /me vs fastapi-users GET /users/me", f"{me['rps']:.0f} vs {peer_me:.0f} req/s",
                f"{r:.2f}×", "≥ 3×", r >= 3)
+    t_me = shared_rps("tessera", "me")
+    if t_me and peer_me:
+        r = t_me / peer_me
+        target("(cross-check: both figures from shared/bench/run.sh)",
+               f"{t_me:.0f} vs {peer_me:.0f} req/s", f"{r:.2f}×", "≥ 3×", r >= 3)
     if by.get("introspect") and ping:
         r = by["introspect"]["rps"] / ping
         target("introspection vs bare FastAPI GET /ping",
                f"{by['introspect']['rps']:.0f} vs {ping:.0f} req/s", f"{r:.0%}", "≥ 50%", r >= 0.5)
+    t_in = shared_rps("tessera", "introspect")
+    if t_in and ping:
+        r = t_in / ping
+        target("(cross-check: both figures from shared/bench/run.sh)",
+               f"{t_in:.0f} vs {ping:.0f} req/s", f"{r:.0%}", "≥ 50%", r >= 0.5)
     if by.get("login") and verify:
         cap = 1e6 / verify["median_us"]
         r = by["login"]["rps"] / cap
