@@ -786,7 +786,7 @@ def cmd_report(a):
         dag = "†" if s in LITTLE else ""
         w(f"| {s} | {label}{note} | {x['conns']} | {x['rps']:.{2 if dag else 1}f}{dag} | {_ms(x['p50_us'])} | "
           f"{_ms(x['p99_us'])} | {x['runs']} (±{x['spread'] / 2:.0%}) | {x['non2xx']} | "
-          f"{x['errors']}{' (tokens ran out: ' + str(x['exhausted']) + ')' if x['exhausted'] else ''} | "
+          f"{x['errors']}{' (**tokens ran out: ' + str(x['exhausted']) + ' requests without one**)' if x['exhausted'] else ''} | "
           f"{(str(probe.get(_PROBE_LABEL.get(s, s))) + ' ms') if probe.get(_PROBE_LABEL.get(s, s)) else '-'} |")
     if any(by.get(s) for s in LITTLE):
         w("")

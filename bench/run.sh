@@ -226,7 +226,9 @@ RATE="$(warm logout "$CONNS" logout.lua "$T/auth/logout" "$STATE/logout.tokens")
 settle
 SECS="$("$PY" -c "import re,sys; m=re.fullmatch(r'(\d+(?:\.\d+)?)(ms|s|m)?','$DURATION'); print(float(m.group(1))*{'ms':.001,'s':1,'m':60,None:1}[m.group(2)])")"
 for i in $(seq 1 "$RUNS"); do
-  POOL="$("$PY" -c "print(int($RATE * $SECS * 1.5) + 500)")"
+  # the 1-s warm-up under-states the rate (ramp-up): twice that, or twice the last run's
+  [ "$i" -gt 1 ] && RATE="$("$PY" -c "print(max($RATE, $(bt mean-rps --results "$RESULTS" --scenario logout)))")"
+  POOL="$("$PY" -c "print(int($RATE * $SECS * 2) + 1000)")"
   $PIN_L "$PY" "$HERE/benchtool.py" mint --password "$BENCH_PASSWORD" --count "$POOL" \
     --out "$STATE/logout.tokens"
   bt check-tokens --base "$T" --file "$STATE/logout.tokens" --expect 200 --tail \
