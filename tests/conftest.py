@@ -153,3 +153,20 @@ def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str
     assert body["status"] == status
     assert "title" in body and "detail" in body
     return body
+
+
+@pytest.fixture(scope="module")
+def server(base_settings: dict[str, Any], tmp_path_factory: pytest.TempPathFactory,
+           request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A real `tessera serve` on the session's stores, one per test module that asks."""
+    from tests.servers import session_server_env, tessera_server
+
+    data_dir = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    with tessera_server(session_server_env(base_settings, data_dir), data_dir / "logs") as running:
+        yield running
+
+
+@pytest.fixture
+async def http(server: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        yield client

@@ -7,7 +7,7 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -43,19 +43,6 @@ SERVICE = bearer(SERVICE_KEY)
 
 
 
-
-@pytest.fixture(scope="module")
-def server(base_settings: dict[str, Any],
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[TesseraServer]:
-    data_dir = tmp_path_factory.mktemp("feed-server")
-    with tessera_server(session_server_env(base_settings, data_dir), data_dir / "logs") as running:
-        yield running
-
-
-@pytest.fixture
-async def http(server: TesseraServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
-        yield client
 
 
 class Feed:

@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +29,6 @@ from tests.servers import (
     session_server_env,
     tessera_server,
 )
-
-
-@pytest.fixture(scope="module")
-def server(base_settings: dict[str, Any],
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[TesseraServer]:
-    data_dir = tmp_path_factory.mktemp("verify-server")
-    with tessera_server(session_server_env(base_settings, data_dir), data_dir / "logs") as running:
-        yield running
-
-
-@pytest.fixture
-async def http(server: TesseraServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
-        yield client
 
 
 async def session_token(http: httpx.AsyncClient, email: str | None = None,
