@@ -4,7 +4,7 @@
 # a py-spy profile of GET /me under load, and (with ../shared/bench) the same-run figures of
 # bare FastAPI and fastapi-users. Results: bench/.run/results.md. See docs/performance.md.
 #
-#   make bench                      # or: bench/run.sh    (~10 min at the defaults)
+#   make bench                      # or: bench/run.sh    (~12 min at the defaults)
 #   DURATION=2s RUNS=1 SHARED=0 bench/run.sh              # quick smoke test (~1.5 min)
 #   BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/tessera_bench bench/run.sh
 set -euo pipefail
