@@ -56,8 +56,8 @@ class Settings(BaseSettings):
     register_max_per_ip: int = Field(20, ge=1)
     register_window_seconds: int = Field(3600, ge=1)
     # Usage log buffering: flush at this many events or this many seconds, whichever comes first.
-    usage_flush_events: int = Field(500, ge=1)
-    usage_flush_seconds: float = Field(1.0, gt=0)
+    usage_flush_events: int = Field(100, ge=1)
+    usage_flush_seconds: float = Field(0.25, gt=0)
     # How long the JWKS and the current signing key are cached in-process.
     keys_cache_seconds: float = Field(30.0, ge=0)
     log_level: str = "info"
