@@ -38,21 +38,9 @@ def forbid_tracking(scope: Scope) -> None:
     _state(scope)[_TRACKING] = False
 
 
-def tracking_allowed(scope: Scope) -> bool:
-    return bool(_state(scope).get(_TRACKING, True))
-
-
 def attribute_usage(scope: Scope, user_id: str) -> None:
     """Mark the request as made by this user, for the usage log."""
     _state(scope)[_USAGE_USER] = user_id
-
-
-def client_ip(scope: Scope) -> str | None:
-    """The client's IP, or None where tracking is not allowed (no IP is kept then)."""
-    if not tracking_allowed(scope):
-        return None
-    client = scope.get("client")
-    return client[0] if client else None
 
 
 def _opted_out(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -85,13 +85,3 @@ def peek_claims(token: str) -> UnverifiedClaims | None:
     if not (0 < len(sub) <= 64 and 0 < len(sid) <= 64) or ":" in sub or "}" in sub or "{" in sub:
         return None
     return UnverifiedClaims(sub, sid, exp, payload)
-
-
-def verify_signature(keys: KeyRing, token: str, *, issuer: str, audience: str) -> dict[str, Any]:
-    """Full JOSE check against the published keys (what a downstream service does)."""
-    header = jwt.get_unverified_header(token)
-    key = keys.published.get(str(header.get("kid")))
-    if key is None:
-        raise jwt.InvalidTokenError("unknown kid")
-    return jwt.decode(token, key.public, algorithms=["EdDSA"], issuer=issuer, audience=audience,
-                      options={"require": ["exp", "iat", "sub", "sid", "iss", "aud", "jti"]})
