@@ -54,17 +54,21 @@ async def register_user(db: AsyncSession, hasher: PasswordHasher, *, email: str,
 
 async def authenticate(db: AsyncSession, hasher: PasswordHasher, email: str,
                        password: str) -> User:
-    """The user for these credentials; an unknown email costs one hash, like a wrong password."""
+    """The user for these credentials; an unknown email costs one hash, like a wrong password.
+    Every attempt is audited (by user id) here, where the user is already at hand."""
     user = await find_by_email(db, email)
     ok, new_hash = await hasher.verify(password, user.password_hash if user else None)
+    user_id = user.id if user else None
     if user is None or not ok:
+        await audit(db, "login", user_id=user_id, outcome="failed")
         raise invalid_credentials()
     if new_hash is not None:  # the cost setting changed since this hash was made
         user.password_hash = new_hash
         db.add(user)
-        await db.commit()
     if not user.is_active:
+        await audit(db, "login", user_id=user_id, outcome="inactive")
         raise Problem(403, "account_inactive", "This account is deactivated.")
+    await audit(db, "login", user_id=user_id, outcome="ok")  # commits the rehash too
     return user
 
 

@@ -41,6 +41,14 @@ class AttemptLimiter:
                 raise Problem(429, "too_many_attempts", "Too many attempts; try again later.",
                               headers={"Retry-After": str(max(1, int(ttl)))})
 
+    async def forgive_success(self, *, account: tuple[str, str], ip: tuple[str, str]) -> None:
+        """A login that succeeded: clear the account's failures, take back this IP attempt
+        (one round trip)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self._name(*account))
+            pipe.decr(self._name(*ip))
+            await pipe.execute()
+
     async def forgive(self, kind: str, value: str, *, all_of_them: bool = False) -> None:
         """A success: take back this attempt (or every attempt counted so far)."""
         name = self._name(kind, value)

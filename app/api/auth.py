@@ -155,20 +155,15 @@ async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
             password = ""  # can match no stored hash; still costs one hash below
         user = await accounts.authenticate(db, t.hasher, email, password)
     except Problem as problem:
-        outcome = "inactive" if problem.code == "account_inactive" else "failed"
-        t.metrics.logins.labels(outcome).inc()
-        user_row = await accounts.find_by_email(db, email)
-        await accounts.audit(db, "login", user_id=user_row.id if user_row else None,
-                             outcome=outcome)
+        t.metrics.logins.labels("inactive" if problem.code == "account_inactive"
+                                else "failed").inc()
         raise
     if user.restrict_processing or user.object_to_processing:
         forbid_tracking(request.scope)
     # Only failures count: a success clears the account and takes back this IP attempt.
-    await t.limiter.forgive("login-account", account, all_of_them=True)
-    await t.limiter.forgive("login-ip", ip)
+    await t.limiter.forgive_success(account=("login-account", account), ip=("login-ip", ip))
     issued = await accounts.open_session(t, user, request.headers.get("user-agent"))
     t.metrics.logins.labels("ok").inc()
-    await accounts.audit(db, "login", user_id=user.id, outcome="ok")
     csrf = csrf_token_for(t.csrf_key, issued.sid)
     body = TokenOut(access_token=issued.token, expires_in=issued.exp - issued.iat,
                     expires_at=from_epoch(issued.exp), session_id=issued.sid, csrf_token=csrf)
