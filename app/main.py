@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from app import __version__
@@ -13,6 +12,7 @@ from app.api import admin, auth, health, me, revocations, wellknown
 from app.db import create_engine, session_factory
 from app.embedded import EmbeddedRedis
 from app.errors import install_error_handlers, install_unavailable_handlers
+from app.fastpath import FastPath, TesseraApp
 from app.metrics import Metrics, MetricsMiddleware
 from app.middleware import (
     BodyLimitMiddleware,
@@ -38,16 +38,16 @@ DESCRIPTION = """tessera issues and checks login sessions and enforces a privacy
 Use **Authorize** with your email as the username to try authenticated endpoints."""
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> TesseraApp:
     settings = settings or Settings()
     engine = create_engine(settings.resolved_database_url)
     db_factory = session_factory(engine)
     metrics = Metrics()
-    usage = UsageRecorder(db_factory, flush_events=settings.usage_flush_events,
+    usage = UsageRecorder(engine, flush_events=settings.usage_flush_events,
                           flush_seconds=settings.usage_flush_seconds)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: TesseraApp) -> AsyncIterator[None]:
         secret = load_or_create_secret(settings)
         embedded = None
         redis_url = settings.redis_url
@@ -67,9 +67,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 token_key=derive_key(secret, b"token-hash"),
                 limiter=AttemptLimiter(redis, derive_key(secret, b"rate-limit")),
                 profiles=ProfileCache(redis), embedded_redis=embedded)
+            if settings.fast_path:
+                app.fast_path = FastPath(app.state.tessera)
             usage.start()
             yield
         finally:
+            app.fast_path = None
             await revocations.close_revocation_hub(app)  # end open feeds and the subscription
             await usage.stop()
             await redis.aclose()
@@ -78,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 embedded.stop()
 
     # No slash redirects: they would be built from the client's Host header.
-    app = FastAPI(title="tessera", version=__version__, description=DESCRIPTION,
+    app = TesseraApp(title="tessera", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan, redirect_slashes=False)
     install_openapi(app)
     install_error_handlers(app)

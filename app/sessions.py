@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 from redis.asyncio.cluster import RedisCluster
 
-from app.redis import AnyRedis
+from app.redis import AnyRedis, ReadBatcher
 
 REVOCATION_CHANNEL = "tessera:revocations"
 # The oldest sessions of a user past this many are ended at the next login.
@@ -83,6 +83,7 @@ def _decode(raw: str | bytes | None) -> SessionRecord | None:
 class SessionStore:
     def __init__(self, redis: AnyRedis) -> None:
         self.redis = redis
+        self.reads = ReadBatcher(redis)
         self._delete_listed = redis.register_script(_DELETE_LISTED)
 
     async def create(self, record: SessionRecord) -> None:
@@ -119,7 +120,7 @@ class SessionStore:
     async def check_with(self, user_id: str, sid: str, token_hash: str,
                          also: str) -> tuple[SessionRecord | None, str | None]:
         """`check`, reading one more key of the same user (same hash slot) in the same MGET."""
-        raw, extra = await self.redis.mget([_session_key(user_id, sid), also])
+        raw, extra = await self.reads.mget([_session_key(user_id, sid), also])
         record = _decode(raw)
         if (record is None or not hmac.compare_digest(record.token_hash, token_hash)
                 or record.expires_at <= time.time()):
