@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, delete, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -24,32 +26,39 @@ MAX_BUFFERED = 200_000
 
 def _clean(value: str, limit: int) -> str:
     """Control characters (NUL above all) are not stored: PostgreSQL refuses NUL in text."""
-    return "".join(ch if ch.isprintable() else "\ufffd" for ch in value[:limit])
+    value = value[:limit]
+    if value.isprintable():
+        return value
+    return "".join(ch if ch.isprintable() else "\ufffd" for ch in value)
+
+
+# An event as buffered and written: the columns of `usage_events` in this order.
+Event = tuple[str, datetime, str | None, str, str, str | None, int, int]
+COLUMNS = ("user_id", "at", "ip", "method", "path", "host", "status", "bytes")
 
 
 class UsageRecorder:
-    def __init__(self, factory: async_sessionmaker[AsyncSession], *, flush_events: int,
-                 flush_seconds: float) -> None:
-        self._factory = factory
+    def __init__(self, engine: AsyncEngine, *, flush_events: int, flush_seconds: float) -> None:
+        self._engine = engine
         self._flush_events = flush_events
         self._flush_seconds = flush_seconds
-        self._buffer: list[dict[str, Any]] = []
+        self._buffer: list[Event] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._sql, self._binders = _insert_statement(engine.dialect)
 
     def record(self, *, user_id: str, at: datetime, ip: str | None, method: str, path: str,
                host: str | None, status: int, nbytes: int) -> None:
         """Called on the request path: appends to memory only."""
-        self._buffer.append({"user_id": user_id, "at": at, "ip": ip, "method": method[:16],
-                             "path": _clean(path, 512), "host": _clean(host, 255) if host else None,
-                             "status": status, "bytes": nbytes})
+        self._buffer.append((user_id, at, ip, method[:16], _clean(path, 512),
+                             _clean(host, 255) if host else None, status, nbytes))
         if len(self._buffer) >= self._flush_events:
             self._wake.set()
 
     def forget(self, user_id: str) -> None:
         """Drop unwritten events of a user whose account is being deleted."""
-        self._buffer = [e for e in self._buffer if e["user_id"] != user_id]
+        self._buffer = [e for e in self._buffer if e[0] != user_id]
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="tessera-usage-flusher")
@@ -93,12 +102,16 @@ class UsageRecorder:
                 await self._insert_each(batch)
             return len(batch)
 
-    async def _insert(self, batch: list[dict[str, Any]]) -> None:
-        async with self._factory() as db:
-            await db.exec(sa.insert(UsageEvent), params=batch)
-            await db.commit()
+    async def _insert(self, batch: list[Event]) -> None:
+        # One executemany on the driver: the ORM's per-row work (unit of work, parameter
+        # construction) cost more than the database's own (docs/performance.md).
+        binders = self._binders
+        rows = [tuple(v if bind is None or v is None else bind(v)
+                      for v, bind in zip(event, binders, strict=True)) for event in batch]
+        async with self._engine.begin() as conn:
+            await conn.exec_driver_sql(self._sql, rows)
 
-    async def _insert_each(self, batch: list[dict[str, Any]]) -> None:
+    async def _insert_each(self, batch: list[Event]) -> None:
         for event in batch:
             try:
                 await self._insert([event])
@@ -107,11 +120,24 @@ class UsageRecorder:
             except DBAPIError:
                 log.warning("usage event refused by the database and dropped")
 
-    async def _only_existing_users(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        ids = {e["user_id"] for e in batch}
-        async with self._factory() as db:
+    async def _only_existing_users(self, batch: list[Event]) -> list[Event]:
+        ids = {e[0] for e in batch}
+        async with AsyncSession(self._engine) as db:
             alive = set((await db.exec(select(User.id).where(col(User.id).in_(ids)))).all())
-        return [e for e in batch if e["user_id"] in alive]
+        return [e for e in batch if e[0] in alive]
+
+
+def _insert_statement(dialect: Dialect) -> tuple[str, list[Callable[[Any], Any] | None]]:
+    """The INSERT compiled for this driver (its own placeholders), and each column's bind
+    processor (how SQLAlchemy converts a value for it, e.g. a datetime for SQLite)."""
+    table = UsageEvent.__table__  # type: ignore[attr-defined]
+    compiled = table.insert().values({name: sa.bindparam(name) for name in COLUMNS}).compile(
+        dialect=dialect, for_executemany=True)
+    if not compiled.positional or tuple(compiled.positiontup or ()) != COLUMNS:
+        raise RuntimeError(f"unsupported DB-API paramstyle {dialect.paramstyle!r}")
+    binders = [table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+               for name in COLUMNS]
+    return str(compiled), binders
 
 
 async def purge_usage(db: AsyncSession, retention_days: int) -> int:
