@@ -112,6 +112,8 @@ if [ -n "$BENCH_DATABASE_URL" ]; then
   bt pg-reset "$BENCH_DATABASE_URL"
   export TESSERA_DATABASE_URL="$BENCH_DATABASE_URL"
 fi
+# Experiments: more server settings, e.g. BENCH_SERVER_ENV="TESSERA_FAST_PATH=false".
+for kv in ${BENCH_SERVER_ENV:-}; do export "${kv?}"; done
 
 say "tessera serve on 127.0.0.1:$TPORT (CPU ${SERVER_CPU}), Redis on :$RPORT, database ${TESSERA_DATABASE_URL:-SQLite in $STATE/data}"
 ( cd "$STATE" && exec $PIN_S "$TESSERA" serve --host 127.0.0.1 --port "$TPORT" --workers 1 ) \
