@@ -160,9 +160,9 @@ async def deactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str 
 async def _erase_personal_rows(db: AsyncSession, user_id: str) -> None:
     from sqlmodel import col, delete, update
 
-    from app.models import ConsentEvent, PrivacyRequest, UsageEvent
+    from app.models import ConsentEvent, PrivacyRequest, UsageSegment
 
-    for table in (UsageEvent, ConsentEvent, PrivacyRequest):
+    for table in (UsageSegment, ConsentEvent, PrivacyRequest):
         await db.exec(delete(table).where(col(table.user_id) == user_id))
     # The audit trail keeps what happened, anonymised: no link back to the person.
     await db.exec(update(AuditEvent).where(col(AuditEvent.user_id) == user_id)

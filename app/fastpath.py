@@ -25,7 +25,6 @@ from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 
 from app.middleware import HeaderLimitMiddleware, request_id_from, security_headers
-from app.models import utcnow
 from app.policy import must_consent
 from app.privacy import visitor_set_cookie
 from app.profiles import ProfileCache, profile_key
@@ -140,7 +139,7 @@ class FastPath:
         if tracked:
             client = scope.get("client")
             host = request.host.decode("latin-1") if request.host is not None else None
-            self.t.usage.record(user_id=user_id, at=utcnow(), ip=client[0] if client else None,
+            self.t.usage.record(user_id=user_id, ip=client[0] if client else None,
                                 method="GET", path=ME_PATH, host=host, status=200,
                                 nbytes=len(body))
         self.me_requests.inc()

@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
     engine = create_engine(settings.resolved_database_url)
     db_factory = session_factory(engine)
     metrics = Metrics()
-    usage = UsageRecorder(engine, flush_events=settings.usage_flush_events,
+    usage = UsageRecorder(db_factory, flush_events=settings.usage_flush_events,
                           flush_seconds=settings.usage_flush_seconds)
 
     @asynccontextmanager

@@ -91,20 +91,21 @@ class PrivacyRequest(SQLModel, table=True):
     resolution: str | None = Field(default=None, max_length=2000)
 
 
-class UsageEvent(SQLModel, table=True):
-    """One request by a user for whom tracking is allowed (P4)."""
+class UsageSegment(SQLModel, table=True):
+    """One user's usage events (P4) written together: one row per user per flush of the log,
+    the events as a JSON array of `[at (epoch seconds), ip, method, path, host, status,
+    bytes]`, one per request by a user for whom tracking is allowed. Written in bulk at the
+    request rate, this costs one row per user and flush rather than one per request (that
+    write was 15-18 % of GET /me's throughput; docs/performance.md)."""
 
-    __tablename__ = "usage_events"
+    __tablename__ = "usage_segments"
 
     id: int | None = Field(default=None, primary_key=True)
     user_id: str = Field(foreign_key="users.id", index=True, max_length=32, ondelete="CASCADE")
-    at: datetime = _ts(index=True)
-    ip: str | None = Field(default=None, max_length=64)
-    method: str = Field(max_length=16)
-    path: str = Field(max_length=512)
-    host: str | None = Field(default=None, max_length=255)
-    status: int
-    bytes: int
+    first_at: datetime = _ts(index=True)
+    last_at: datetime = _ts(index=True)
+    count: int
+    events: str = Field(sa_type=sa.Text)
 
 
 class AuditEvent(SQLModel, table=True):

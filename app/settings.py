@@ -56,7 +56,9 @@ class Settings(BaseSettings):
     register_max_per_ip: int = Field(20, ge=1)
     register_window_seconds: int = Field(3600, ge=1)
     # Usage log buffering: flush at this many events or this many seconds, whichever comes first.
-    usage_flush_events: int = Field(100, ge=1)
+    # Each flush is one transaction, whose fixed cost dominates at high request rates, so the
+    # count is a memory cap and the timer sets the pace (docs/performance.md).
+    usage_flush_events: int = Field(5000, ge=1)
     usage_flush_seconds: float = Field(0.25, gt=0)
     # How long the JWKS and the current signing key are cached in-process.
     keys_cache_seconds: float = Field(30.0, ge=0)

@@ -1,27 +1,35 @@
-"""Usage log (P4): events buffered in memory and written in batches off the request path."""
+"""Usage log (P4): events buffered in memory and written in batches off the request path.
+
+An event is `(user_id, at, ip, method, path, host, status, bytes)`. A flush writes one
+`UsageSegment` row per user holding that user's events as JSON (see app/models.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import Callable
-from datetime import datetime, timedelta
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Dialect
+from sqlalchemy import func
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, delete, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from app.models import UsageEvent, User, utcnow
+from app.models import UsageSegment, User, utcnow
+from app.timeutil import from_epoch
 
 log = logging.getLogger("tessera.usage")
 
 # Past this many unwritten events (the database being down for long) the oldest are dropped.
 MAX_BUFFERED = 200_000
+
+# An event as buffered: (user_id, at as epoch seconds, ip, method, path, host, status, bytes).
+Event = tuple[str, float, str | None, str, str, str | None, int, int]
 
 
 def _clean(value: str, limit: int) -> str:
@@ -32,26 +40,52 @@ def _clean(value: str, limit: int) -> str:
     return "".join(ch if ch.isprintable() else "\ufffd" for ch in value)
 
 
-# An event as buffered and written: the columns of `usage_events` in this order.
-Event = tuple[str, datetime, str | None, str, str, str | None, int, int]
-COLUMNS = ("user_id", "at", "ip", "method", "path", "host", "status", "bytes")
+def _at(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def segments_of(batch: list[Event]) -> list[dict[str, Any]]:
+    """The rows one flush writes: per user, their events in order."""
+    by_user: dict[str, list[list[Any]]] = {}
+    for user_id, *event in batch:
+        by_user.setdefault(user_id, []).append(event)
+    return [{"user_id": user_id, "first_at": _at(min(e[0] for e in events)),
+             "last_at": _at(max(e[0] for e in events)), "count": len(events),
+             "events": json.dumps(events, separators=(",", ":"))}
+            for user_id, events in by_user.items()]
+
+
+def event_view(event: list[Any]) -> dict[str, Any]:
+    """An event as the export shows it (API.md: `{at, ip, method, path, host, status, bytes}`)."""
+    at, ip, method, path, host, status, nbytes = event
+    return {"at": from_epoch(at), "ip": ip, "method": method, "path": path, "host": host,
+            "status": status, "bytes": nbytes}
+
+
+async def usage_log_of(db: AsyncSession, user_id: str) -> list[dict[str, Any]]:
+    """The user's usage events, oldest first."""
+    segments = (await db.exec(select(UsageSegment).where(UsageSegment.user_id == user_id)
+                              .order_by(col(UsageSegment.first_at), col(UsageSegment.id)))).all()
+    events = [event for segment in segments for event in json.loads(segment.events)]
+    events.sort(key=lambda event: event[0])  # stable: several instances' segments interleave
+    return [event_view(event) for event in events]
 
 
 class UsageRecorder:
-    def __init__(self, engine: AsyncEngine, *, flush_events: int, flush_seconds: float) -> None:
-        self._engine = engine
+    def __init__(self, factory: async_sessionmaker[AsyncSession], *, flush_events: int,
+                 flush_seconds: float) -> None:
+        self._factory = factory
         self._flush_events = flush_events
         self._flush_seconds = flush_seconds
         self._buffer: list[Event] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._sql, self._binders = _insert_statement(engine.dialect)
 
-    def record(self, *, user_id: str, at: datetime, ip: str | None, method: str, path: str,
+    def record(self, *, user_id: str, ip: str | None, method: str, path: str,
                host: str | None, status: int, nbytes: int) -> None:
         """Called on the request path: appends to memory only."""
-        self._buffer.append((user_id, at, ip, method[:16], _clean(path, 512),
+        self._buffer.append((user_id, time.time(), ip, method[:16], _clean(path, 512),
                              _clean(host, 255) if host else None, status, nbytes))
         if len(self._buffer) >= self._flush_events:
             self._wake.set()
@@ -86,63 +120,66 @@ class UsageRecorder:
             batch, self._buffer = self._buffer, []
             if not batch:
                 return 0
+            segments = segments_of(batch)
             try:
-                await self._insert(batch)
+                await self._insert(segments)
             except IntegrityError:
                 # A user was deleted meanwhile (perhaps on another instance): drop their events.
-                batch = await self._only_existing_users(batch)
-                if batch:
-                    await self._insert_each(batch)
+                segments = await self._only_existing_users(segments)
+                if segments:
+                    await self._insert_each(segments)
             except (OperationalError, InterfaceError, OSError):
                 # The database is unreachable: keep everything for the next try.
                 self._buffer = (batch + self._buffer)[-MAX_BUFFERED:]
                 raise
             except DBAPIError:
                 # Some row the database refuses: write the others, never block the log on one.
-                await self._insert_each(batch)
+                await self._insert_each(segments)
             return len(batch)
 
-    async def _insert(self, batch: list[Event]) -> None:
-        # One executemany on the driver: the ORM's per-row work (unit of work, parameter
-        # construction) cost more than the database's own (docs/performance.md).
-        binders = self._binders
-        rows = [tuple(v if bind is None or v is None else bind(v)
-                      for v, bind in zip(event, binders, strict=True)) for event in batch]
-        async with self._engine.begin() as conn:
-            await conn.exec_driver_sql(self._sql, rows)
+    async def _insert(self, segments: list[dict[str, Any]]) -> None:
+        async with self._factory() as db:
+            await db.exec(UsageSegment.__table__.insert(), params=segments)  # type: ignore[attr-defined]
+            await db.commit()
 
-    async def _insert_each(self, batch: list[Event]) -> None:
-        for event in batch:
+    async def _insert_each(self, segments: list[dict[str, Any]]) -> None:
+        for segment in segments:
             try:
-                await self._insert([event])
+                await self._insert([segment])
             except (OperationalError, InterfaceError, OSError):
                 raise
             except DBAPIError:
-                log.warning("usage event refused by the database and dropped")
+                log.warning("%d usage events refused by the database and dropped",
+                            segment["count"])
 
-    async def _only_existing_users(self, batch: list[Event]) -> list[Event]:
-        ids = {e[0] for e in batch}
-        async with AsyncSession(self._engine) as db:
+    async def _only_existing_users(self, segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        ids = {s["user_id"] for s in segments}
+        async with self._factory() as db:
             alive = set((await db.exec(select(User.id).where(col(User.id).in_(ids)))).all())
-        return [e for e in batch if e[0] in alive]
-
-
-def _insert_statement(dialect: Dialect) -> tuple[str, list[Callable[[Any], Any] | None]]:
-    """The INSERT compiled for this driver (its own placeholders), and each column's bind
-    processor (how SQLAlchemy converts a value for it, e.g. a datetime for SQLite)."""
-    table = UsageEvent.__table__  # type: ignore[attr-defined]
-    compiled = table.insert().values({name: sa.bindparam(name) for name in COLUMNS}).compile(
-        dialect=dialect, for_executemany=True)
-    if not compiled.positional or tuple(compiled.positiontup or ()) != COLUMNS:
-        raise RuntimeError(f"unsupported DB-API paramstyle {dialect.paramstyle!r}")
-    binders = [table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-               for name in COLUMNS]
-    return str(compiled), binders
+        return [s for s in segments if s["user_id"] in alive]
 
 
 async def purge_usage(db: AsyncSession, retention_days: int) -> int:
-    """Delete usage events older than the retention (0 deletes them all)."""
+    """Delete usage events older than the retention (0 deletes them all); returns how many."""
     cutoff = utcnow() - timedelta(days=retention_days)
-    result = await db.exec(delete(UsageEvent).where(col(UsageEvent.at) <= cutoff))
+    whole = (col(UsageSegment.last_at) <= cutoff)
+    purged = int((await db.exec(select(func.coalesce(func.sum(UsageSegment.count), 0))
+                                .where(whole))).one())
+    await db.exec(delete(UsageSegment).where(whole))
+    # Segments that straddle the cutoff keep only their newer events.
+    limit = cutoff.timestamp()
+    straddling = (await db.exec(select(UsageSegment).where(
+        col(UsageSegment.first_at) <= cutoff, col(UsageSegment.last_at) > cutoff))).all()
+    for segment in straddling:
+        events = json.loads(segment.events)
+        kept = [e for e in events if e[0] > limit]
+        purged += len(events) - len(kept)
+        if not kept:
+            await db.delete(segment)
+            continue
+        segment.events = json.dumps(kept, separators=(",", ":"))
+        segment.count = len(kept)
+        segment.first_at = _at(kept[0][0])
+        db.add(segment)
     await db.commit()
-    return int(result.rowcount or 0)
+    return purged

@@ -53,7 +53,7 @@ def shape(response: httpx.Response) -> tuple[int, bytes, list[tuple[str, str]]]:
         if name == "x-request-id":
             value = "<generated>" if re.fullmatch(r"[0-9a-f]{16,}", value) else value
         if name == "set-cookie":
-            value = re.sub(r"^visitor=[A-Za-z0-9_-]{22};", "visitor=<id>;", value)
+            value = re.sub(r"^visitor=[A-Za-z0-9_-]{24};", "visitor=<id>;", value)
         headers.append((name, value))
     return response.status_code, response.content, headers
 

@@ -15,7 +15,7 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from app.db import create_engine, session_factory
-from app.models import UsageEvent
+from app.models import UsageSegment
 from tests.conftest import PASSWORD, SERVICE_KEY, new_email
 from tests.servers import session_server_env, shared_secret, tessera_server
 
@@ -24,8 +24,8 @@ def count_usage(database_url: str, user_id: str) -> int:
     async def run() -> int:
         engine = create_engine(database_url)
         async with session_factory(engine)() as db:
-            n = (await db.exec(select(func.count()).select_from(UsageEvent)
-                               .where(UsageEvent.user_id == user_id))).one()
+            n = (await db.exec(select(func.coalesce(func.sum(UsageSegment.count), 0))
+                               .where(UsageSegment.user_id == user_id))).one()
         await engine.dispose()
         return int(n)
 

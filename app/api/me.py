@@ -24,13 +24,14 @@ from app.api.deps import (
 )
 from app.api.schemas import SafeStr
 from app.errors import Problem, problem_doc, problem_responses
-from app.models import AuditEvent, PrivacyRequest, UsageEvent, User
+from app.models import AuditEvent, PrivacyRequest, User
 from app.policy import accept_policy
 from app.privacy import attribute_usage
 from app.profiles import account_view
 from app.security.passwords import normalise_password
 from app.state import Tessera
 from app.timeutil import from_epoch, rfc3339
+from app.usage import usage_log_of
 
 log = logging.getLogger("tessera.me")
 
@@ -156,8 +157,7 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
         await t.usage.flush()  # events still buffered on this instance are included
     except Exception:  # the flusher retries; the export still answers with what is stored
         log.warning("usage flush before export failed; exporting what is stored")
-    usage = (await db.exec(select(UsageEvent).where(UsageEvent.user_id == user.id)
-                           .order_by(col(UsageEvent.at), col(UsageEvent.id)))).all()
+    usage = await usage_log_of(db, user.id)
     audit_rows = (await db.exec(select(AuditEvent).where(AuditEvent.user_id == user.id)
                                 .order_by(col(AuditEvent.at), col(AuditEvent.id)))).all()
     sessions = await t.sessions.list(user.id)
@@ -176,8 +176,7 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
         "sessions": [{"id": s.sid, "created_at": from_epoch(s.created_at),
                       "expires_at": from_epoch(s.expires_at), "user_agent": s.user_agent}
                      for s in sessions],
-        "usage_log": [{"at": rfc3339(e.at), "ip": e.ip, "method": e.method, "path": e.path,
-                       "host": e.host, "status": e.status, "bytes": e.bytes} for e in usage],
+        "usage_log": usage,
         "privacy_requests": [privacy_request_view(r) for r in
                              await privacy_requests.user_requests(db, user.id)],
         "security_events": [{"at": rfc3339(a.at), "event": a.event, "outcome": a.outcome}

@@ -1,0 +1,118 @@
+"""usage log in segments: one row per user and flush instead of one per request
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-12-01
+
+Every event of `usage_events` moves into `usage_segments` (per user, in order, at most 1000
+events per segment); nothing is dropped. The downgrade moves them back.
+"""
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from itertools import groupby
+from typing import Any
+
+import sqlalchemy as sa
+import sqlmodel
+from alembic import op
+
+revision: str = '0002'
+down_revision: str | None = '0001'
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+EVENTS_PER_SEGMENT = 1000
+
+_events = sa.table(
+    "usage_events", sa.column("id", sa.Integer), sa.column("user_id", sa.String),
+    sa.column("at", sa.DateTime(timezone=True)), sa.column("ip", sa.String),
+    sa.column("method", sa.String), sa.column("path", sa.String), sa.column("host", sa.String),
+    sa.column("status", sa.Integer), sa.column("bytes", sa.Integer))
+_segments = sa.table(
+    "usage_segments", sa.column("user_id", sa.String),
+    sa.column("first_at", sa.DateTime(timezone=True)),
+    sa.column("last_at", sa.DateTime(timezone=True)), sa.column("count", sa.Integer),
+    sa.column("events", sa.Text))
+
+
+def _epoch(value: datetime) -> float:
+    # SQLite hands datetimes back naive: they were written as UTC.
+    return (value.replace(tzinfo=UTC) if value.tzinfo is None else value).timestamp()
+
+
+def _create_events_table() -> None:
+    op.create_table('usage_events',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('user_id', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+    sa.Column('at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('ip', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
+    sa.Column('method', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+    sa.Column('path', sqlmodel.sql.sqltypes.AutoString(length=512), nullable=False),
+    sa.Column('host', sqlmodel.sql.sqltypes.AutoString(length=255), nullable=True),
+    sa.Column('status', sa.Integer(), nullable=False),
+    sa.Column('bytes', sa.Integer(), nullable=False),
+    sa.ForeignKeyConstraint(['user_id'], ['users.id'], ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id')
+    )
+    with op.batch_alter_table('usage_events', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_usage_events_at'), ['at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_usage_events_user_id'), ['user_id'], unique=False)
+
+
+def _drop_events_table() -> None:
+    with op.batch_alter_table('usage_events', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_usage_events_user_id'))
+        batch_op.drop_index(batch_op.f('ix_usage_events_at'))
+    op.drop_table('usage_events')
+
+
+def upgrade() -> None:
+    op.create_table('usage_segments',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('user_id', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+    sa.Column('first_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('last_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('count', sa.Integer(), nullable=False),
+    sa.Column('events', sa.Text(), nullable=False),
+    sa.ForeignKeyConstraint(['user_id'], ['users.id'], ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id')
+    )
+    with op.batch_alter_table('usage_segments', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_usage_segments_first_at'), ['first_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_usage_segments_last_at'), ['last_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_usage_segments_user_id'), ['user_id'], unique=False)
+
+    bind = op.get_bind()
+    rows = bind.execute(sa.select(_events).order_by(_events.c.user_id, _events.c.at,
+                                                    _events.c.id)).all()
+    segments: list[dict[str, Any]] = []
+    for user_id, group in groupby(rows, key=lambda row: row.user_id):
+        events = [[_epoch(r.at), r.ip, r.method, r.path, r.host, r.status, r.bytes]
+                  for r in group]
+        for start in range(0, len(events), EVENTS_PER_SEGMENT):
+            chunk = events[start:start + EVENTS_PER_SEGMENT]
+            segments.append({
+                "user_id": user_id, "count": len(chunk),
+                "first_at": datetime.fromtimestamp(chunk[0][0], UTC),
+                "last_at": datetime.fromtimestamp(chunk[-1][0], UTC),
+                "events": json.dumps(chunk, separators=(",", ":"))})
+    if segments:
+        op.bulk_insert(_segments, segments)
+    _drop_events_table()
+
+
+def downgrade() -> None:
+    _create_events_table()
+    bind = op.get_bind()
+    rows = bind.execute(sa.select(_segments)).all()
+    events = [{"user_id": row.user_id, "at": datetime.fromtimestamp(e[0], UTC), "ip": e[1],
+               "method": e[2], "path": e[3], "host": e[4], "status": e[5], "bytes": e[6]}
+              for row in rows for e in json.loads(row.events)]
+    if events:
+        op.bulk_insert(_events, events)
+    with op.batch_alter_table('usage_segments', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_usage_segments_user_id'))
+        batch_op.drop_index(batch_op.f('ix_usage_segments_last_at'))
+        batch_op.drop_index(batch_op.f('ix_usage_segments_first_at'))
+    op.drop_table('usage_segments')
