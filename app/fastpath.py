@@ -24,12 +24,10 @@ from urllib.parse import parse_qs
 from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 
+from app.api.deps import check_token
 from app.middleware import HeaderLimitMiddleware, request_id_from, security_headers
 from app.policy import must_consent
 from app.privacy import visitor_set_cookie
-from app.profiles import ProfileCache, profile_key
-from app.security.tokens import peek_claims, token_hash
-from app.sessions import SessionRecord
 from app.settings import VISITOR_COOKIE
 from app.state import Tessera
 
@@ -126,7 +124,7 @@ class FastPath:
                   request: _Request, start: float) -> None:
         token = request.bearer()
         try:
-            found = await self._session(token) if token else None
+            found = await check_token(self.t, token) if token else None
         except Exception:  # a store fails: the full stack meets it again and answers 503
             found = None
         if found is None or found[2] is None or not found[2]["is_active"]:
@@ -174,7 +172,7 @@ class FastPath:
 
     async def _introspection(self, token: str) -> dict[str, Any] | None:
         """RFC 7662's answer, as `auth.introspect` gives it; None: the profile is not cached."""
-        found = await self._session(token) if len(token) <= _MAX_TOKEN_LENGTH else None
+        found = await check_token(self.t, token) if len(token) <= _MAX_TOKEN_LENGTH else None
         if found is None:
             return {"active": False}
         claims, record, profile = found
@@ -182,27 +180,13 @@ class FastPath:
             return None
         if not profile["is_active"]:
             return {"active": False}
+        raw = claims.raw
         return {
-            "active": True, "sub": record.user_id, "sid": record.sid, "exp": claims.get("exp"),
-            "iat": claims.get("iat"), "iss": claims.get("iss"), "aud": claims.get("aud"),
-            "jti": claims.get("jti"), "token_type": "Bearer",
+            "active": True, "sub": record.user_id, "sid": record.sid, "exp": raw.get("exp"),
+            "iat": raw.get("iat"), "iss": raw.get("iss"), "aud": raw.get("aud"),
+            "jti": raw.get("jti"), "token_type": "Bearer",
             "policy_accepted": not must_consent(profile["policy_seq"], await self.t.policy.get()),
         }
-
-    async def _session(self, token: str) -> tuple[
-            dict[str, Any], SessionRecord, dict[str, Any] | None] | None:
-        """The token's claims, its session and its user's cached profile (None if not
-        cached) while the session exists and holds this token's hash; None otherwise. The
-        same check as `deps.lookup_token`, in one batched Redis read."""
-        claims = peek_claims(token)
-        if claims is None:
-            return None
-        t = self.t
-        record, raw_profile = await t.sessions.check_with(
-            claims.sub, claims.sid, token_hash(t.token_key, token), profile_key(claims.sub))
-        if record is None:
-            return None
-        return claims.raw, record, ProfileCache.decode(raw_profile)
 
     def _service_key_ok(self, presented: str | None) -> bool:
         if not presented:
