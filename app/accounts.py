@@ -174,7 +174,7 @@ async def _erase_personal_rows(db: AsyncSession, user_id: str) -> None:
 async def delete_account(t: Tessera, db: AsyncSession, user: User) -> None:
     """P5/P9: the account, its sessions, usage log and every row tied to it are gone."""
     user_id = user.id
-    t.usage.forget(user_id)
+    await t.usage.forget(user_id)
     await revoke_all_sessions(t, user_id, "account_deleted")
     await _erase_personal_rows(db, user_id)
     await db.delete(user)
@@ -186,7 +186,7 @@ async def delete_account(t: Tessera, db: AsyncSession, user: User) -> None:
 
 async def erase_minor(t: Tessera, db: AsyncSession, user: User, *, actor_id: str) -> None:
     """P7: deactivate and delete the personal data, email included; the id stays as a tombstone."""
-    t.usage.forget(user.id)
+    await t.usage.forget(user.id)
     user.is_active = False
     user.email = user.email_key = user.password_hash = None
     user.restrict_processing = user.object_to_processing = False

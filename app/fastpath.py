@@ -24,7 +24,7 @@ from urllib.parse import parse_qs
 from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 
-from app.api.deps import check_token
+from app.api.deps import check_token, hand_over_failure
 from app.middleware import HeaderLimitMiddleware, request_id_from, security_headers
 from app.policy import must_consent
 from app.privacy import visitor_set_cookie
@@ -76,7 +76,8 @@ class _Request:
                 if self.host is None:
                     self.host = value
             elif name == b"content-length":
-                self.content_length = value
+                if self.content_length is None:
+                    self.content_length = value
             elif name == b"transfer-encoding" or (cors and name == b"origin"):
                 self.fall_back = True  # chunked bodies, CORS: the full stack's business
         if total > HeaderLimitMiddleware.MAX_HEADER_BYTES:
@@ -101,6 +102,8 @@ class FastPath:
         self.service_keys = [k.get_secret_value().encode() for k in settings.service_keys]
         self.secure_headers = security_headers(hsts=settings.cookie_secure)
         self.visitor_cookie = visitor_set_cookie(settings)
+        # The privacy middleware's Vary, to which Starlette's CORS middleware adds Origin.
+        self.vary = b"DNT, Sec-GPC, Origin" if self.cors else b"DNT, Sec-GPC"
         metrics = t.metrics
         self.me_requests = metrics.requests.labels("GET", ME_PATH, "200")
         self.me_latency = metrics.latency.labels("GET", ME_PATH)
@@ -123,10 +126,14 @@ class FastPath:
     async def _me(self, scope: Scope, receive: Receive, send: Send, full: ASGICall,
                   request: _Request, start: float) -> None:
         token = request.bearer()
+        if request.content_length not in (None, b"0"):
+            await full(scope, receive, send)  # a body on a GET: the body limit's business
+            return
         try:
             found = await check_token(self.t, token) if token else None
-        except Exception:  # a store fails: the full stack meets it again and answers 503
+        except Exception as exc:  # a store failed: the full stack answers 503 `unavailable`
             found = None
+            hand_over_failure(scope, exc)
         if found is None or found[2] is None or not found[2]["is_active"]:
             await full(scope, receive, send)  # 401, or the profile is loaded there
             return
@@ -149,6 +156,8 @@ class FastPath:
             await full(scope, receive, send)  # 401 invalid_client, 400, 413
             return
         body, messages = await _read_body(receive)
+        if messages[-1]["type"] == "http.disconnect":
+            return  # the client left mid-body: nobody to answer
         answer: dict[str, Any] | None = {"active": False}
         try:
             fields = parse_qs(body.decode(), max_num_fields=4)
@@ -158,8 +167,9 @@ class FastPath:
             token = fields.get("token", [""])[0]
             try:
                 answer = await self._introspection(token)
-            except Exception:  # a store fails: the full stack meets it again and answers 503
+            except Exception as exc:  # a store failed: the full stack answers 503 `unavailable`
                 answer = None
+                hand_over_failure(scope, exc)
         if answer is None:
             await full(scope, _replay(messages, receive), send)
             return
@@ -210,7 +220,7 @@ class FastPath:
             (b"cache-control", b"no-store"),
             (b"content-length", str(len(body)).encode()),
             (b"content-type", b"application/json"),
-            (b"vary", b"DNT, Sec-GPC"),
+            (b"vary", self.vary),
             (b"tk", b"T" if tracked else b"N"),
         ]
         if tracked and not request.has_visitor:

@@ -67,7 +67,10 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
                 token_key=derive_key(secret, b"token-hash"),
                 limiter=AttemptLimiter(redis, derive_key(secret, b"rate-limit")),
                 profiles=ProfileCache(redis), embedded_redis=embedded)
-            if settings.fast_path:
+            # With OpenTelemetry configured when tessera starts, FastAPI traces every request:
+            # the fast path steps aside so these two keep their spans and metrics.
+            telemetry = getattr(app, "_native_telemetry", None)
+            if settings.fast_path and not (telemetry is not None and telemetry.enabled()):
                 app.fast_path = FastPath(app.state.tessera)
             usage.start()
             yield

@@ -27,6 +27,9 @@ log = logging.getLogger("tessera.usage")
 
 # Past this many unwritten events (the database being down for long) the oldest are dropped.
 MAX_BUFFERED = 200_000
+# Events of a forgotten (deleted, erased) user are not recorded for this long afterwards.
+FORGET_SECONDS = 300.0
+STOP_TIMEOUT_SECONDS = 10.0
 
 # An event as buffered: (user_id, at as epoch seconds, ip, method, path, host, status, bytes).
 Event = tuple[str, float, str | None, str, str, str | None, int, int]
@@ -81,32 +84,50 @@ class UsageRecorder:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._forgotten: dict[str, float] = {}  # user id -> when forgotten (monotonic)
+        self._stopping = False
 
     def record(self, *, user_id: str, ip: str | None, method: str, path: str,
                host: str | None, status: int, nbytes: int) -> None:
         """Called on the request path: appends to memory only."""
+        if user_id in self._forgotten:
+            return
         self._buffer.append((user_id, time.time(), ip, method[:16], _clean(path, 512),
                              _clean(host, 255) if host else None, status, nbytes))
         if len(self._buffer) >= self._flush_events:
             self._wake.set()
 
-    def forget(self, user_id: str) -> None:
-        """Drop unwritten events of a user whose account is being deleted."""
-        self._buffer = [e for e in self._buffer if e[0] != user_id]
+    async def forget(self, user_id: str) -> None:
+        """Drop unwritten events of a user whose account is being deleted or erased, wait for
+        a flush in flight (it may carry theirs), and record none of theirs for a while (a
+        request of theirs still being served): call it before deleting their stored log."""
+        now = time.monotonic()
+        self._forgotten = {u: at for u, at in self._forgotten.items()
+                           if now - at < FORGET_SECONDS}
+        self._forgotten[user_id] = now
+        async with self._lock:  # a flush in flight writes before the caller deletes
+            self._buffer = [e for e in self._buffer if e[0] != user_id]
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="tessera-usage-flusher")
 
     async def stop(self) -> None:
+        """The flusher ends after its current flush (never cancelled mid-write, which would
+        lose its batch); then whatever is left is written."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stopping = True
+            self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), STOP_TIMEOUT_SECONDS)
+            except Exception:  # stuck on a dead database: give up on it
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
             self._task = None
         await self.flush()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._flush_seconds)
             self._wake.clear()
@@ -118,6 +139,8 @@ class UsageRecorder:
     async def flush(self) -> int:
         async with self._lock:
             batch, self._buffer = self._buffer, []
+            if self._forgotten:
+                batch = [e for e in batch if e[0] not in self._forgotten]
             if not batch:
                 return 0
             segments = segments_of(batch)
@@ -179,7 +202,7 @@ async def purge_usage(db: AsyncSession, retention_days: int) -> int:
             continue
         segment.events = json.dumps(kept, separators=(",", ":"))
         segment.count = len(kept)
-        segment.first_at = _at(kept[0][0])
+        segment.first_at = _at(min(e[0] for e in kept))
         db.add(segment)
     await db.commit()
     return purged

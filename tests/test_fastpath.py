@@ -6,6 +6,7 @@ Also: the batched Redis read (app/redis.py ReadBatcher) hands each request its o
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,11 +14,13 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.profiles import profile_key
 from app.redis import ReadBatcher
 from tests.conftest import (
     SERVICE_KEY,
+    assert_problem,
     bearer,
     client_for,
     registered_token,
@@ -226,3 +229,57 @@ async def test_read_batcher_splits_results_and_survives_a_cancelled_waiter(apps)
     many = await asyncio.gather(*(batcher.mget(["fp:a", "fp:c"])
                                   for _ in range(ReadBatcher.MAX_KEYS)))
     assert many == [["1", "3"]] * ReadBatcher.MAX_KEYS
+
+
+async def test_bodies_and_bad_tokens_on_get_me_answer_alike(clients, apps) -> None:
+    _, token = await registered_token(clients[0])
+    auth = bearer(token)
+    await clients[0].get("/me", headers=auth)
+    too_big = await both(clients, apps, "GET", "/me", headers=auth, content=b"x" * 70000,
+                         fast=False)
+    assert too_big.status_code == 413
+    assert (await both(clients, apps, "GET", "/me", headers={**auth, "Content-Length": "abc"},
+                       fast=False)).status_code == 400
+    # Deeply nested JSON in the token's payload: 401 (and inactive), never a 500.
+    payload = base64.urlsafe_b64encode(b"[" * 3000).rstrip(b"=").decode()
+    nested = f"eyJhbGciOiJFZERTQSJ9.{payload}.c2ln"
+    assert (await both(clients, apps, "GET", "/me", headers=bearer(nested),
+                       fast=False)).status_code == 401
+    inactive = await both(clients, apps, "POST", "/auth/introspect", data={"token": nested},
+                          headers=SERVICE, fast=True)
+    assert inactive.json() == {"active": False}
+
+
+async def test_with_cors_configured_both_paths_vary_on_origin(base_settings) -> None:
+    cors = {**base_settings, "cors_origins": ["https://app.example"]}
+    async with running_app(**cors) as fast, running_app(**cors, fast_path=False) as full, \
+            client_for(fast) as on_fast, client_for(full) as on_full:
+        _, token = await registered_token(on_fast)
+        await on_fast.get("/me", headers=bearer(token))
+        response = await both((on_fast, on_full), (fast, full), "GET", "/me",
+                              headers=bearer(token), fast=True)
+        assert response.headers["vary"] == "DNT, Sec-GPC, Origin"
+        await both((on_fast, on_full), (fast, full), "GET", "/me", fast=False,
+                   headers={**bearer(token), "Origin": "https://app.example"})
+
+
+async def test_a_failing_store_is_tried_once_and_answered_503(clients, apps) -> None:
+    _, token = await registered_token(clients[0])
+    await clients[0].get("/me", headers=bearer(token))
+    reads = apps[0].state.tessera.sessions.reads
+    calls: list[list[str]] = []
+
+    async def failing_mget(keys: list[str]) -> Any:  # Redis refusing, as a dead server does
+        calls.append(keys)
+        raise RedisConnectionError("connection refused")
+
+    reads.mget = failing_mget
+    try:
+        assert_problem(await clients[0].get("/me", headers=bearer(token)), 503, "unavailable")
+        assert len(calls) == 1  # the full stack raised the fast path's error, no second read
+        assert_problem(await clients[0].post("/auth/introspect", data={"token": token},
+                                             headers=SERVICE), 503, "unavailable")
+        assert len(calls) == 2
+    finally:
+        del reads.mget
+    assert (await clients[0].get("/me", headers=bearer(token))).status_code == 200

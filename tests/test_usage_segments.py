@@ -117,3 +117,31 @@ async def _execute(url: str, *statements: Any, autocommit: bool = False) -> list
     finally:
         await engine.dispose()
     return rows
+
+
+async def test_forget_waits_for_a_flush_in_flight_and_drops_later_events(app: FastAPI) -> None:
+    usage = app.state.tessera.usage
+    async with client_for(app) as client:
+        user, token = await registered_token(client)
+        await client.get("/me", headers=bearer(token))
+        flushing = asyncio.ensure_future(usage.flush())
+        await asyncio.sleep(0)  # the flush has taken the batch and is writing it
+        await usage.forget(user["id"])
+        assert flushing.done()  # so the caller's delete comes after that write
+        await client.get("/me", headers=bearer(token))  # still being served: not recorded
+        assert all(e[0] != user["id"] for e in usage._buffer)
+
+
+async def test_stop_writes_the_batch_of_a_flush_in_flight(app: FastAPI) -> None:
+    from app.usage import UsageRecorder
+
+    async with client_for(app) as client:
+        user, _ = await registered_token(client)
+    recorder = UsageRecorder(app.state.tessera.db_factory, flush_events=1, flush_seconds=60)
+    recorder.start()
+    for _ in range(5):
+        recorder.record(user_id=user["id"], ip="192.0.2.9", method="GET", path="/me",
+                        host="h", status=200, nbytes=1)
+    await asyncio.sleep(0)  # the flusher wakes and starts writing
+    await recorder.stop()
+    assert sum(s.count for s in await segments_of(app, user["id"])) == 5

@@ -5,12 +5,13 @@ Revises: 0001
 Create Date: 2026-12-01
 
 Every event of `usage_events` moves into `usage_segments` (per user, in order, at most 1000
-events per segment); nothing is dropped. The downgrade moves them back.
+events per segment); nothing is dropped. The downgrade moves them back. Stop the instances
+running the previous version first: once the old table is gone, the events they still
+buffer can no longer be written (on PostgreSQL the table is locked while it is moved).
 """
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from itertools import groupby
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,6 +24,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 EVENTS_PER_SEGMENT = 1000
+PAGE_ROWS = 20000
 
 _events = sa.table(
     "usage_events", sa.column("id", sa.Integer), sa.column("user_id", sa.String),
@@ -84,20 +86,29 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_usage_segments_user_id'), ['user_id'], unique=False)
 
     bind = op.get_bind()
-    rows = bind.execute(sa.select(_events).order_by(_events.c.user_id, _events.c.at,
-                                                    _events.c.id)).all()
-    segments: list[dict[str, Any]] = []
-    for user_id, group in groupby(rows, key=lambda row: row.user_id):
-        events = [[_epoch(r.at), r.ip, r.method, r.path, r.host, r.status, r.bytes]
-                  for r in group]
-        for start in range(0, len(events), EVENTS_PER_SEGMENT):
-            chunk = events[start:start + EVENTS_PER_SEGMENT]
-            segments.append({
-                "user_id": user_id, "count": len(chunk),
-                "first_at": datetime.fromtimestamp(chunk[0][0], UTC),
-                "last_at": datetime.fromtimestamp(chunk[-1][0], UTC),
-                "events": json.dumps(chunk, separators=(",", ":"))})
-    if segments:
+    if bind.dialect.name == "postgresql":  # no instance may add rows while they are moved
+        op.execute("LOCK TABLE usage_events IN EXCLUSIVE MODE")
+    last_id = 0
+    while True:  # in pages by id, so a large log never has to fit in memory at once
+        rows = bind.execute(sa.select(_events).where(_events.c.id > last_id)
+                            .order_by(_events.c.id).limit(PAGE_ROWS)).all()
+        if not rows:
+            break
+        last_id = rows[-1].id
+        by_user: dict[str, list[list[Any]]] = {}
+        for r in rows:
+            by_user.setdefault(r.user_id, []).append(
+                [_epoch(r.at), r.ip, r.method, r.path, r.host, r.status, r.bytes])
+        segments: list[dict[str, Any]] = []
+        for user_id, events in by_user.items():
+            events.sort(key=lambda e: e[0])
+            for start in range(0, len(events), EVENTS_PER_SEGMENT):
+                chunk = events[start:start + EVENTS_PER_SEGMENT]
+                segments.append({
+                    "user_id": user_id, "count": len(chunk),
+                    "first_at": datetime.fromtimestamp(chunk[0][0], UTC),
+                    "last_at": datetime.fromtimestamp(chunk[-1][0], UTC),
+                    "events": json.dumps(chunk, separators=(",", ":"))})
         op.bulk_insert(_segments, segments)
     _drop_events_table()
 

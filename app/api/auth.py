@@ -21,6 +21,7 @@ from app.api.deps import (
     TesseraDep,
     csrf_token_for,
     lookup_token,
+    raise_handed_over,
 )
 from app.api.schemas import LoginJSON, RegisterIn, SessionOut, TokenOut, UserOut
 from app.errors import Problem, problem_doc, problem_responses
@@ -250,6 +251,7 @@ async def introspect(request: Request, t: TesseraDep) -> JSONResponse:
     token = fields.get("token", [""])[0]
     if len(token) > 4096:
         return JSONResponse({"active": False}, headers=NO_STORE)
+    raise_handed_over(request)
     principal = await lookup_token(t, token)
     if principal is None or principal.profile is None or principal.claims is None:
         return JSONResponse({"active": False}, headers=NO_STORE)

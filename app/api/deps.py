@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -85,6 +85,21 @@ def check_csrf(request: Request, t: Tessera, sid: str) -> None:
         raise Problem(403, "csrf_failed", "The X-CSRF-Token header must match the csrf cookie.")
 
 
+_FAILURE = "tessera.failure"
+
+
+def hand_over_failure(scope: MutableMapping[str, Any], exc: Exception) -> None:
+    """The fast path met a failing store: the full stack raises this again where it would
+    have met it (`raise_handed_over`), and answers as ever (503), without a second try."""
+    scope[_FAILURE] = exc
+
+
+def raise_handed_over(request: Request) -> None:
+    exc = request.scope.pop(_FAILURE, None)
+    if exc is not None:
+        raise exc
+
+
 async def check_token(t: Tessera, token: str) -> tuple[
         UnverifiedClaims, SessionRecord, dict[str, Any] | None] | None:
     """The one token check (routes, introspection, app/fastpath.py): a well-formed token
@@ -120,6 +135,7 @@ async def resolve_principal(request: Request, t: Tessera) -> Principal | None:
     token, via_cookie = _presented_token(request, t)
     if token is None:
         return None
+    raise_handed_over(request)
     principal = await lookup_token(t, token)
     if principal is None:
         return None

@@ -75,7 +75,7 @@ def peek_claims(token: str) -> UnverifiedClaims | None:
     try:
         payload_b64 = token.split(".")[1]
         payload = json.loads(base64.urlsafe_b64decode(payload_b64 + "=" * (-len(payload_b64) % 4)))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[…" JSON
         return None
     if not isinstance(payload, dict):
         return None
