@@ -76,6 +76,9 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
             yield
         finally:
             app.fast_path = None
+            started = getattr(app.state, "tessera", None)
+            if started is not None:
+                started.hasher.close()
             await revocations.close_revocation_hub(app)  # end open feeds and the subscription
             await usage.stop()
             await redis.aclose()

@@ -159,3 +159,25 @@ async def test_openapi_authorize_button_uses_the_password_flow(client) -> None:
                for method, op in ops.items() if op.get("security")}
     assert {("/me", "get"), ("/auth/sessions", "get"), ("/admin/users", "get")} <= secured
     assert ("/auth/login", "post") not in secured and ("/policy", "get") not in secured
+
+
+async def test_password_hashing_runs_in_lower_priority_threads() -> None:
+    import os
+    import sys
+    import threading
+
+    from app.security.passwords import HASH_THREAD_NICE, PasswordHasher
+
+    hasher = PasswordHasher(4)
+    try:
+        seen = await hasher._run(lambda: (threading.current_thread().name,
+                                          os.getpriority(os.PRIO_PROCESS,
+                                                         threading.get_native_id())))
+        assert seen[0].startswith("tessera-hash")
+        if sys.platform == "linux":  # per-thread nice values are Linux's
+            assert seen[1] == os.getpriority(os.PRIO_PROCESS, 0) + HASH_THREAD_NICE \
+                or seen[1] == 19
+        ok, _ = await hasher.verify("a password!", hasher._context.hash("a password!"))
+        assert ok
+    finally:
+        hasher.close()

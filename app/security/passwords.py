@@ -2,13 +2,44 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import sys
+import threading
 import unicodedata
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
-import anyio.to_thread
 from passlib.context import CryptContext
+
+log = logging.getLogger("tessera.passwords")
+T = TypeVar("T")
 
 MIN_LENGTH = 8
 MAX_LENGTH = 256
+# bcrypt runs in threads of their own at this nice value (Linux: per thread). When logins and
+# token checks contend for a core, the event loop gets ~3/4 of it rather than half, so a
+# login flood slows the session checks every other service depends on less; an idle loop
+# leaves the hashing threads the whole core (docs/performance.md, "mixed").
+HASH_THREAD_NICE = 5
+
+
+def _lower_priority() -> None:
+    if sys.platform == "linux":
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_THREAD_NICE)
+        except OSError:  # not allowed here: run at the normal priority
+            log.warning("could not lower the password-hashing threads' priority")
+
+
+def _hash_threads() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(4, 2 * cores)  # CPU-bound: more would only take turns
 
 
 def normalise_password(raw: str) -> str:
@@ -34,16 +65,24 @@ class PasswordHasher:
         )
         # Verified against when the email is unknown, so that costs what a wrong password does.
         self._dummy_hash = self._context.hash("tessera-timing-equaliser")
+        self._threads = ThreadPoolExecutor(_hash_threads(), thread_name_prefix="tessera-hash",
+                                           initializer=_lower_priority)
+
+    async def _run(self, fn: Callable[..., T], *args: str) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def hash(self, password: str) -> str:
-        return await anyio.to_thread.run_sync(self._context.hash, password)
+        return await self._run(self._context.hash, password)
 
     async def verify(self, password: str, stored_hash: str | None) -> tuple[bool, str | None]:
         """(ok, new_hash): new_hash is set when the stored hash should be upgraded."""
         if stored_hash is None:
-            await anyio.to_thread.run_sync(self._context.verify, password, self._dummy_hash)
+            await self._run(self._context.verify, password, self._dummy_hash)
             return False, None
-        return await anyio.to_thread.run_sync(self._verify_and_update, password, stored_hash)
+        return await self._run(self._verify_and_update, password, stored_hash)
 
     def _verify_and_update(self, password: str, stored_hash: str) -> tuple[bool, str | None]:
         try:
