@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import os
 import re
 import secrets
 
@@ -19,6 +20,15 @@ _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # system call per request); an id correlates logs, it is no secret.
 _REQUEST_ID_PREFIX = secrets.token_hex(4)
 _request_ids = itertools.count(1)
+
+
+def _new_prefix_after_fork() -> None:  # a forked worker must not repeat its parent's ids
+    global _REQUEST_ID_PREFIX, _request_ids
+    _REQUEST_ID_PREFIX = secrets.token_hex(4)
+    _request_ids = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_prefix_after_fork)
 
 
 def request_id_from(presented: bytes | None) -> str:

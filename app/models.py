@@ -93,10 +93,10 @@ class PrivacyRequest(SQLModel, table=True):
 
 class UsageSegment(SQLModel, table=True):
     """One user's usage events (P4) written together: one row per user per flush of the log,
-    the events as a JSON array of `[at (epoch seconds), ip, method, path, host, status,
-    bytes]`, one per request by a user for whom tracking is allowed. Written in bulk at the
-    request rate, this costs one row per user and flush rather than one per request (that
-    write was 15-18 % of GET /me's throughput; docs/performance.md)."""
+    the events as a JSON array of `[at (microseconds since the epoch), ip, method, path,
+    host, status, bytes]`, one per request by a user for whom tracking is allowed. Written
+    at the request rate, this costs one row per user and flush rather than one per request
+    (docs/performance.md)."""
 
     __tablename__ = "usage_segments"
 

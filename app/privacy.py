@@ -67,19 +67,19 @@ def _cookie_name(set_cookie: str) -> str:
 class _VisitorIds:
     """Visitor ids (18 random bytes, 24 base64url characters) made 256 at a time from one
     os.urandom draw: one system call and one encoding per 256 responses instead of one each.
-    Drawn again after a fork, so two processes never hand out the same ids."""
+    A forked child starts with none (`os.register_at_fork`), so two processes never hand out
+    the same ids."""
 
     BATCH = 256
 
     def __init__(self) -> None:
-        self._pid = -1
         self._ids: list[bytes] = []
+        os.register_at_fork(after_in_child=self._ids.clear)
 
     def next(self) -> bytes:
-        if not self._ids or self._pid != os.getpid():
+        if not self._ids:
             encoded = base64.urlsafe_b64encode(os.urandom(18 * self.BATCH))
-            self._pid = os.getpid()
-            self._ids = [encoded[i:i + 24] for i in range(0, len(encoded), 24)]
+            self._ids.extend(encoded[i:i + 24] for i in range(0, len(encoded), 24))
         return self._ids.pop()
 
 

@@ -283,3 +283,22 @@ async def test_a_failing_store_is_tried_once_and_answered_503(clients, apps) -> 
     finally:
         del reads.mget
     assert (await clients[0].get("/me", headers=bearer(token))).status_code == 200
+
+
+def test_a_forked_worker_makes_its_own_visitor_and_request_ids() -> None:
+    import os
+
+    from app.middleware import request_id_from
+    from app.privacy import _visitor_ids
+
+    mine = _visitor_ids.next(), request_id_from(None)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: what it would hand out next
+        os.write(write, _visitor_ids.next() + b" " + request_id_from(None).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_visitor, child_request = os.read(read, 200).split()
+    assert child_visitor != _visitor_ids.next()  # not the parent's next one
+    assert child_request[:8] != mine[1][:8].encode()  # another prefix
+    assert len(mine[0]) == 24 and mine[0] != child_visitor

@@ -23,6 +23,10 @@ from app.usage import purge_usage
 from tests.conftest import bearer, client_for, registered_token
 
 
+def micros(value: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=value)
+
+
 async def segments_of(app: FastAPI, user_id: str) -> list[UsageSegment]:
     async with app.state.tessera.db_factory() as db:
         return list((await db.exec(select(UsageSegment).where(UsageSegment.user_id == user_id)
@@ -49,22 +53,20 @@ async def test_purge_cuts_a_segment_at_the_cutoff(app: FastAPI) -> None:
     async with client_for(app) as client:
         user, token = await registered_token(client)
         await app.state.tessera.usage.flush()
-        now = time.time()
-        old, new = now - 91 * 86400, now - 89 * 86400
+        now = time.time_ns() // 1000
+        old, new = now - 91 * 86400 * 10**6, now - 89 * 86400 * 10**6
         events = [[old, "10.0.0.1", "GET", "/me", "h", 200, 10],
                   [new, "10.0.0.2", "GET", "/me", "h", 200, 20]]
         async with app.state.tessera.db_factory() as db:
             db.add(UsageSegment(user_id=user["id"], count=2, events=json.dumps(events),
-                                first_at=datetime.fromtimestamp(old, UTC),
-                                last_at=datetime.fromtimestamp(new, UTC)))
+                                first_at=micros(old), last_at=micros(new)))
             db.add(UsageSegment(user_id=user["id"], count=1, events=json.dumps(events[:1]),
-                                first_at=datetime.fromtimestamp(old, UTC),
-                                last_at=datetime.fromtimestamp(old, UTC)))
+                                first_at=micros(old), last_at=micros(old)))
             await db.commit()
             assert await purge_usage(db, 90) == 2  # the old event of each segment
         (left,) = await segments_of(app, user["id"])
         assert left.count == 1 and json.loads(left.events) == events[1:]
-        assert abs(left.first_at.replace(tzinfo=UTC).timestamp() - new) < 1e-3
+        assert left.first_at.replace(tzinfo=UTC) == micros(new)
         export = (await client.get("/me/export", headers={**bearer(token), "DNT": "1"})).json()
         assert [(e["ip"], e["bytes"]) for e in export["usage_log"]] == [("10.0.0.2", 20)]
 
@@ -94,7 +96,8 @@ def test_migration_0002_moves_every_event_into_segments(tmp_path: Path,
     assert [s[0] for s in segments] == [1000, 203]
     events = [e for s in segments for e in json.loads(s[1])]
     assert [e[6] for e in events] == list(range(1203))
-    assert events[0] == [start.timestamp(), "192.0.2.1", "GET", "/me", "api.example", 200, 0]
+    assert events[0] == [int(start.timestamp()) * 10**6, "192.0.2.1", "GET", "/me",
+                         "api.example", 200, 0]
 
     command.downgrade(alembic_config(url), "0001")  # and back, losing nothing either
     back = asyncio.run(_execute(url, "SELECT bytes FROM usage_events ORDER BY at"))

@@ -5,13 +5,11 @@ Revises:
 Create Date: 2026-11-25
 """
 from collections.abc import Sequence
-
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
 import sqlmodel
 from alembic import op
-
 
 revision: str = '0001'
 down_revision: str | None = None

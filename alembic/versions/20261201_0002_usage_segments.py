@@ -11,7 +11,7 @@ buffer can no longer be written (on PostgreSQL the table is locked while it is m
 """
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -38,9 +38,17 @@ _segments = sa.table(
     sa.column("events", sa.Text))
 
 
-def _epoch(value: datetime) -> float:
-    # SQLite hands datetimes back naive: they were written as UTC.
-    return (value.replace(tzinfo=UTC) if value.tzinfo is None else value).timestamp()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(value: datetime) -> int:
+    """Microseconds since the epoch. SQLite hands datetimes back naive: written as UTC."""
+    aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    return (aware - _EPOCH) // timedelta(microseconds=1)
+
+
+def _at(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
 
 
 def _create_events_table() -> None:
@@ -98,7 +106,7 @@ def upgrade() -> None:
         by_user: dict[str, list[list[Any]]] = {}
         for r in rows:
             by_user.setdefault(r.user_id, []).append(
-                [_epoch(r.at), r.ip, r.method, r.path, r.host, r.status, r.bytes])
+                [_micros(r.at), r.ip, r.method, r.path, r.host, r.status, r.bytes])
         segments: list[dict[str, Any]] = []
         for user_id, events in by_user.items():
             events.sort(key=lambda e: e[0])
@@ -106,8 +114,7 @@ def upgrade() -> None:
                 chunk = events[start:start + EVENTS_PER_SEGMENT]
                 segments.append({
                     "user_id": user_id, "count": len(chunk),
-                    "first_at": datetime.fromtimestamp(chunk[0][0], UTC),
-                    "last_at": datetime.fromtimestamp(chunk[-1][0], UTC),
+                    "first_at": _at(chunk[0][0]), "last_at": _at(chunk[-1][0]),
                     "events": json.dumps(chunk, separators=(",", ":"))})
         op.bulk_insert(_segments, segments)
     _drop_events_table()
@@ -117,7 +124,7 @@ def downgrade() -> None:
     _create_events_table()
     bind = op.get_bind()
     rows = bind.execute(sa.select(_segments)).all()
-    events = [{"user_id": row.user_id, "at": datetime.fromtimestamp(e[0], UTC), "ip": e[1],
+    events = [{"user_id": row.user_id, "at": _at(e[0]), "ip": e[1],
                "method": e[2], "path": e[3], "host": e[4], "status": e[5], "bytes": e[6]}
               for row in rows for e in json.loads(row.events)]
     if events:
