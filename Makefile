@@ -46,7 +46,7 @@ lint: install
 	$(BIN)/mypy app tessera_verify
 
 # Load test (bench/run.sh; docs/performance.md): tessera serve pinned to CPU 0 with its own
-# Redis, wrk on CPU 1; ~12 min. Needs 2 CPUs and wrk (apt-get install -y wrk). Results in
+# Redis, wrk on CPU 1; ~16 min. Needs 2 CPUs and wrk (apt-get install -y wrk). Results in
 # bench/.run/results.md. Knobs: DURATION, RUNS, CONNS, SHARED=0, BENCH_DATABASE_URL, ...
 bench: install
 	@$(BIN)/python -m pip install -q py-spy || echo "no py-spy: the run will have no profile"
