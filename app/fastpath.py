@@ -27,8 +27,7 @@ from starlette.types import Message, Receive, Scope, Send
 from app.api.deps import check_token, hand_over_failure
 from app.middleware import HeaderLimitMiddleware, request_id_from, security_headers
 from app.policy import must_consent
-from app.privacy import visitor_set_cookie
-from app.settings import VISITOR_COOKIE
+from app.privacy import OPT_OUT_HEADERS, carries_visitor, opts_out, visitor_set_cookie
 from app.state import Tessera
 
 ASGICall = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -37,7 +36,6 @@ ME_PATH = "/me"
 INTROSPECT_PATH = "/auth/introspect"
 FAST_PATHS = frozenset({ME_PATH, INTROSPECT_PATH})
 
-_VISITOR_PREFIX = VISITOR_COOKIE.encode() + b"="
 _MAX_TOKEN_LENGTH = 4096
 
 
@@ -64,13 +62,13 @@ class _Request:
             elif name == b"x-request-id":
                 if self.request_id is None:
                     self.request_id = value
-            elif name == b"dnt" or name == b"sec-gpc":
-                if value.strip() == b"1":
+            elif name in OPT_OUT_HEADERS:
+                if opts_out(name, value):
                     self.opted_out = True
             elif name == b"cookie":
                 if len(value) > HeaderLimitMiddleware.MAX_COOKIE_BYTES:
                     self.fall_back = True
-                elif any(part.strip().startswith(_VISITOR_PREFIX) for part in value.split(b";")):
+                elif carries_visitor(value):
                     self.has_visitor = True
             elif name == b"host":
                 if self.host is None:

@@ -43,21 +43,27 @@ def attribute_usage(scope: Scope, user_id: str) -> None:
     _state(scope)[_USAGE_USER] = user_id
 
 
+OPT_OUT_HEADERS = (b"dnt", b"sec-gpc")  # `DNT: 1`, `Sec-GPC: 1`
+_VISITOR_PREFIX = VISITOR_COOKIE.encode() + b"="
+
+
+def opts_out(name: bytes, value: bytes) -> bool:
+    """Whether this request header says Do-Not-Track or Global Privacy Control."""
+    return name in OPT_OUT_HEADERS and value.strip() == b"1"
+
+
+def carries_visitor(cookie_header: bytes) -> bool:
+    """Whether a Cookie header holds the visitor cookie. Names only: no unquoting of values
+    (see HeaderLimitMiddleware)."""
+    return any(part.strip().startswith(_VISITOR_PREFIX) for part in cookie_header.split(b";"))
+
+
 def _opted_out(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name in (b"dnt", b"sec-gpc") and value.strip() == b"1":
-            return True
-    return False
+    return any(opts_out(name, value) for name, value in headers)
 
 
 def _has_visitor_cookie(headers: list[tuple[bytes, bytes]]) -> bool:
-    # Compare names only: no unquoting of values (see HeaderLimitMiddleware).
-    prefix = VISITOR_COOKIE.encode() + b"="
-    for name, value in headers:
-        if name == b"cookie" and any(part.strip().startswith(prefix)
-                                     for part in value.split(b";")):
-            return True
-    return False
+    return any(name == b"cookie" and carries_visitor(value) for name, value in headers)
 
 
 def _cookie_name(set_cookie: str) -> str:
