@@ -1,13 +1,18 @@
 # tessera: one image, configured entirely by TESSERA_* environment variables.
-FROM python:3.12-slim AS base
+# Built from the wheel, as a user installs it: the migrations ship inside the package.
+FROM python:3.12-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md LICENSE ./
+COPY src ./src
+RUN pip wheel --no-deps -w /wheels .
+
+FROM python:3.12-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-WORKDIR /srv/tessera
 RUN useradd --system --uid 10001 --home-dir /srv/tessera tessera
-COPY pyproject.toml README.md alembic.ini ./
-COPY alembic ./alembic
-COPY app ./app
-COPY tessera_verify ./tessera_verify
-RUN pip install -e . && mkdir -p /srv/tessera/data && chown tessera /srv/tessera/data
+COPY --from=build /wheels /wheels
+RUN pip install /wheels/*.whl && rm -rf /wheels && mkdir -p /srv/tessera/data \
+    && chown tessera /srv/tessera/data
+WORKDIR /srv/tessera
 USER tessera
 ENV TESSERA_DATA_DIR=/srv/tessera/data
 EXPOSE 8000

@@ -12,11 +12,11 @@ PORT ?= 8000
 
 .PHONY: install run test demo bench lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml verify/pyproject.toml
 	@test -n "$(PYTHON)" || { echo "tessera needs Python 3.11 or newer on PATH"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ./verify'[fastapi]' -e '.[test]'
 	@touch $@
 
 install: $(STAMP)
@@ -42,8 +42,8 @@ demo: install
 
 lint: install
 	$(BIN)/python -m pip install -q --disable-pip-version-check "ruff==0.17.6" "mypy==2.4.1"
-	$(BIN)/ruff check app tests tessera_verify
-	$(BIN)/mypy app tessera_verify
+	$(BIN)/ruff check src tests verify
+	$(BIN)/mypy src verify/tessera_verify
 
 # Load test (bench/run.sh; docs/performance.md): tessera serve pinned to CPU 0 with its own
 # Redis, wrk on CPU 1; ~16 min. Needs 2 CPUs and wrk (apt-get install -y wrk). Results in

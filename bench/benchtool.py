@@ -387,8 +387,8 @@ def cmd_mean_rps(a):
 
 def cmd_mint(a):
     """Open COUNT live sessions through tessera's own code, on the same database, Redis and
-    secret as the server (same TESSERA_* environment): app.main.create_app()'s lifespan, then
-    app.accounts.register_user() for fresh users and app.accounts.open_session() (what login
+    secret as the server (same TESSERA_* environment): tessera.main.create_app()'s lifespan, then
+    tessera.domain.accounts.register_user() for fresh users and tessera.domain.accounts.open_session() (what login
     does after the password check) PER_USER times each, below tessera's cap on sessions per
     user. Only the logout scenario needs this: a login costs a bcrypt verify (~4/s per core),
     so real logins cannot supply thousands of sessions per run. The users get one real
@@ -397,8 +397,8 @@ def cmd_mint(a):
     import secrets as _secrets
 
     async def main() -> list[str]:
-        from app import accounts
-        from app.main import create_app
+        from tessera.domain import accounts
+        from tessera.main import create_app
 
         app = create_app()
         tokens: list[str] = []

@@ -45,7 +45,7 @@ die() { printf 'bench/run.sh: %s\n' "$*" >&2; exit 1; }
 # ---------------------------------------------------------------- checks --
 command -v wrk >/dev/null || die "wrk not found: install it with  apt-get install -y wrk"
 command -v taskset >/dev/null || die "taskset not found: apt-get install -y util-linux"
-[ -x "$PY" ] && "$PY" -c 'import app.main' 2>/dev/null \
+[ -x "$PY" ] && "$PY" -c 'import tessera.main' 2>/dev/null \
   || die "no Python with tessera installed at $PY: run  make install  (or set VENV=/path/to/venv)"
 [ -x "$TESSERA" ] || die "no tessera command at $TESSERA"
 PIN_S="taskset -c $SERVER_CPU"; PIN_L="taskset -c $LOAD_CPU"

@@ -20,10 +20,10 @@ import pytest
 import redis as sync_redis
 from fastapi import FastAPI
 
-from app import migrate
-from app.embedded import EmbeddedRedis
-from app.main import create_app
-from app.settings import Settings
+from tessera.config import Settings
+from tessera.main import create_app
+from tessera.ops import migrate
+from tessera.ops.embedded import EmbeddedRedis
 
 PASSWORD = "correct horse battery staple"
 SERVICE_KEY = "test-service-key-" + "x" * 24
@@ -49,7 +49,7 @@ def redis_url(data_dir: Path) -> Iterator[str]:
 def _reset_postgres(url: str) -> None:
     import sqlalchemy as sa
 
-    from app.settings import normalise_database_url
+    from tessera.config import normalise_database_url
 
     async def run() -> None:
         from sqlalchemy.ext.asyncio import create_async_engine

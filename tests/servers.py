@@ -22,9 +22,9 @@ from typing import Any
 import httpx
 import redis as sync_redis
 
-from app.embedded import redis_server_binary
-from app.security.secret import load_or_create_secret
-from app.settings import Settings
+from tessera.config import Settings
+from tessera.ops.embedded import redis_server_binary
+from tessera.security.secret import load_or_create_secret
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -90,7 +90,7 @@ def tessera_env(*, database_url: str, redis_url: str, secret: str, data_dir: Pat
 
 def run_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """`tessera <args>` in a subprocess; raises with its output if it fails."""
-    done = subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "tessera.ops.cli", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise AssertionError(f"tessera {' '.join(args)} failed ({done.returncode}):\n"
@@ -99,7 +99,7 @@ def run_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess
 
 
 def serve_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "app.cli", "serve", "--host", LOOPBACK, "--port", str(port)]
+    return [sys.executable, "-m", "tessera.ops.cli", "serve", "--host", LOOPBACK, "--port", str(port)]
 
 
 @dataclass

@@ -126,7 +126,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory, chromium_path: str) -> Ite
         log = work / "tessera.log"
         with log.open("wb") as log_file:
             tessera = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1",
+                [sys.executable, "-m", "tessera.ops.cli", "serve", "--host", "127.0.0.1",
                  "--port", api.rsplit(":", 1)[1]],
                 cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
                 stderr=subprocess.STDOUT, start_new_session=True)

@@ -19,14 +19,20 @@ import redis as sync_redis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from app.api.revocations import RevocationHub
-from app.redis import create_redis
-from app.sessions import REVOCATION_CHANNEL, SessionRecord, SessionStore, _index_key, _session_key
+from tessera.api.revocations import RevocationHub
+from tessera.stores.redis import create_redis
+from tessera.stores.sessions import (
+    REVOCATION_CHANNEL,
+    SessionRecord,
+    SessionStore,
+    _index_key,
+    _session_key,
+)
 from tests.servers import LOOPBACK, RedisClusterProcesses, redis_cluster
 
 
 def _have_redis_server() -> str | None:
-    from app.embedded import redis_server_binary
+    from tessera.ops.embedded import redis_server_binary
 
     try:
         return redis_server_binary()

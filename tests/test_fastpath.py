@@ -16,8 +16,8 @@ import pytest
 from fastapi import FastAPI
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from app.profiles import profile_key
-from app.redis import ReadBatcher
+from tessera.domain.profiles import profile_key
+from tessera.stores.redis import ReadBatcher
 from tests.conftest import (
     SERVICE_KEY,
     assert_problem,
@@ -288,8 +288,8 @@ async def test_a_failing_store_is_tried_once_and_answered_503(clients, apps) -> 
 def test_a_forked_worker_makes_its_own_visitor_and_request_ids() -> None:
     import os
 
-    from app.middleware import request_id_from
-    from app.privacy import _visitor_ids
+    from tessera.edge.middleware import request_id_from
+    from tessera.edge.privacy import _visitor_ids
 
     mine = _visitor_ids.next(), request_id_from(None)
     read, write = os.pipe()

@@ -43,9 +43,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from app import migrate
-from app.main import create_app
-from app.settings import Settings
+from tessera.config import Settings
+from tessera.main import create_app
+from tessera.ops import migrate
 
 SERVICE_KEY = "fuzz-service-key-" + "x" * 24
 PASSWORD = "correct horse battery staple"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.settings import Settings
+from tessera.config import Settings
 from tests.conftest import (
     PASSWORD,
     assert_problem,
@@ -112,7 +112,7 @@ def test_settings_refuse_wildcard_origins_and_short_service_keys() -> None:
 def test_embedded_redis_snapshots_and_keeps_its_folder_private(tmp_path: Path) -> None:
     import redis
 
-    from app.embedded import EmbeddedRedis
+    from tessera.ops.embedded import EmbeddedRedis
 
     embedded = EmbeddedRedis(tmp_path / "data")
     try:
@@ -153,7 +153,7 @@ async def test_a_forged_session_record_without_the_secret_is_refused(app, client
 
 
 async def test_a_user_keeps_at_most_100_sessions(app, client) -> None:
-    from app.sessions import MAX_SESSIONS_PER_USER
+    from tessera.stores.sessions import MAX_SESSIONS_PER_USER
 
     user = await register(client)
     first = (await login(client, user["email"])).json()["access_token"]

@@ -14,8 +14,8 @@ import httpx
 from sqlalchemy import func
 from sqlmodel import select
 
-from app.db import create_engine, session_factory
-from app.models import UsageSegment
+from tessera.stores.db import create_engine, session_factory
+from tessera.stores.models import UsageSegment
 from tests.conftest import PASSWORD, SERVICE_KEY, new_email
 from tests.servers import session_server_env, shared_secret, tessera_server
 

@@ -15,7 +15,7 @@ from tests.conftest import PASSWORD, bearer, client_for, login, new_email, regis
 
 
 def cli(env: dict[str, str], *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], env={**os.environ, **env},
+    return subprocess.run([sys.executable, "-m", "tessera.ops.cli", *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=120, input=input)
 
 
@@ -66,8 +66,8 @@ async def test_well_known_documents(client) -> None:
 
 
 def test_generated_secret_is_private_and_reused(tmp_path: Path) -> None:
-    from app.security.secret import load_or_create_secret
-    from app.settings import Settings
+    from tessera.config import Settings
+    from tessera.security.secret import load_or_create_secret
 
     settings = Settings(data_dir=tmp_path)
     first = load_or_create_secret(settings)
@@ -81,7 +81,7 @@ async def test_private_keys_in_the_database_are_ciphertext(app) -> None:
     from cryptography.hazmat.primitives import serialization
     from sqlmodel import select
 
-    from app.models import SigningKey
+    from tessera.stores.models import SigningKey
 
     t = app.state.tessera
     async with t.db_factory() as db:
@@ -91,7 +91,7 @@ async def test_private_keys_in_the_database_are_ciphertext(app) -> None:
     raw = current.private.private_bytes(serialization.Encoding.Raw,
                                         serialization.PrivateFormat.Raw,
                                         serialization.NoEncryption())
-    from app.security.keys import b64url
+    from tessera.stores.keys import b64url
 
     for row in rows:
         assert b64url(raw) not in row.private_enc and raw.hex() not in row.private_enc
@@ -129,7 +129,7 @@ async def test_admin_created_by_cli_can_use_the_admin_api(base_settings: dict[st
 async def test_login_rehashes_when_the_cost_setting_changes(base_settings: dict[str, Any]) -> None:
     from sqlmodel import select
 
-    from app.models import User
+    from tessera.stores.models import User
 
     async with running_app(**base_settings) as cheap:
         async with client_for(cheap) as client:
@@ -143,8 +143,8 @@ async def test_login_rehashes_when_the_cost_setting_changes(base_settings: dict[
 
 
 def test_default_cost_is_12_and_hashes_are_bcrypt_sha256() -> None:
-    from app.security.passwords import PasswordHasher
-    from app.settings import Settings
+    from tessera.config import Settings
+    from tessera.security.passwords import PasswordHasher
 
     assert Settings().bcrypt_rounds == 12
     hasher = PasswordHasher(12)
@@ -166,7 +166,7 @@ async def test_password_hashing_runs_in_lower_priority_threads() -> None:
     import sys
     import threading
 
-    from app.security.passwords import HASH_THREAD_NICE, PasswordHasher
+    from tessera.security.passwords import HASH_THREAD_NICE, PasswordHasher
 
     hasher = PasswordHasher(4)
     try:

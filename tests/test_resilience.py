@@ -14,8 +14,8 @@ import pytest
 from fastapi import FastAPI
 from sqlmodel import col, select
 
-from app.embedded import redis_server_binary
-from app.models import AuditEvent
+from tessera.ops.embedded import redis_server_binary
+from tessera.stores.models import AuditEvent
 from tests.conftest import (
     PASSWORD,
     assert_problem,

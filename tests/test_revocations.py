@@ -18,8 +18,8 @@ import redis as sync_redis
 import uvicorn
 from fastapi import FastAPI
 
-from app.api.revocations import RevocationHub, close_revocation_hub
-from app.sessions import REVOCATION_CHANNEL
+from tessera.api.revocations import RevocationHub, close_revocation_hub
+from tessera.stores.sessions import REVOCATION_CHANNEL
 from tests.conftest import (
     PASSWORD,
     SERVICE_KEY,

@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text, update
 
-from app.models import PrivacyRequest, User
+from tessera.stores.models import PrivacyRequest, User
 from tests.conftest import (
     PASSWORD,
     SERVICE_KEY,
@@ -102,8 +102,8 @@ async def test_consents_start_withdrawn_and_keep_history(client) -> None:
 
 
 async def test_nothing_reaches_the_mailing_vendor_without_consent(app: FastAPI, client) -> None:
-    from app.consents import hand_over_to_mailing_vendor
-    from app.errors import Problem
+    from tessera.domain.consents import hand_over_to_mailing_vendor
+    from tessera.errors import Problem
 
     user, token = await registered_token(client)
     sent: list[dict[str, Any]] = []
@@ -160,7 +160,7 @@ async def test_no_usage_logged_under_dnt_gpc_or_restriction(app: FastAPI, client
 
 
 async def test_purge_deletes_usage_past_retention(app: FastAPI, client) -> None:
-    from app.usage import purge_usage
+    from tessera.stores.usage import purge_usage
 
     _, token = await registered_token(client)
     dnt = {**bearer(token), "DNT": "1"}  # reading the export under DNT logs nothing new
@@ -182,7 +182,7 @@ def parse(ts: str) -> datetime:
 
 
 async def test_privacy_requests_carry_legal_due_dates(client) -> None:
-    from app.privacy_requests import add_business_days
+    from tessera.domain.privacy_requests import add_business_days
 
     _, token = await registered_token(client)
     cn = await client.post("/me/privacy-requests", headers=bearer(token),
@@ -206,7 +206,7 @@ async def test_privacy_requests_carry_legal_due_dates(client) -> None:
 
 
 def test_business_days_skip_weekends() -> None:
-    from app.privacy_requests import add_business_days
+    from tessera.domain.privacy_requests import add_business_days
 
     friday = datetime(2026, 11, 27, 16, 30, tzinfo=UTC)
     assert add_business_days(friday, 1) == datetime(2026, 11, 30, 16, 30, tzinfo=UTC)

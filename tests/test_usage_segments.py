@@ -16,10 +16,10 @@ from alembic import command
 from fastapi import FastAPI
 from sqlmodel import col, select
 
-from app.migrate import alembic_config
-from app.models import UsageSegment
-from app.settings import normalise_database_url
-from app.usage import purge_usage
+from tessera.config import normalise_database_url
+from tessera.ops.migrate import alembic_config
+from tessera.stores.models import UsageSegment
+from tessera.stores.usage import purge_usage
 from tests.conftest import bearer, client_for, registered_token
 
 
@@ -136,7 +136,7 @@ async def test_forget_waits_for_a_flush_in_flight_and_drops_later_events(app: Fa
 
 
 async def test_stop_writes_the_batch_of_a_flush_in_flight(app: FastAPI) -> None:
-    from app.usage import UsageRecorder
+    from tessera.stores.usage import UsageRecorder
 
     async with client_for(app) as client:
         user, _ = await registered_token(client)

@@ -1,0 +1,264 @@
+"""/auth: register, login, logout, sessions, introspection, revocation feed."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+
+from tessera.api.cookies import clear_login_cookies, set_login_cookies
+from tessera.api.deps import (
+    CurrentSession,
+    CurrentUser,
+    DbDep,
+    OptionalSession,
+    TesseraDep,
+    csrf_token_for,
+    lookup_token,
+    raise_handed_over,
+)
+from tessera.api.schemas import LoginJSON, RegisterIn, SessionOut, TokenOut, UserOut
+from tessera.domain import accounts
+from tessera.domain.policy import must_consent
+from tessera.edge.privacy import forbid_tracking
+from tessera.errors import Problem, problem_doc, problem_responses
+from tessera.security.passwords import normalise_password
+from tessera.services import Tessera
+from tessera.timeutil import from_epoch
+
+router = APIRouter(
+    prefix="/auth", tags=["auth"],
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 429, 503),
+)
+
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def check_origin(request: Request, t: Tessera) -> None:
+    """Login CSRF: a browser page on a foreign site must not log its visitor in (or register
+    them) as someone else. Pages on tessera's own origin or on a CORS-allowed one may."""
+    origin = request.headers.get("origin")
+    cross_site = request.headers.get("sec-fetch-site") == "cross-site"
+    if origin is None and not cross_site:
+        return  # not a browser, or a same-origin navigation
+    if origin is not None and origin in t.settings.cors_origins:
+        return
+    if origin is not None and not cross_site:
+        host = request.headers.get("host", "")
+        if origin.split("://", 1)[-1] == host:
+            return
+    raise Problem(403, "csrf_failed", "Cross-site login and registration are refused.")
+
+
+def _client_key(request: Request) -> str:
+    client = request.scope.get("client")
+    return client[0] if client else "unknown"
+
+
+@router.post("/register", status_code=201, response_model=UserOut,
+             responses=problem_doc({409: "email_taken or policy_outdated",
+                                    422: "underage or validation_error"}))
+async def register(body: RegisterIn, request: Request, response: Response, db: DbDep,
+                   t: TesseraDep) -> UserOut:
+    if body.is_adult is not True:
+        raise Problem(422, "underage", "tessera accepts no users under 18: is_adult must be true.",
+                      extra={"errors": [{"loc": ["body", "is_adult"], "msg": "must be true"}]})
+    policy = await t.policy.get()
+    if body.policy_version is not None and body.policy_version != policy.current.version:
+        raise Problem(409, "policy_outdated", "That is not the current policy version.",
+                      extra={"current_version": policy.current.version})
+    s = t.settings
+    check_origin(request, t)
+    await t.limiter.attempt([("register-ip", _client_key(request), s.register_max_per_ip)],
+                            s.register_window_seconds)
+    user = await accounts.register_user(db, t.hasher, email=str(body.email),
+                                        password=body.password, policy=policy)
+    await accounts.audit(db, "register", user_id=user.id, outcome="ok")
+    response.headers.update(NO_STORE)
+    assert user.email is not None
+    return UserOut(id=user.id, email=user.email, created_at=user.created_at)
+
+
+_LOGIN_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {
+                "type": "object", "required": ["email", "password"],
+                "properties": {"email": {"type": "string", "format": "email"},
+                               "password": {"type": "string", "format": "password"}}}},
+            "application/x-www-form-urlencoded": {"schema": {
+                "type": "object", "required": ["username", "password"],
+                "properties": {"username": {"type": "string", "description": "the email"},
+                               "password": {"type": "string", "format": "password"},
+                               "grant_type": {"type": "string"},
+                               "scope": {"type": "string"}}}},
+        },
+    }
+}
+
+
+async def _read_credentials(request: Request) -> tuple[str, str]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        try:
+            raw: Any = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise Problem(400, "malformed_body", "The body is not valid JSON.") from None
+        if not isinstance(raw, dict):
+            raise Problem(422, "validation_error", "The body must be a JSON object.",
+                          extra={"errors": [{"loc": ["body"], "msg": "must be an object"}]})
+        try:
+            creds = LoginJSON.model_validate(raw)
+        except ValidationError as exc:
+            errors = [{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]
+            raise Problem(422, "validation_error", "The request is not valid.",
+                          extra={"errors": errors}) from None
+        return creds.email, creds.password
+    if content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        form = await request.form()
+        username, password = form.get("username"), form.get("password")
+        errors = [{"loc": ["body", name], "msg": "Field required"}
+                  for name, value in (("username", username), ("password", password))
+                  if not isinstance(value, str) or not value]
+        if errors:
+            raise Problem(422, "validation_error", "The request is not valid.",
+                          extra={"errors": errors})
+        assert isinstance(username, str) and isinstance(password, str)
+        if len(username) > 320 or len(password) > 1024 or "\x00" in username:
+            raise Problem(422, "validation_error", "The request is not valid.",
+                          extra={"errors": [{"loc": ["body"], "msg": "value too long"}]})
+        return username, password
+    raise Problem(415, "unsupported_media_type",
+                  "Send JSON {email, password} or the OAuth2 password form.")
+
+
+@router.post("/login", response_model=TokenOut, openapi_extra=_LOGIN_BODY,
+             responses=problem_doc({401: "invalid_credentials", 403: "account_inactive",
+                                    429: "too_many_attempts"}))
+async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
+    check_origin(request, t)
+    email, password = await _read_credentials(request)
+    s = t.settings
+    account, ip = accounts.email_key(email), _client_key(request)
+    await t.limiter.attempt([("login-account", account, s.login_max_failures_per_account),
+                             ("login-ip", ip, s.login_max_failures_per_ip)],
+                            s.login_failure_window_seconds)
+    try:
+        try:
+            password = normalise_password(password)
+        except ValueError:
+            password = ""  # can match no stored hash; still costs one hash below
+        user = await accounts.authenticate(db, t.hasher, email, password)
+    except Problem as problem:
+        t.metrics.logins.labels("inactive" if problem.code == "account_inactive"
+                                else "failed").inc()
+        raise
+    if user.restrict_processing or user.object_to_processing:
+        forbid_tracking(request.scope)
+    # Only failures count: a success clears the account and takes back this IP attempt.
+    await t.limiter.forgive_success(account=("login-account", account), ip=("login-ip", ip))
+    issued = await accounts.open_session(t, user, request.headers.get("user-agent"))
+    t.metrics.logins.labels("ok").inc()
+    csrf = csrf_token_for(t.csrf_key, issued.sid)
+    body = TokenOut(access_token=issued.token, expires_in=issued.exp - issued.iat,
+                    expires_at=from_epoch(issued.exp), session_id=issued.sid, csrf_token=csrf)
+    response = JSONResponse(body.model_dump(), headers=NO_STORE)
+    set_login_cookies(response, s, issued, csrf)
+    return response
+
+
+@router.post("/logout", status_code=204, response_class=Response)
+async def logout(principal: OptionalSession, db: DbDep, t: TesseraDep) -> Response:
+    response = Response(status_code=204, headers=NO_STORE)
+    if principal is not None:
+        await accounts.revoke_session(t, principal.user_id, principal.sid, "logout")
+        await accounts.audit(db, "logout", user_id=principal.user_id)
+    clear_login_cookies(response, t.settings)
+    return response
+
+
+@router.post("/logout-all", status_code=204, response_class=Response)
+async def logout_all(principal: CurrentSession, db: DbDep, t: TesseraDep) -> Response:
+    await accounts.revoke_all_sessions(t, principal.user_id, "logout_all")
+    await accounts.audit(db, "logout_all", user_id=principal.user_id)
+    response = Response(status_code=204, headers=NO_STORE)
+    clear_login_cookies(response, t.settings)
+    return response
+
+
+@router.get("/csrf")
+async def csrf_token(principal: CurrentSession, t: TesseraDep) -> JSONResponse:
+    """The current session's X-CSRF-Token, e.g. for a page reloaded on another host."""
+    return JSONResponse({"csrf_token": csrf_token_for(t.csrf_key, principal.sid)},
+                        headers=NO_STORE)
+
+
+@router.get("/sessions", response_model=list[SessionOut])
+async def list_sessions(user: CurrentUser, principal: CurrentSession, response: Response,
+                        t: TesseraDep) -> list[SessionOut]:
+    response.headers.update(NO_STORE)
+    return [SessionOut(id=r.sid, created_at=from_epoch(r.created_at),
+                       expires_at=from_epoch(r.expires_at), user_agent=r.user_agent,
+                       current=r.sid == principal.sid)
+            for r in await t.sessions.list(user.id)]
+
+
+@router.delete("/sessions/{session_id}", status_code=204, response_class=Response)
+async def delete_session(session_id: str, user: CurrentUser, t: TesseraDep) -> Response:
+    if len(session_id) > 64 or not await accounts.revoke_session(t, user.id, session_id,
+                                                                  "ended_by_user"):
+        raise Problem(404, "not_found", "No such session of yours.")
+    return Response(status_code=204, headers=NO_STORE)
+
+
+def check_service_key(request: Request, t: TesseraDep) -> None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, presented = auth.partition(" ")
+    presented = presented.strip()
+    ok = False
+    for key in t.settings.service_keys:  # no early exit: every key is compared
+        ok |= bool(presented) and hmac.compare_digest(presented.encode(),
+                                                     key.get_secret_value().encode())
+    if scheme.lower() != "bearer" or not ok:
+        raise Problem(401, "invalid_client", "A valid service key is required.",
+                      headers={"WWW-Authenticate": 'Bearer realm="tessera-services"'})
+
+
+_INTROSPECT_BODY = {
+    "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {
+        "schema": {"type": "object", "required": ["token"], "properties": {
+            "token": {"type": "string", "maxLength": 4096},
+            "token_type_hint": {"type": "string"}}}}}}}
+
+
+@router.post("/introspect", openapi_extra=_INTROSPECT_BODY,
+             responses=problem_doc({401: "invalid_client"}))
+async def introspect(request: Request, t: TesseraDep) -> JSONResponse:
+    """RFC 7662. Active while the session exists: the same check every endpoint makes."""
+    check_service_key(request, t)
+    # A urlencoded body of one field, parsed here: cheaper than the multipart form machinery
+    # on a path other services call for every request they serve.
+    try:
+        fields = parse_qs((await request.body()).decode(), max_num_fields=4)
+    except (UnicodeDecodeError, ValueError):
+        raise Problem(400, "malformed_body", "The body must be a urlencoded form.") from None
+    token = fields.get("token", [""])[0]
+    if len(token) > 4096:
+        return JSONResponse({"active": False}, headers=NO_STORE)
+    raise_handed_over(request)
+    principal = await lookup_token(t, token)
+    if principal is None or principal.profile is None or principal.claims is None:
+        return JSONResponse({"active": False}, headers=NO_STORE)
+    profile, record, raw = principal.profile, principal.session, principal.claims
+    return JSONResponse({
+        "active": True, "sub": record.user_id, "sid": record.sid, "exp": raw.get("exp"),
+        "iat": raw.get("iat"), "iss": raw.get("iss"), "aud": raw.get("aud"),
+        "jti": raw.get("jti"), "token_type": "Bearer",
+        "policy_accepted": not must_consent(profile["policy_seq"], await t.policy.get()),
+    }, headers=NO_STORE)

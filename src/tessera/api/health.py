@@ -1,0 +1,51 @@
+"""Operator endpoints: liveness, readiness, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy import text
+from starlette.responses import JSONResponse, Response
+
+from tessera.api.deps import TesseraDep
+from tessera.errors import problem_body, problem_doc, problem_responses
+
+router = APIRouter(tags=["operations"], responses=problem_responses(503))
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def _check(coro: object) -> str:
+    try:
+        await asyncio.wait_for(coro, timeout=2)  # type: ignore[arg-type]
+        return "ok"
+    except Exception:
+        return "down"
+
+
+@router.get("/readyz", responses=problem_doc({503: "unavailable"}))
+async def readyz(t: TesseraDep) -> Response:
+    async def db_ping() -> None:
+        async with t.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    checks = {"database": await _check(db_ping()), "redis": await _check(t.redis.ping())}
+    if all(v == "ok" for v in checks.values()):
+        return JSONResponse({"status": "ok", "checks": checks})
+    down = ", ".join(k for k, v in checks.items() if v != "ok")
+    return JSONResponse(problem_body(503, "unavailable", f"Not ready: {down} down.",
+                                     checks=checks),
+                        status_code=503, media_type="application/problem+json",
+                        headers={"Cache-Control": "no-store"})
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}},
+                             "description": "Prometheus text format"}})
+async def metrics(t: TesseraDep) -> Response:
+    return Response(t.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,270 @@
+"""/me: the logged-in user's own account and rights (P5, P6, P8, P10)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any, Literal
+
+import anyio.to_thread
+from fastapi import APIRouter, Path, Request, Response
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StrictBool, field_validator
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from tessera.api.cookies import clear_login_cookies
+from tessera.api.deps import (
+    CurrentSession,
+    CurrentUser,
+    CurrentUserAnyPolicy,
+    DbDep,
+    ProfileAnyPolicy,
+    TesseraDep,
+)
+from tessera.api.schemas import SafeStr
+from tessera.domain import accounts, consents, privacy_requests
+from tessera.domain.policy import accept_policy
+from tessera.domain.profiles import account_view
+from tessera.edge.privacy import attribute_usage
+from tessera.errors import Problem, problem_doc, problem_responses
+from tessera.security.passwords import normalise_password
+from tessera.services import Tessera
+from tessera.stores.models import AuditEvent, PrivacyRequest, User
+from tessera.stores.usage import usage_log_of
+from tessera.timeutil import from_epoch, rfc3339
+
+log = logging.getLogger("tessera.me")
+
+router = APIRouter(
+    prefix="/me", tags=["me"],
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
+)
+
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_max_length=4096)
+
+
+class EmailIn(_Body):
+    email: EmailStr = Field(max_length=254)
+
+
+class PasswordChangeIn(_Body):
+    current_password: str = Field(max_length=1024)
+    new_password: str = Field(json_schema_extra={"minLength": 8, "maxLength": 256})
+
+    @field_validator("new_password")
+    @classmethod
+    def _new(cls, value: str) -> str:
+        return normalise_password(value)
+
+
+class PasswordConfirmIn(_Body):
+    password: str = Field(max_length=1024)
+
+
+class ConsentIn(_Body):
+    granted: StrictBool
+
+
+class RestrictionsIn(_Body):
+    restrict_processing: StrictBool
+    object_to_processing: StrictBool
+
+
+class PolicyConsentIn(_Body):
+    version: SafeStr = Field(min_length=1, max_length=64)
+
+
+class PrivacyRequestIn(_Body):
+    kind: Literal["confirm", "access", "rectify", "delete", "restrict", "portability", "object",
+                  "withdraw_consent"]
+    region: str = Field(max_length=8, pattern=r"^[A-Za-z]{2}$")
+    message: SafeStr | None = Field(default=None, max_length=2000)
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        return privacy_requests.normalise_region(value)
+
+
+async def confirm_attempt(t: Tessera, user_id: str) -> None:
+    """A stolen token must not buy unlimited password guesses: confirmations are limited
+    like logins."""
+    s = t.settings
+    await t.limiter.attempt([("password-confirm", user_id, s.login_max_failures_per_account)],
+                            s.login_failure_window_seconds)
+
+
+def _password_text(raw: str) -> str:
+    try:
+        return normalise_password(raw)
+    except ValueError:
+        return ""  # cannot match any stored hash
+
+
+def restrictions_view(user: User) -> dict[str, bool]:
+    return {"restrict_processing": user.restrict_processing,
+            "object_to_processing": user.object_to_processing}
+
+
+async def fresh_view(t: Tessera, db: AsyncSession, user: User) -> dict[str, Any]:
+    """After a change: drop the cached profile and answer from the database."""
+    await t.profiles.invalidate(user.id)
+    return account_view(user, await consents.current_consents(db, user.id))
+
+
+def privacy_request_view(row: PrivacyRequest) -> dict[str, Any]:
+    return {"id": row.id, "kind": row.kind, "region": row.region, "message": row.message,
+            "status": row.status, "created_at": rfc3339(row.created_at),
+            "due_at": rfc3339(row.due_at),
+            "resolved_at": rfc3339(row.resolved_at) if row.resolved_at else None,
+            "resolution": row.resolution}
+
+
+@router.get("")
+async def get_me(profile: ProfileAnyPolicy) -> Response:
+    # Served from the profile cached in Redis: no database read on this hot path.
+    return Response(json.dumps(profile["me"]), media_type="application/json", headers=NO_STORE)
+
+
+@router.patch("", responses=problem_doc({409: "email_taken"}))
+async def update_me(body: EmailIn, user: CurrentUser, db: DbDep, t: TesseraDep,
+                    response: Response) -> dict[str, Any]:
+    user = await accounts.change_email(db, user, str(body.email))
+    await accounts.audit(db, "email_changed", user_id=user.id)
+    response.headers.update(NO_STORE)
+    return await fresh_view(t, db, user)
+
+
+@router.post("/password", status_code=204, response_class=Response,
+             responses=problem_doc({403: "invalid_credentials"}))
+async def change_password(body: PasswordChangeIn, user: CurrentUser, principal: CurrentSession,
+                          db: DbDep, t: TesseraDep) -> Response:
+    await confirm_attempt(t, user.id)
+    await accounts.change_password(t, db, user, _password_text(body.current_password),
+                                   body.new_password, keep_sid=principal.sid)
+    await t.limiter.forgive("password-confirm", user.id, all_of_them=True)
+    return Response(status_code=204, headers=NO_STORE)
+
+
+@router.get("/export")
+async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Response:
+    """Everything held on the user, as one machine-readable JSON download (P5 portability)."""
+    try:
+        await t.usage.flush()  # events still buffered on this instance are included
+    except Exception:  # the flusher retries; the export still answers with what is stored
+        log.warning("usage flush before export failed; exporting what is stored")
+    usage = await usage_log_of(db, user.id)
+    audit_rows = (await db.exec(select(AuditEvent).where(AuditEvent.user_id == user.id)
+                                .order_by(col(AuditEvent.at), col(AuditEvent.id)))).all()
+    sessions = await t.sessions.list(user.id)
+    document = {
+        "format": "tessera-export/1",
+        "account": {**account_view(user, await consents.current_consents(db, user.id)),
+                    "updated_at": rfc3339(user.updated_at),
+                    "policy_accepted_at": rfc3339(user.policy_accepted_at)
+                    if user.policy_accepted_at else None},
+        "consents": {
+            "current": await consents.current_consents(db, user.id),
+            "history": [{"purpose": e.purpose, "granted": e.granted, "at": rfc3339(e.at)}
+                        for e in await consents.consent_history(db, user.id)],
+        },
+        "restrictions": restrictions_view(user),
+        "sessions": [{"id": s.sid, "created_at": from_epoch(s.created_at),
+                      "expires_at": from_epoch(s.expires_at), "user_agent": s.user_agent}
+                     for s in sessions],
+        "usage_log": usage,
+        "privacy_requests": [privacy_request_view(r) for r in
+                             await privacy_requests.user_requests(db, user.id)],
+        "security_events": [{"at": rfc3339(a.at), "event": a.event, "outcome": a.outcome}
+                            for a in audit_rows],
+    }
+    body = await anyio.to_thread.run_sync(  # a large usage log must not stall the event loop
+        lambda: json.dumps(document, ensure_ascii=False, indent=1))
+    return Response(
+        body, media_type="application/json",
+        headers={**NO_STORE, "Content-Disposition":
+                 f'attachment; filename="tessera-export-{user.id}.json"'})
+
+
+@router.delete("", status_code=204, response_class=Response,
+               responses=problem_doc({403: "invalid_credentials"}))
+async def delete_me(request: Request, body: PasswordConfirmIn, user: CurrentUserAnyPolicy,
+                    db: DbDep, t: TesseraDep) -> Response:
+    await confirm_attempt(t, user.id)
+    if not await accounts.verify_password(t.hasher, user, _password_text(body.password)):
+        raise Problem(403, "invalid_credentials", "The password is wrong.")
+    await accounts.delete_account(t, db, user)
+    attribute_usage(request.scope, "")  # nothing is logged for an account that is gone
+    response = Response(status_code=204, headers=NO_STORE)
+    clear_login_cookies(response, t.settings)
+    return response
+
+
+@router.post("/deactivate", status_code=204, response_class=Response)
+async def deactivate_me(user: CurrentUser, db: DbDep, t: TesseraDep) -> Response:
+    await accounts.deactivate(t, db, user, actor_id=user.id)
+    response = Response(status_code=204, headers=NO_STORE)
+    clear_login_cookies(response, t.settings)
+    return response
+
+
+@router.get("/consents")
+async def get_consents(user: CurrentUser, db: DbDep, response: Response) -> dict[str, Any]:
+    response.headers.update(NO_STORE)
+    return {"purposes": await consents.current_consents(db, user.id)}
+
+
+@router.put("/consents/{purpose}", responses=problem_doc({404: "not_found"}))
+async def put_consent(purpose: Annotated[str, Path(max_length=64)], body: ConsentIn,
+                      user: CurrentUser, db: DbDep, t: TesseraDep,
+                      response: Response) -> dict[str, Any]:
+    await consents.set_consent(db, user.id, purpose, body.granted)
+    await t.profiles.invalidate(user.id)
+    await accounts.audit(db, "consent_" + ("granted" if body.granted else "withdrawn"),
+                         user_id=user.id, detail=purpose)
+    response.headers.update(NO_STORE)
+    return {"purposes": await consents.current_consents(db, user.id)}
+
+
+@router.put("/restrictions")
+async def put_restrictions(body: RestrictionsIn, user: CurrentUser, db: DbDep, t: TesseraDep,
+                           response: Response) -> dict[str, bool]:
+    user.restrict_processing = body.restrict_processing
+    user.object_to_processing = body.object_to_processing
+    user.updated_at = accounts.utcnow()
+    db.add(user)
+    await accounts.audit(db, "restrictions_changed", user_id=user.id, commit=False)
+    await db.commit()
+    await t.profiles.invalidate(user.id)
+    response.headers.update(NO_STORE)
+    return restrictions_view(user)
+
+
+@router.post("/policy-consent", status_code=204, response_class=Response,
+             responses=problem_doc({409: "policy_outdated"}))
+async def policy_consent(body: PolicyConsentIn, user: CurrentUserAnyPolicy, db: DbDep,
+                         t: TesseraDep) -> Response:
+    t.policy.invalidate()
+    await accept_policy(db, user, body.version, await t.policy.get())
+    await t.profiles.invalidate(user.id)
+    await accounts.audit(db, "policy_accepted", user_id=user.id, detail=body.version)
+    return Response(status_code=204, headers=NO_STORE)
+
+
+@router.post("/privacy-requests", status_code=201)
+async def create_privacy_request(body: PrivacyRequestIn, user: CurrentUser, db: DbDep,
+                                 response: Response) -> dict[str, Any]:
+    row = await privacy_requests.file_request(db, user.id, body.kind, body.region, body.message)
+    response.headers.update(NO_STORE)
+    return privacy_request_view(row)
+
+
+@router.get("/privacy-requests")
+async def list_privacy_requests(user: CurrentUser, db: DbDep,
+                                response: Response) -> list[dict[str, Any]]:
+    response.headers.update(NO_STORE)
+    return [privacy_request_view(r) for r in await privacy_requests.user_requests(db, user.id)]

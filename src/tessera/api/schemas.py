@@ -1,0 +1,81 @@
+"""Request and response bodies (the HTTP shape; rules live in the service modules)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    field_serializer,
+    field_validator,
+)
+
+from tessera.security.passwords import normalise_password
+from tessera.timeutil import rfc3339
+
+
+def no_control_chars(value: str) -> str:
+    """NUL and other C0 controls are refused in text (PostgreSQL cannot store NUL)."""
+    if any(ord(ch) < 32 and ch not in "\t\n\r" for ch in value) or "\x7f" in value:
+        raise ValueError("must not contain control characters")
+    return value
+
+
+SafeStr = Annotated[str, AfterValidator(no_control_chars)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", str_max_length=4096)
+
+
+class RegisterIn(Strict):
+    email: EmailStr = Field(max_length=254)
+    password: str = Field(json_schema_extra={"minLength": 8, "maxLength": 256})
+    # Any JSON value: only the boolean `true` passes, checked by the route (422 `underage`).
+    is_adult: Any = None
+    policy_version: SafeStr | None = Field(default=None, max_length=64)
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, value: str) -> str:
+        return normalise_password(value)
+
+
+class LoginJSON(Strict):
+    email: SafeStr = Field(min_length=1, max_length=320)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class UserOut(BaseModel):
+    id: str
+    email: str
+    created_at: datetime
+
+    @field_serializer("created_at")
+    def _ts(self, v: datetime) -> str:
+        return rfc3339(v)
+
+
+class TokenOut(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 (a token type, not a secret)
+    expires_in: int
+    expires_at: str
+    session_id: str
+    # The X-CSRF-Token value for cookie-authenticated requests (also in the `csrf` cookie),
+    # for frontends on a sibling host that cannot read tessera's host-only cookie.
+    csrf_token: str
+
+
+class SessionOut(BaseModel):
+    id: str
+    created_at: str
+    expires_at: str
+    user_agent: str | None
+    current: bool
+
