@@ -59,15 +59,23 @@ async def test_opt_out_gets_no_visitor_cookie_and_tk_n(app: FastAPI, header) -> 
 
 async def test_tracked_request_gets_visitor_cookie_once(app: FastAPI) -> None:
     async with client_for(app) as client:
-        first = await client.get("/healthz")
+        first = await client.get("/policy")
         assert first.headers["tk"] == "T"
         visitor = set_cookies(first)["visitor"]
         assert "Max-Age=31536000" in visitor
-        second = await client.get("/healthz")  # the client now sends the cookie back
+        second = await client.get("/policy")  # the client now sends the cookie back
         assert "visitor" not in set_cookies(second)
         assert second.headers["tk"] == "T"
-        dnt0 = await client.get("/healthz", headers={"DNT": "0"})
+        dnt0 = await client.get("/policy", headers={"DNT": "0"})
         assert dnt0.headers["tk"] == "T"
+
+
+async def test_operator_endpoints_set_no_visitor_cookie(app: FastAPI) -> None:
+    async with client_for(app) as client:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            response = await client.get(path)
+            assert "set-cookie" not in response.headers, path
+            assert response.headers["tk"] == "N", path
 
 
 async def test_cookie_request_without_csrf_header_is_refused(app: FastAPI) -> None:

@@ -65,9 +65,6 @@ class Settings(BaseSettings):
     # How long the JWKS and the current signing key are cached in-process.
     keys_cache_seconds: float = Field(30.0, ge=0)
     log_level: str = "info"
-    # GET /me (bearer) and introspection on a lean path (app/fastpath.py); false sends them
-    # through the full FastAPI stack, which answers alike, only slower.
-    fast_path: bool = True
 
     @field_validator("service_keys", "cors_origins", mode="before")
     @classmethod

@@ -33,6 +33,10 @@ _STATUS_CODES = {
 }
 
 
+class BodyTooLarge(Exception):
+    """Raised by the edge's receive when a streamed body passes TESSERA_MAX_BODY_BYTES."""
+
+
 class Problem(Exception):
     """An error with an HTTP status and a stable snake_case `code`."""
 
@@ -99,13 +103,17 @@ async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    if type(exc.__cause__).__name__ == "BodyTooLarge":  # FastAPI wraps body-read errors in a 400
+    if isinstance(exc.__cause__, BodyTooLarge):  # FastAPI wraps body-read errors in a 400
         return problem_response(413, "payload_too_large", "The request body is too large.")
     if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
         return problem_response(400, "malformed_body", "The request body could not be parsed.")
     code = _STATUS_CODES.get(exc.status_code, "error")
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     return problem_response(exc.status_code, code, detail, dict(exc.headers or {}))
+
+
+async def _too_large_handler(request: Request, exc: Exception) -> JSONResponse:
+    return problem_response(413, "payload_too_large", "The request body is too large.")
 
 
 async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -117,21 +125,23 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _problem_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
+    app.add_exception_handler(BodyTooLarge, _too_large_handler)
     app.add_exception_handler(Exception, _unhandled_handler)
 
 
 async def _unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
     # A backing store is down: fail closed, never let a request through unchecked.
     log.warning("backing store unavailable on %s: %s", request.url.path, type(exc).__name__)
-    return problem_response(503, "unavailable", "A backing service is unavailable; retry later.",
-                            {"Retry-After": "1"})
+    return unavailable_response()
 
 
-def install_unavailable_handlers(app: FastAPI) -> None:
+def unavailable_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean a backing store is unreachable: answered 503 `unavailable`
+    by the FastAPI routes and the lean handlers alike."""
     import redis.exceptions
     import sqlalchemy.exc
 
-    for exc_type in (
+    return (
         redis.exceptions.ConnectionError,
         redis.exceptions.TimeoutError,
         redis.exceptions.BusyLoadingError,
@@ -141,7 +151,16 @@ def install_unavailable_handlers(app: FastAPI) -> None:
         sqlalchemy.exc.TimeoutError,
         ConnectionError,
         TimeoutError,
-    ):
+    )
+
+
+def unavailable_response() -> JSONResponse:
+    return problem_response(503, "unavailable", "A backing service is unavailable; retry later.",
+                            {"Retry-After": "1"})
+
+
+def install_unavailable_handlers(app: FastAPI) -> None:
+    for exc_type in unavailable_errors():
         app.add_exception_handler(exc_type, _unavailable_handler)
 
 

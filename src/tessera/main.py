@@ -1,28 +1,29 @@
-"""create_app(): settings -> lifespan (db, redis, keys) -> middleware -> routers."""
+"""create_app(): settings -> lifespan (stores, collaborators) -> routes -> the one edge.
+
+A request meets: the edge (edge/edge.py: ids, limits, privacy, usage, metrics, the token
+check) -> CORS (when configured) -> the lean endpoints (api/lean.py) or FastAPI's router.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tessera import __version__
 from tessera.api import admin, auth, health, me, revocations, wellknown
-from tessera.api.openapi import install_openapi
+from tessera.api.lean import LeanRoutes
+from tessera.api.openapi import api_routes, install_openapi
 from tessera.config import Settings
+from tessera.domain.auth import TokenChecker
 from tessera.domain.policy import PolicyCache
 from tessera.domain.profiles import ProfileCache
-from tessera.edge.fastpath import FastPath, TesseraApp
-from tessera.edge.middleware import (
-    BodyLimitMiddleware,
-    HeaderLimitMiddleware,
-    RequestIdMiddleware,
-    SecurityHeadersMiddleware,
-)
-from tessera.edge.privacy import PrivacyMiddleware
+from tessera.edge.edge import Edge
 from tessera.errors import install_error_handlers, install_unavailable_handlers
-from tessera.metrics import Metrics, MetricsMiddleware
+from tessera.metrics import Metrics
 from tessera.ops.embedded import EmbeddedRedis
 from tessera.security.passwords import PasswordHasher
 from tessera.security.secret import load_or_create_secret
@@ -35,7 +36,25 @@ from tessera.stores.sessions import SessionStore
 from tessera.stores.usage import UsageRecorder
 
 DESCRIPTION = """tessera issues and checks login sessions and enforces a privacy policy in code.
-Use **Authorize** with your email as the username to try authenticated endpoints."""
+Use **Authorize** with your email as the username to try authenticated endpoints.
+The guide to this API is docs/api.md in the repository."""
+
+
+class TesseraApp(FastAPI):
+    """FastAPI, entered through the edge (`entry`, set by create_app)."""
+
+    entry: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = self
+        if self.entry is None:  # pragma: no cover - create_app always sets it
+            await super().__call__(scope, receive, send)
+            return
+        await self.entry(scope, receive, send)
+
+    async def stack(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """FastAPI's own stack (error handling, router), inside the edge."""
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> TesseraApp:
@@ -59,23 +78,23 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
                        cache_seconds=settings.keys_cache_seconds)
         try:
             await keys.ensure_key()
+            sessions = SessionStore(redis)
+            profiles = ProfileCache(redis)
+            token_key = derive_key(secret, b"token-hash")
+            checker = TokenChecker(sessions, profiles, token_key, db_factory)
             app.state.tessera = Tessera(
                 settings=settings, secret=secret, engine=engine, db_factory=db_factory,
-                redis=redis, sessions=SessionStore(redis), keys=keys,
+                redis=redis, sessions=sessions, keys=keys,
                 hasher=PasswordHasher(settings.bcrypt_rounds), usage=usage, metrics=metrics,
                 policy=PolicyCache(db_factory), csrf_key=derive_key(secret, b"csrf"),
-                token_key=derive_key(secret, b"token-hash"),
+                token_key=token_key,
                 limiter=AttemptLimiter(redis, derive_key(secret, b"rate-limit")),
-                profiles=ProfileCache(redis), embedded_redis=embedded)
-            # With OpenTelemetry configured when tessera starts, FastAPI traces every request:
-            # the fast path steps aside so these two keep their spans and metrics.
-            telemetry = getattr(app, "_native_telemetry", None)
-            if settings.fast_path and not (telemetry is not None and telemetry.enabled()):
-                app.fast_path = FastPath(app.state.tessera)
+                profiles=profiles, auth=checker, embedded_redis=embedded)
+            edge.checker = checker
             usage.start()
             yield
         finally:
-            app.fast_path = None
+            edge.checker = None
             started = getattr(app.state, "tessera", None)
             if started is not None:
                 started.hasher.close()
@@ -88,26 +107,21 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
 
     # No slash redirects: they would be built from the client's Host header.
     app = TesseraApp(title="tessera", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan, redirect_slashes=False)
+                     lifespan=lifespan, redirect_slashes=False)
     install_openapi(app)
     install_error_handlers(app)
     install_unavailable_handlers(app)
     for module in (health, wellknown, auth, revocations, me, admin):
         app.include_router(module.router)
 
-    # Added innermost first: a request meets them in the reverse order.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    # Inside the privacy middleware (whose cookie check splits names only, no unquoting), so
-    # a 431 carries Tk and Vary like every answer.
-    app.add_middleware(HeaderLimitMiddleware)
-    app.add_middleware(PrivacyMiddleware, settings=settings, usage=usage)
+    inner: ASGIApp = LeanRoutes(app.stack, lambda: app.state.tessera,
+                                {route.path for route in api_routes(app.routes)})
     if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=True,
+        inner = CORSMiddleware(
+            inner, allow_origins=settings.cors_origins, allow_credentials=True,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-CSRF-Token", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Tk", "Retry-After"], max_age=600)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_middleware(SecurityHeadersMiddleware, hsts=settings.cookie_secure)
-    app.add_middleware(RequestIdMiddleware)
+    edge = Edge(inner, settings=settings, metrics=metrics, usage=usage)
+    app.entry = edge
     return app

@@ -1,4 +1,5 @@
-"""What the lifespan builds once and hangs on `app.state.tessera`."""
+"""What the lifespan builds once and hangs on `app.state.tessera`: small collaborators, each
+built once (`build_services`) and handed to the code that needs it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tessera.config import Settings
+from tessera.domain.auth import TokenChecker
 from tessera.domain.policy import PolicyCache
 from tessera.domain.profiles import ProfileCache
 from tessera.metrics import Metrics
@@ -37,4 +39,5 @@ class Tessera:
     token_key: bytes
     limiter: AttemptLimiter
     profiles: ProfileCache
+    auth: TokenChecker
     embedded_redis: EmbeddedRedis | None = field(default=None)

@@ -1,30 +1,20 @@
-"""/auth: register, login, logout, sessions, introspection, revocation feed."""
+"""/auth: register, login, logout, sessions (introspection: api/lean.py; the revocation feed:
+api/revocations.py)."""
 
 from __future__ import annotations
 
-import hmac
 import json
 from typing import Any
-from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
 from tessera.api.cookies import clear_login_cookies, set_login_cookies
-from tessera.api.deps import (
-    CurrentSession,
-    CurrentUser,
-    DbDep,
-    OptionalSession,
-    TesseraDep,
-    csrf_token_for,
-    lookup_token,
-    raise_handed_over,
-)
+from tessera.api.deps import CurrentSession, CurrentUser, DbDep, OptionalSession, TesseraDep
 from tessera.api.schemas import LoginJSON, RegisterIn, SessionOut, TokenOut, UserOut
 from tessera.domain import accounts
-from tessera.domain.policy import must_consent
+from tessera.domain.auth import csrf_token_for
 from tessera.edge.privacy import forbid_tracking
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.security.passwords import normalise_password
@@ -215,50 +205,3 @@ async def delete_session(session_id: str, user: CurrentUser, t: TesseraDep) -> R
                                                                   "ended_by_user"):
         raise Problem(404, "not_found", "No such session of yours.")
     return Response(status_code=204, headers=NO_STORE)
-
-
-def check_service_key(request: Request, t: TesseraDep) -> None:
-    auth = request.headers.get("authorization", "")
-    scheme, _, presented = auth.partition(" ")
-    presented = presented.strip()
-    ok = False
-    for key in t.settings.service_keys:  # no early exit: every key is compared
-        ok |= bool(presented) and hmac.compare_digest(presented.encode(),
-                                                     key.get_secret_value().encode())
-    if scheme.lower() != "bearer" or not ok:
-        raise Problem(401, "invalid_client", "A valid service key is required.",
-                      headers={"WWW-Authenticate": 'Bearer realm="tessera-services"'})
-
-
-_INTROSPECT_BODY = {
-    "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {
-        "schema": {"type": "object", "required": ["token"], "properties": {
-            "token": {"type": "string", "maxLength": 4096},
-            "token_type_hint": {"type": "string"}}}}}}}
-
-
-@router.post("/introspect", openapi_extra=_INTROSPECT_BODY,
-             responses=problem_doc({401: "invalid_client"}))
-async def introspect(request: Request, t: TesseraDep) -> JSONResponse:
-    """RFC 7662. Active while the session exists: the same check every endpoint makes."""
-    check_service_key(request, t)
-    # A urlencoded body of one field, parsed here: cheaper than the multipart form machinery
-    # on a path other services call for every request they serve.
-    try:
-        fields = parse_qs((await request.body()).decode(), max_num_fields=4)
-    except (UnicodeDecodeError, ValueError):
-        raise Problem(400, "malformed_body", "The body must be a urlencoded form.") from None
-    token = fields.get("token", [""])[0]
-    if len(token) > 4096:
-        return JSONResponse({"active": False}, headers=NO_STORE)
-    raise_handed_over(request)
-    principal = await lookup_token(t, token)
-    if principal is None or principal.profile is None or principal.claims is None:
-        return JSONResponse({"active": False}, headers=NO_STORE)
-    profile, record, raw = principal.profile, principal.session, principal.claims
-    return JSONResponse({
-        "active": True, "sub": record.user_id, "sid": record.sid, "exp": raw.get("exp"),
-        "iat": raw.get("iat"), "iss": raw.get("iss"), "aud": raw.get("aud"),
-        "jti": raw.get("jti"), "token_type": "Bearer",
-        "policy_accepted": not must_consent(profile["policy_seq"], await t.policy.get()),
-    }, headers=NO_STORE)

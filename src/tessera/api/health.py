@@ -15,11 +15,6 @@ from tessera.errors import problem_body, problem_doc, problem_responses
 router = APIRouter(tags=["operations"], responses=problem_responses(503))
 
 
-@router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
-
-
 async def _check(coro: object) -> str:
     try:
         await asyncio.wait_for(coro, timeout=2)  # type: ignore[arg-type]

@@ -18,7 +18,6 @@ from tessera.api.deps import (
     CurrentUser,
     CurrentUserAnyPolicy,
     DbDep,
-    ProfileAnyPolicy,
     TesseraDep,
 )
 from tessera.api.schemas import SafeStr
@@ -122,12 +121,6 @@ def privacy_request_view(row: PrivacyRequest) -> dict[str, Any]:
             "due_at": rfc3339(row.due_at),
             "resolved_at": rfc3339(row.resolved_at) if row.resolved_at else None,
             "resolution": row.resolution}
-
-
-@router.get("")
-async def get_me(profile: ProfileAnyPolicy) -> Response:
-    # Served from the profile cached in Redis: no database read on this hot path.
-    return Response(json.dumps(profile["me"]), media_type="application/json", headers=NO_STORE)
 
 
 @router.patch("", responses=problem_doc({409: "email_taken"}))

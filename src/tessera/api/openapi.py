@@ -14,6 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
 from tessera.api.deps import USER_AUTH_DEPENDENCIES
+from tessera.api.lean import OPENAPI as LEAN_OPERATIONS
 
 SCHEME = "OAuth2PasswordBearer"
 
@@ -23,7 +24,7 @@ def _uses_user_auth(dependant: Dependant) -> bool:
                for dep in dependant.dependencies)
 
 
-def _api_routes(routes: list[Any]) -> list[APIRoute]:
+def api_routes(routes: list[Any]) -> list[APIRoute]:
     """Every APIRoute, also inside included routers (routers are included without a prefix
     of their own here, so a route's path is the full path)."""
     found: list[APIRoute] = []
@@ -31,7 +32,7 @@ def _api_routes(routes: list[Any]) -> list[APIRoute]:
         if isinstance(route, APIRoute):
             found.append(route)
         elif (inner := getattr(route, "original_router", None)) is not None:
-            found.extend(_api_routes(inner.routes))
+            found.extend(api_routes(inner.routes))
     return found
 
 
@@ -43,12 +44,15 @@ def install_openapi(app: FastAPI) -> None:
                              description=app.description, routes=app.routes)
         schema.setdefault("components", {}).setdefault("securitySchemes", {})[SCHEME] = {
             "type": "oauth2", "flows": {"password": {"tokenUrl": "/auth/login", "scopes": {}}}}
-        for route in _api_routes(app.routes):
+        for route in api_routes(app.routes):
             if _uses_user_auth(route.dependant):
                 for method in route.methods or ():
                     operation = schema["paths"].get(route.path_format, {}).get(method.lower())
                     if operation is not None:
                         operation["security"] = [{SCHEME: []}]
+        for path, operations in LEAN_OPERATIONS.items():  # the plain ASGI endpoints
+            schema["paths"].setdefault(path, {}).update(operations)
+        schema["paths"] = dict(sorted(schema["paths"].items()))
         app.openapi_schema = schema
         return schema
 

@@ -24,8 +24,8 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from tessera.api.auth import check_service_key
 from tessera.api.deps import TesseraDep
+from tessera.api.lean import require_service_key
 from tessera.errors import Problem
 from tessera.stores.redis import AnyRedis
 from tessera.stores.sessions import REVOCATION_CHANNEL
@@ -288,7 +288,7 @@ class EventStreamResponse(StreamingResponse):
 )
 async def revocations(request: Request, t: TesseraDep) -> EventStreamResponse:
     """Follow session deletions, to reject logged-out tokens that are verified locally."""
-    check_service_key(request, t)
+    require_service_key(request.scope, t, {})
     hub = revocation_hub(request.app, t.redis)
     try:
         client = await hub.join()

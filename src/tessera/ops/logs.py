@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from tessera.edge.middleware import request_id_var
+from tessera.edge.edge import request_id_var
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,0 +1,242 @@
+"""The endpoints other services and proxies call on every request they serve, written once
+each as plain ASGI handlers: `GET /me` (bearer or cookie), `POST /auth/introspect` and
+`GET /healthz`. FastAPI's routing and dependency solving cost more than their own work (one
+batched Redis read, done by the edge), so they skip it; they are declared in the OpenAPI
+schema like every other route (`OPENAPI`), and answer through the same edge (privacy
+headers, usage log, metrics) and the same problem rendering (errors.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tessera.domain.auth import MAX_TOKEN_LENGTH, Principal
+from tessera.domain.policy import must_consent
+from tessera.edge.edge import PRINCIPAL, PRINCIPAL_ERROR, ROUTE_KEY
+from tessera.edge.privacy import attribute_usage
+from tessera.errors import (
+    PROBLEM_SCHEMA,
+    Problem,
+    not_authenticated,
+    problem_response,
+    unavailable_errors,
+    unavailable_response,
+)
+from tessera.services import Tessera
+
+log = logging.getLogger("tessera.lean")
+
+Handler = Callable[[Scope, Receive, Tessera], Awaitable[Response]]
+NO_STORE = {"Cache-Control": "no-store"}
+_JSON = "application/json"
+
+
+def _json(body: bytes, status: int = 200) -> Response:
+    return Response(body, status_code=status, media_type=_JSON, headers=NO_STORE)
+
+
+def _principal(scope: Scope) -> Principal | None:
+    state = scope.get("state", {})
+    error = state.pop(PRINCIPAL_ERROR, None)
+    if error is not None:
+        raise error
+    principal: Principal | None = state.get(PRINCIPAL)
+    if principal is not None:
+        attribute_usage(scope, principal.user_id)
+    return principal
+
+
+async def get_me(scope: Scope, receive: Receive, t: Tessera) -> Response:
+    principal = _principal(scope)
+    if principal is None:
+        raise not_authenticated()
+    # Served from the profile cached in Redis: no database read on this hot path.
+    return _json(json.dumps(principal.profile.me).encode())
+
+
+async def healthz(scope: Scope, receive: Receive, t: Tessera) -> Response:
+    return _json(b'{"status":"ok"}')
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None  # the client left mid-body
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _service_key_ok(t: Tessera, presented: str) -> bool:
+    ok = False
+    for key in t.settings.service_keys:  # no early exit: every key is compared
+        ok |= bool(presented) and hmac.compare_digest(presented.encode(),
+                                                     key.get_secret_value().encode())
+    return ok
+
+
+def _client_secret(scope: Scope, fields: dict[str, list[str]]) -> str:
+    """The service key, by `Authorization: Bearer`, HTTP Basic (`client_secret_basic`: any
+    client id, the key as the secret) or the `client_secret` form field
+    (`client_secret_post`)."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, credentials = value.decode("latin-1").partition(" ")
+            scheme, credentials = scheme.lower(), credentials.strip()
+            if scheme == "bearer":
+                return credentials
+            if scheme == "basic":
+                try:
+                    decoded = base64.b64decode(credentials, validate=True).decode()
+                except (binascii.Error, UnicodeDecodeError):
+                    return ""
+                # RFC 6749 2.3.1: both parts are form-urlencoded before the Basic encoding.
+                return unquote(decoded.partition(":")[2].replace("+", " "))
+            return ""
+    return fields.get("client_secret", [""])[0]
+
+
+def require_service_key(scope: Scope, t: Tessera, fields: dict[str, list[str]]) -> None:
+    """Introspection and the revocation feed are for services holding a service key."""
+    if not _service_key_ok(t, _client_secret(scope, fields)):
+        raise Problem(401, "invalid_client", "A valid service key is required.",
+                      headers={"WWW-Authenticate": 'Bearer realm="tessera-services", '
+                                                       'Basic realm="tessera-services"'})
+
+
+async def introspect(scope: Scope, receive: Receive, t: Tessera) -> Response:
+    """RFC 7662. Active while the session exists: the same check every endpoint makes."""
+    body = await _read_body(receive)
+    if body is None:
+        return Response(status_code=400)
+    # A urlencoded body of a few fields, parsed here: cheaper than the form machinery.
+    try:
+        fields = parse_qs(body.decode(), max_num_fields=8)
+    except (UnicodeDecodeError, ValueError):
+        raise Problem(400, "malformed_body", "The body must be a urlencoded form.") from None
+    require_service_key(scope, t, fields)
+    tokens = fields.get("token")
+    if not tokens or not tokens[0]:
+        raise Problem(400, "invalid_request", "The form field `token` is required (RFC 7662).")
+    token = tokens[0]
+    principal = await t.auth.check(token) if len(token) <= MAX_TOKEN_LENGTH else None
+    if principal is None:
+        return _json(b'{"active":false}')
+    raw = principal.claims
+    return JSONResponse({
+        "active": True, "sub": principal.user_id, "sid": principal.sid, "exp": raw.get("exp"),
+        "iat": raw.get("iat"), "iss": raw.get("iss"), "aud": raw.get("aud"),
+        "jti": raw.get("jti"), "token_type": "Bearer",
+        "policy_accepted": not must_consent(principal.profile.policy_seq, await t.policy.get()),
+    }, headers=NO_STORE)
+
+
+ROUTES: dict[tuple[str, str], Handler] = {
+    ("GET", "/me"): get_me,
+    ("POST", "/auth/introspect"): introspect,
+    ("GET", "/healthz"): healthz,
+}
+
+
+class LeanRoutes:
+    """Dispatches the few lean endpoints; everything else goes to FastAPI's stack."""
+
+    def __init__(self, app: ASGIApp, tessera: Callable[[], Tessera],
+                 other_paths: set[str]) -> None:
+        self.app = app
+        self.tessera = tessera
+        # Paths only a lean handler serves: another method there is 405, as FastAPI says it.
+        self.allow: dict[str, str] = {}
+        for _method, path in ROUTES:
+            if path not in other_paths:
+                methods = {m for m, p in ROUTES if p == path}
+                self.allow[path] = ", ".join(sorted(methods))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root):]
+            handler = ROUTES.get((scope["method"], path))
+            if handler is not None:
+                scope[ROUTE_KEY] = path
+                await (await self._answer(handler, scope, receive))(scope, receive, send)
+                return
+            allowed = self.allow.get(path)
+            if allowed is not None:
+                await problem_response(405, "method_not_allowed", "Method Not Allowed",
+                                       {"Allow": allowed})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    async def _answer(self, handler: Handler, scope: Scope, receive: Receive) -> Response:
+        try:
+            return await handler(scope, receive, self.tessera())
+        except Problem as problem:
+            return problem_response(problem.status, problem.code, problem.detail,
+                                    problem.headers, **problem.extra)
+        except unavailable_errors() as exc:
+            log.warning("backing store unavailable on %s: %s", scope["path"], type(exc).__name__)
+            return unavailable_response()
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            return problem_response(500, "internal_error",
+                                    "The server could not complete the request.")
+
+
+def _problems(*statuses: tuple[int, str]) -> dict[str, Any]:
+    return {str(status): {"description": description, "content": {
+        "application/problem+json": {"schema": PROBLEM_SCHEMA}}}
+        for status, description in statuses}
+
+
+_UNAVAILABLE = (503, "unavailable: a backing service is down")
+
+# The lean endpoints' OpenAPI operations (merged into the schema in api/openapi.py).
+OPENAPI: dict[str, dict[str, Any]] = {
+    "/me": {"get": {
+        "tags": ["me"], "summary": "Get Me", "operationId": "get_me",
+        "description": "The logged-in user's account, served from the profile cached beside "
+                       "the session (no database read).",
+        "security": [{"OAuth2PasswordBearer": []}],
+        "responses": {"200": {"description": "the account", "content": {_JSON: {"schema": {
+            "type": "object", "properties": {
+                "id": {"type": "string"}, "email": {"type": "string"},
+                "created_at": {"type": "string", "format": "date-time"},
+                "is_active": {"type": "boolean"}, "is_admin": {"type": "boolean"},
+                "policy_version": {"type": ["string", "null"]},
+                "consents": {"type": "object"}, "restrictions": {"type": "object"}}}}}},
+            **_problems((401, "not_authenticated"), _UNAVAILABLE)}}},
+    "/auth/introspect": {"post": {
+        "tags": ["auth"], "summary": "Introspect", "operationId": "introspect",
+        "description": "RFC 7662 token introspection for services. Client authentication: "
+                       "`Authorization: Bearer <service key>`, HTTP Basic (any client id, a "
+                       "service key as the secret) or `client_id`/`client_secret` form fields.",
+        "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {
+            "schema": {"type": "object", "required": ["token"], "properties": {
+                "token": {"type": "string", "maxLength": MAX_TOKEN_LENGTH},
+                "token_type_hint": {"type": "string"}, "client_id": {"type": "string"},
+                "client_secret": {"type": "string"}}}}}},
+        "responses": {"200": {"description": "`{active: true, sub, sid, ...}` or exactly "
+                                             "`{\"active\": false}`",
+                              "content": {_JSON: {"schema": {"type": "object"}}}},
+                      **_problems((400, "invalid_request (no token) or malformed_body"),
+                                  (401, "invalid_client"), _UNAVAILABLE)}}},
+    "/healthz": {"get": {
+        "tags": ["operations"], "summary": "Healthz", "operationId": "healthz",
+        "responses": {"200": {"description": "the process runs", "content": {_JSON: {
+            "schema": {"type": "object", "properties": {"status": {"const": "ok"}}}}}}}}},
+}
