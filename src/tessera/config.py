@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # How long the JWKS and the current signing key are cached in-process.
     keys_cache_seconds: float = Field(30.0, ge=0)
     log_level: str = "info"
+    # How long a command waits at start for an unreachable database or Redis (saying so in
+    # one line) before it gives up with exit code 1.
+    startup_wait_seconds: float = Field(30.0, ge=0)
 
     @field_validator("service_keys", "cors_origins", mode="before")
     @classmethod

@@ -13,6 +13,7 @@ import typer
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tessera.config import Settings
+from tessera.ops.startup import load_settings, wait_for_redis, with_retries
 
 T = TypeVar("T")
 
@@ -38,9 +39,11 @@ def serve(
     from tessera.ops.embedded import EmbeddedRedis
     from tessera.ops.logs import configure_logging
 
-    settings = Settings()
+    settings = load_settings()
     configure_logging(settings.log_level)
-    migrate.upgrade(settings)
+    if settings.redis_url:
+        wait_for_redis(settings.redis_url, settings.startup_wait_seconds)
+    _migrate(settings)
     embedded = None
     if settings.embedded_redis:
         # Started once here, so every worker shares one embedded Redis.
@@ -62,22 +65,53 @@ def serve(
 @cli.command()
 def migrate() -> None:
     """Upgrade the configured database to the newest schema (alembic upgrade head)."""
-    from tessera.ops import migrate as migrations
-
-    migrations.upgrade(Settings())
+    _migrate(load_settings())
     typer.echo("database is at the newest schema")
 
 
-async def _with_db(fn: Callable[[Settings, AsyncSession], Awaitable[T]]) -> T:
+def _migrate(settings: Settings) -> None:
+    """Every command that touches the database brings it to the newest schema first,
+    waiting (one line per reason) for a database that is not reachable yet."""
+    from tessera.ops import migrate as migrations
+    from tessera.ops.startup import where
+
+    with_retries(f"the database at {where(settings.resolved_database_url)}",
+                 lambda: migrations.upgrade(settings), wait_seconds=settings.startup_wait_seconds)
+
+
+def _with_db(fn: Callable[[Settings, AsyncSession], Awaitable[T]]) -> T:
+    """Settings checked, the database migrated (or waited for), then `fn` with a `db`."""
     from tessera.stores.db import create_engine, session_factory
 
-    settings = Settings()
-    engine = create_engine(settings.resolved_database_url)
+    settings = load_settings()
+    _migrate(settings)
+
+    async def run() -> T:
+        engine = create_engine(settings.resolved_database_url)
+        try:
+            async with session_factory(engine)() as db:
+                return await fn(settings, db)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+async def _forget_cached_profile(settings: Settings, user_id: str) -> None:
+    """A change made here must reach `GET /me` at once, as a change through the API does."""
+    from tessera.domain.profiles import ProfileCache
+    from tessera.ops.embedded import EmbeddedRedis
+    from tessera.stores.redis import create_redis
+
+    embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir)
+    url = settings.redis_url or embedded.start()  # type: ignore[union-attr]
+    redis = create_redis(url)
     try:
-        async with session_factory(engine)() as db:
-            return await fn(settings, db)
+        await ProfileCache(redis).invalidate(user_id)
     finally:
-        await engine.dispose()
+        await redis.aclose()
+        if embedded is not None:
+            embedded.stop()  # only if this command started it
 
 
 @cli.command("create-admin")
@@ -85,11 +119,7 @@ def create_admin(email: str) -> None:
     """Create an admin (password from TESSERA_ADMIN_PASSWORD or a prompt), or promote a user."""
     from tessera.domain import accounts
     from tessera.domain.policy import load_policy_state
-    from tessera.ops import migrate as migrations
     from tessera.security.passwords import PasswordHasher, normalise_password
-
-    settings = Settings()
-    migrations.upgrade(settings)
 
     async def run(settings: Settings, db: AsyncSession) -> str:
         user = await accounts.find_by_email(db, email)
@@ -98,6 +128,7 @@ def create_admin(email: str) -> None:
             db.add(user)
             await accounts.audit(db, "admin_promoted", user_id=user.id, commit=False)
             await db.commit()
+            await _forget_cached_profile(settings, user.id)
             return f"promoted {user.id} to admin"
         raw = (settings.admin_password.get_secret_value() if settings.admin_password
                else typer.prompt("Password", hide_input=True, confirmation_prompt=True))
@@ -117,7 +148,7 @@ def create_admin(email: str) -> None:
         validate_email(email, check_deliverability=False)
     except EmailNotValidError as exc:
         raise typer.BadParameter(str(exc)) from None
-    typer.echo(asyncio.run(_with_db(run)))
+    typer.echo(_with_db(run))
 
 
 @keys_cli.command("rotate")
@@ -131,7 +162,7 @@ def rotate() -> None:
         cipher = KeyCipher(load_or_create_secret(settings))
         return await create_signing_key(db, cipher, ttl_seconds=settings.session_ttl_seconds)
 
-    kid = asyncio.run(_with_db(run))
+    kid = _with_db(run)
     typer.echo(f"new current signing key: {kid}")
 
 
@@ -146,7 +177,7 @@ def purge() -> None:
         keys = await purge_expired_keys(db)
         return f"purged {events} usage events and {keys} expired signing keys"
 
-    typer.echo(asyncio.run(_with_db(run)))
+    typer.echo(_with_db(run))
 
 
 def main() -> None:
