@@ -35,7 +35,6 @@ def serve(
     """Apply pending migrations, then serve (uvloop, httptools, no access log)."""
     import uvicorn
 
-    from tessera.ops import migrate
     from tessera.ops.embedded import EmbeddedRedis
     from tessera.ops.logs import configure_logging
 
