@@ -6,7 +6,7 @@ by introspection, and kept current by the revocation feed: sessions deleted on t
 (logout, logout-all, password change, deactivation) are remembered until their tokens
 expire, so a logged-out token is refused here within a second without a call per request.
 
-Imports only PyJWT, httpx and FastAPI: no tessera server code.
+Imports only PyJWT and httpx (and FastAPI, with the `fastapi` extra): no tessera server code.
 """
 
 from __future__ import annotations
@@ -24,8 +24,14 @@ from typing import Annotated, Any, Literal
 
 import httpx
 import jwt
-from fastapi import Depends, HTTPException
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+try:  # the `fastapi` extra: `Depends(verifier)`; without it, `await verifier.verify(token)`
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+except ImportError:  # pragma: no cover - checked by .ci/wheel-check
+    HAS_FASTAPI = False
+else:
+    HAS_FASTAPI = True
 
 log = logging.getLogger("tessera_verify")
 
@@ -62,7 +68,8 @@ class Claims:
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
-_bearer = HTTPBearer(auto_error=False, description="An access token issued by tessera")
+_bearer = (HTTPBearer(auto_error=False, description="An access token issued by tessera")
+           if HAS_FASTAPI else None)
 
 
 class TesseraVerifier:
