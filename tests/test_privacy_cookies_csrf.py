@@ -127,3 +127,22 @@ async def test_csrf_token_is_also_given_to_the_page(app: FastAPI) -> None:
         ok = await client.post("/auth/logout-all", headers={"X-CSRF-Token": body["csrf_token"]})
         assert ok.status_code == 204
         assert_problem(await client.get("/auth/csrf"), 401, "not_authenticated")
+
+
+async def test_a_restricted_user_is_untracked_on_every_answer(app: FastAPI) -> None:
+    """The tracking decision comes first: a 404, a CSRF failure and a public route of a
+    restricted user's cookie session say Tk: N and set no visitor cookie."""
+    async with client_for(app) as client:
+        user = await register(client)
+        await login(client, user["email"])
+        csrf = client.cookies["csrf"]
+        restricted = await client.put("/me/restrictions", headers={"X-CSRF-Token": csrf}, json={
+            "restrict_processing": False, "object_to_processing": True})
+        assert restricted.status_code == 200, restricted.text
+        client.cookies.delete("visitor")
+        for response in (await client.get("/no-such-route"),
+                         await client.post("/auth/logout-all"),  # no CSRF header: 403
+                         await client.get("/policy")):
+            assert response.headers["tk"] == "N", (response.status_code, response.text)
+            assert "visitor" not in set_cookies(response)
+        assert (await client.post("/auth/logout-all")).status_code == 403

@@ -72,14 +72,7 @@ async def mark_minor(user_id: UserId, admin: AdminUser, db: DbDep, t: TesseraDep
 
 @router.post("/users/{user_id}/reactivate", status_code=204, response_class=Response)
 async def reactivate(user_id: UserId, admin: AdminUser, db: DbDep, t: TesseraDep) -> Response:
-    user = await _target(db, user_id)
-    user.is_active = True
-    user.deactivated_at = None
-    user.updated_at = accounts.utcnow()
-    db.add(user)
-    await accounts.audit(db, "reactivated", user_id=user.id, actor_id=admin.id, commit=False)
-    await db.commit()
-    await t.profiles.invalidate(user.id)
+    await accounts.reactivate(t, db, await _target(db, user_id), actor_id=admin.id)
     return Response(status_code=204)
 
 

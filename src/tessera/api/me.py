@@ -22,7 +22,6 @@ from tessera.api.deps import (
 )
 from tessera.api.schemas import SafeStr
 from tessera.domain import accounts, consents, privacy_requests
-from tessera.domain.policy import accept_policy
 from tessera.domain.profiles import account_view
 from tessera.edge.privacy import attribute_usage
 from tessera.errors import Problem, problem_doc, problem_responses
@@ -109,9 +108,8 @@ def restrictions_view(user: User) -> dict[str, bool]:
             "object_to_processing": user.object_to_processing}
 
 
-async def fresh_view(t: Tessera, db: AsyncSession, user: User) -> dict[str, Any]:
-    """After a change: drop the cached profile and answer from the database."""
-    await t.profiles.invalidate(user.id)
+async def fresh_view(db: AsyncSession, user: User) -> dict[str, Any]:
+    """After a change: the account as the database now holds it."""
     return account_view(user, await consents.current_consents(db, user.id))
 
 
@@ -126,10 +124,10 @@ def privacy_request_view(row: PrivacyRequest) -> dict[str, Any]:
 @router.patch("", responses=problem_doc({409: "email_taken"}))
 async def update_me(body: EmailIn, user: CurrentUser, db: DbDep, t: TesseraDep,
                     response: Response) -> dict[str, Any]:
-    user = await accounts.change_email(db, user, str(body.email))
+    user = await accounts.change_email(t, db, user, str(body.email))
     await accounts.audit(db, "email_changed", user_id=user.id)
     response.headers.update(NO_STORE)
-    return await fresh_view(t, db, user)
+    return await fresh_view(db, user)
 
 
 @router.post("/password", status_code=204, response_class=Response,
@@ -215,10 +213,7 @@ async def get_consents(user: CurrentUser, db: DbDep, response: Response) -> dict
 async def put_consent(purpose: Annotated[str, Path(max_length=64)], body: ConsentIn,
                       user: CurrentUser, db: DbDep, t: TesseraDep,
                       response: Response) -> dict[str, Any]:
-    await consents.set_consent(db, user.id, purpose, body.granted)
-    await t.profiles.invalidate(user.id)
-    await accounts.audit(db, "consent_" + ("granted" if body.granted else "withdrawn"),
-                         user_id=user.id, detail=purpose)
+    await accounts.set_consent(t, db, user, purpose, body.granted)
     response.headers.update(NO_STORE)
     return {"purposes": await consents.current_consents(db, user.id)}
 
@@ -226,13 +221,8 @@ async def put_consent(purpose: Annotated[str, Path(max_length=64)], body: Consen
 @router.put("/restrictions")
 async def put_restrictions(body: RestrictionsIn, user: CurrentUser, db: DbDep, t: TesseraDep,
                            response: Response) -> dict[str, bool]:
-    user.restrict_processing = body.restrict_processing
-    user.object_to_processing = body.object_to_processing
-    user.updated_at = accounts.utcnow()
-    db.add(user)
-    await accounts.audit(db, "restrictions_changed", user_id=user.id, commit=False)
-    await db.commit()
-    await t.profiles.invalidate(user.id)
+    user = await accounts.set_restrictions(t, db, user, restrict=body.restrict_processing,
+                                           object_to=body.object_to_processing)
     response.headers.update(NO_STORE)
     return restrictions_view(user)
 
@@ -241,10 +231,7 @@ async def put_restrictions(body: RestrictionsIn, user: CurrentUser, db: DbDep, t
              responses=problem_doc({409: "policy_outdated"}))
 async def policy_consent(body: PolicyConsentIn, user: CurrentUserAnyPolicy, db: DbDep,
                          t: TesseraDep) -> Response:
-    t.policy.invalidate()
-    await accept_policy(db, user, body.version, await t.policy.get())
-    await t.profiles.invalidate(user.id)
-    await accounts.audit(db, "policy_accepted", user_id=user.id, detail=body.version)
+    await accounts.accept_policy(t, db, user, body.version)
     return Response(status_code=204, headers=NO_STORE)
 
 

@@ -118,7 +118,56 @@ async def audit(db: AsyncSession, event: str, *, user_id: str | None = None,
         await db.commit()
 
 
-async def change_email(db: AsyncSession, user: User, email: str) -> User:
+async def user_changed(t: Tessera, user_id: str) -> None:
+    """After a committed change to a user (their row, consents, policy acceptance): the
+    cached profile (GET /me, the tracking decision, the policy gate) is dropped, so the next
+    request sees the change. Every write to a user goes through a function here that ends
+    with this; routes never touch the cache."""
+    await t.profiles.invalidate(user_id)
+
+
+async def set_restrictions(t: Tessera, db: AsyncSession, user: User, *, restrict: bool,
+                           object_to: bool) -> User:
+    user.restrict_processing = restrict
+    user.object_to_processing = object_to
+    user.updated_at = utcnow()
+    db.add(user)
+    await audit(db, "restrictions_changed", user_id=user.id, commit=False)
+    await db.commit()
+    await user_changed(t, user.id)
+    return user
+
+
+async def set_consent(t: Tessera, db: AsyncSession, user: User, purpose: str,
+                      granted: bool) -> None:
+    from tessera.domain import consents
+
+    await consents.set_consent(db, user.id, purpose, granted)
+    await user_changed(t, user.id)
+    await audit(db, "consent_" + ("granted" if granted else "withdrawn"), user_id=user.id,
+                detail=purpose)
+
+
+async def accept_policy(t: Tessera, db: AsyncSession, user: User, version: str) -> None:
+    from tessera.domain.policy import accept_policy as record_acceptance
+
+    t.policy.invalidate()
+    await record_acceptance(db, user, version, await t.policy.get())
+    await user_changed(t, user.id)
+    await audit(db, "policy_accepted", user_id=user.id, detail=version)
+
+
+async def reactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str) -> None:
+    user.is_active = True
+    user.deactivated_at = None
+    user.updated_at = utcnow()
+    db.add(user)
+    await audit(db, "reactivated", user_id=user.id, actor_id=actor_id, commit=False)
+    await db.commit()
+    await user_changed(t, user.id)
+
+
+async def change_email(t: Tessera, db: AsyncSession, user: User, email: str) -> User:
     key = email_key(email)
     if key != user.email_key:
         other = await find_by_email(db, email)
@@ -132,6 +181,7 @@ async def change_email(db: AsyncSession, user: User, email: str) -> User:
         await db.rollback()
         raise Problem(409, "email_taken", "An account with this email exists.") from None
     await db.refresh(user)
+    await user_changed(t, user.id)
     return user
 
 
@@ -153,7 +203,7 @@ async def deactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str 
     db.add(user)
     await audit(db, "deactivated", user_id=user.id, actor_id=actor_id, commit=False)
     await db.commit()
-    await t.profiles.invalidate(user.id)
+    await user_changed(t, user.id)
     await revoke_all_sessions(t, user.id, "deactivated")
 
 
@@ -180,7 +230,7 @@ async def delete_account(t: Tessera, db: AsyncSession, user: User) -> None:
     await db.delete(user)
     await audit(db, "account_deleted", commit=False)
     await db.commit()
-    await t.profiles.invalidate(user_id)
+    await user_changed(t, user_id)
     await revoke_all_sessions(t, user_id, "account_deleted")  # any login that raced the delete
 
 
@@ -195,5 +245,5 @@ async def erase_minor(t: Tessera, db: AsyncSession, user: User, *, actor_id: str
     await _erase_personal_rows(db, user.id)
     await audit(db, "minor_erased", user_id=user.id, actor_id=actor_id, commit=False)
     await db.commit()
-    await t.profiles.invalidate(user.id)
+    await user_changed(t, user.id)
     await revoke_all_sessions(t, user.id, "minor_erased")
