@@ -116,6 +116,7 @@ async def test_security_events_are_audited_by_user_id_never_email(app: FastAPI, 
     await client.post("/me/password", headers=bearer(token),
                       json={"current_password": PASSWORD, "new_password": "another passphrase"})
     await client.post("/auth/logout", headers=bearer(token))
+    await app.state.tessera.audit_trail.flush()  # logouts are audited off the request path
     async with app.state.tessera.db_factory() as db:
         rows = (await db.exec(select(AuditEvent).where(AuditEvent.user_id == user["id"])
                               .order_by(col(AuditEvent.id)))).all()
@@ -124,6 +125,24 @@ async def test_security_events_are_audited_by_user_id_never_email(app: FastAPI, 
                      ("password_changed", None), ("logout", None)):
         assert expected in events, events
     assert all(user["email"] not in (r.detail or "") for r in rows)
+
+
+async def test_a_buffered_logout_event_is_exported_and_anonymised_with_the_account(
+        app: FastAPI, client) -> None:
+    user, token = await registered_token(client)
+    second = (await login(client, user["email"])).json()["access_token"]
+    assert (await client.post("/auth/logout", headers=bearer(token))).status_code == 204
+    export = (await client.get("/me/export", headers=bearer(second))).json()
+    assert "logout" in [e["event"] for e in export["security_events"]]  # flushed for it
+    await client.post("/auth/logout-all", headers=bearer(second))  # buffered, not yet written
+    third = (await login(client, user["email"])).json()["access_token"]
+    deleted = await client.request("DELETE", "/me", headers=bearer(third),
+                                   json={"password": PASSWORD})
+    assert deleted.status_code == 204
+    await app.state.tessera.audit_trail.flush()
+    async with app.state.tessera.db_factory() as db:
+        left = (await db.exec(select(AuditEvent).where(AuditEvent.user_id == user["id"]))).all()
+    assert left == []  # the buffered logout-all was written, then anonymised with the rest
 
 
 # --- faults ----------------------------------------------------------------------------------

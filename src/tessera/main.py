@@ -28,6 +28,7 @@ from tessera.ops.embedded import EmbeddedRedis
 from tessera.security.passwords import PasswordHasher
 from tessera.security.secret import load_or_create_secret
 from tessera.services import Tessera
+from tessera.stores.audit import AuditTrail
 from tessera.stores.db import create_engine, session_factory
 from tessera.stores.keys import KeyCipher, KeyRing, derive_key
 from tessera.stores.ratelimit import AttemptLimiter
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
     metrics = Metrics()
     usage = UsageRecorder(db_factory, flush_events=settings.usage_flush_events,
                           flush_seconds=settings.usage_flush_seconds)
+    audit_trail = AuditTrail(db_factory, flush_seconds=settings.usage_flush_seconds)
 
     @asynccontextmanager
     async def lifespan(app: TesseraApp) -> AsyncIterator[None]:
@@ -89,9 +91,11 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
                 policy=PolicyCache(db_factory), csrf_key=derive_key(secret, b"csrf"),
                 token_key=token_key,
                 limiter=AttemptLimiter(redis, derive_key(secret, b"rate-limit")),
-                profiles=profiles, auth=checker, embedded_redis=embedded)
+                profiles=profiles, auth=checker, audit_trail=audit_trail,
+                embedded_redis=embedded)
             edge.checker = checker
             usage.start()
+            audit_trail.start()
             yield
         finally:
             edge.checker = None
@@ -100,6 +104,7 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
                 started.hasher.close()
             await revocations.close_revocation_hub(app)  # end open feeds and the subscription
             await usage.stop()
+            await audit_trail.stop()
             await redis.aclose()
             await engine.dispose()
             if embedded is not None:

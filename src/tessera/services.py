@@ -15,6 +15,7 @@ from tessera.domain.profiles import ProfileCache
 from tessera.metrics import Metrics
 from tessera.ops.embedded import EmbeddedRedis
 from tessera.security.passwords import PasswordHasher
+from tessera.stores.audit import AuditTrail
 from tessera.stores.keys import KeyRing
 from tessera.stores.ratelimit import AttemptLimiter
 from tessera.stores.redis import AnyRedis
@@ -40,4 +41,5 @@ class Tessera:
     limiter: AttemptLimiter
     profiles: ProfileCache
     auth: TokenChecker
+    audit_trail: AuditTrail
     embedded_redis: EmbeddedRedis | None = field(default=None)

@@ -164,19 +164,19 @@ async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
 
 
 @router.post("/logout", status_code=204, response_class=Response)
-async def logout(principal: OptionalSession, db: DbDep, t: TesseraDep) -> Response:
+async def logout(principal: OptionalSession, t: TesseraDep) -> Response:
     response = Response(status_code=204, headers=NO_STORE)
     if principal is not None:
         await accounts.revoke_session(t, principal.user_id, principal.sid, "logout")
-        await accounts.audit(db, "logout", user_id=principal.user_id)
+        accounts.audit_later(t, "logout", user_id=principal.user_id)
     clear_login_cookies(response, t.settings)
     return response
 
 
 @router.post("/logout-all", status_code=204, response_class=Response)
-async def logout_all(principal: CurrentSession, db: DbDep, t: TesseraDep) -> Response:
+async def logout_all(principal: CurrentSession, t: TesseraDep) -> Response:
     await accounts.revoke_all_sessions(t, principal.user_id, "logout_all")
-    await accounts.audit(db, "logout_all", user_id=principal.user_id)
+    accounts.audit_later(t, "logout_all", user_id=principal.user_id)
     response = Response(status_code=204, headers=NO_STORE)
     clear_login_cookies(response, t.settings)
     return response

@@ -144,10 +144,11 @@ async def change_password(body: PasswordChangeIn, user: CurrentUser, principal: 
 @router.get("/export")
 async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Response:
     """Everything held on the user, as one machine-readable JSON download (P5 portability)."""
-    try:
-        await t.usage.flush()  # events still buffered on this instance are included
-    except Exception:  # the flusher retries; the export still answers with what is stored
-        log.warning("usage flush before export failed; exporting what is stored")
+    try:  # events still buffered on this instance are included
+        await t.usage.flush()
+        await t.audit_trail.flush()
+    except Exception:  # the flushers retry; the export still answers with what is stored
+        log.warning("flush before export failed; exporting what is stored")
     usage = await usage_log_of(db, user.id)
     audit_rows = (await db.exec(select(AuditEvent).where(AuditEvent.user_id == user.id)
                                 .order_by(col(AuditEvent.at), col(AuditEvent.id)))).all()

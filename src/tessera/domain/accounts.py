@@ -106,6 +106,13 @@ async def revoke_all_sessions(t: Tessera, user_id: str, reason: str,
     return count
 
 
+def audit_later(t: Tessera, event: str, *, user_id: str) -> None:
+    """A security event that needs no transaction of its own (logouts): buffered, written
+    within the flush interval, off the request's critical path (stores/audit.py)."""
+    audit_log.info("%s", event, extra={"audit": {"event": event, "user_id": user_id}})
+    t.audit_trail.record(event, user_id=user_id)
+
+
 async def audit(db: AsyncSession, event: str, *, user_id: str | None = None,
                 actor_id: str | None = None, outcome: str | None = None,
                 detail: str | None = None, commit: bool = True) -> None:
@@ -225,6 +232,7 @@ async def delete_account(t: Tessera, db: AsyncSession, user: User) -> None:
     """P5/P9: the account, its sessions, usage log and every row tied to it are gone."""
     user_id = user.id
     await t.usage.forget(user_id)
+    await t.audit_trail.flush()  # buffered events of theirs are anonymised below too
     await revoke_all_sessions(t, user_id, "account_deleted")
     await _erase_personal_rows(db, user_id)
     await db.delete(user)
@@ -237,6 +245,7 @@ async def delete_account(t: Tessera, db: AsyncSession, user: User) -> None:
 async def erase_minor(t: Tessera, db: AsyncSession, user: User, *, actor_id: str) -> None:
     """P7: deactivate and delete the personal data, email included; the id stays as a tombstone."""
     await t.usage.forget(user.id)
+    await t.audit_trail.flush()  # buffered events of theirs are anonymised below too
     user.is_active = False
     user.email = user.email_key = user.password_hash = None
     user.restrict_processing = user.object_to_processing = False
