@@ -34,8 +34,9 @@ def totp_code(secret: str, steps_ahead: int = 0) -> str:
     return pyotp.TOTP(secret).at(time.time() + 30 * steps_ahead)
 
 
-async def enrol_totp(client: httpx.AsyncClient, token: str) -> tuple[str, list[str]]:
-    started = await client.post("/me/mfa/totp", json={"current_password": PASSWORD},
+async def enrol_totp(client: httpx.AsyncClient, token: str,
+                     **factor: Any) -> tuple[str, list[str]]:
+    started = await client.post("/me/mfa/totp", json={"current_password": PASSWORD, **factor},
                                 headers=bearer(token))
     assert started.status_code == 201, started.text
     secret = started.json()["secret"]
@@ -147,11 +148,14 @@ async def test_one_code_sent_twice_at_once_logs_in_once(client, app: FastAPI) ->
     assert sorted(a.status_code for a in answers) == [200, 401, 401, 401]
 
 
+def oathtool_code(secret: str, at: int) -> str:
+    return subprocess.run(["oathtool", "--totp", "-b", secret, "-N", f"@{at}"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
 async def test_code_from_oathtool_is_accepted(client) -> None:
     user, _, secret, _ = await user_with_totp(client)
-    now = int(time.time()) + 30  # the next step: the enrolment used this one
-    code = subprocess.run(["oathtool", "--totp", "-b", secret, "-N", f"@{now}"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    code = oathtool_code(secret, int(time.time()) + 30)  # the next step: enrolment used this
     ok = await client.post("/auth/login/mfa", json={
         "mfa_token": await mfa_token_for(client, user["email"]), "code": code})
     assert ok.status_code == 200, ok.text

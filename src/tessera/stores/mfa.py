@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlmodel import Field, SQLModel, col, delete, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tessera.stores.keys import b64url, b64url_decode, derive_key
+# A module import: stores.keys may still be initialising (it imports models, which imports us).
+from tessera.stores import keys
 from tessera.stores.models import _ts, new_id, utcnow
 
 
@@ -75,15 +76,15 @@ class SecretBox:
     the user id is bound in as associated data, so a secret moved to another row fails."""
 
     def __init__(self, secret: bytes) -> None:
-        self._aead = AESGCM(derive_key(secret, b"totp-secret-encryption"))
-        self._code_key = derive_key(secret, b"recovery-code-hash")
+        self._aead = AESGCM(keys.derive_key(secret, b"totp-secret-encryption"))
+        self._code_key = keys.derive_key(secret, b"recovery-code-hash")
 
     def encrypt(self, plaintext: str, user_id: str) -> str:
         nonce = os.urandom(12)
-        return b64url(nonce + self._aead.encrypt(nonce, plaintext.encode(), user_id.encode()))
+        return keys.b64url(nonce + self._aead.encrypt(nonce, plaintext.encode(), user_id.encode()))
 
     def decrypt(self, token: str, user_id: str) -> str:
-        raw = b64url_decode(token)
+        raw = keys.b64url_decode(token)
         return self._aead.decrypt(raw[:12], raw[12:], user_id.encode()).decode()
 
     def code_hash(self, normalised_code: str) -> str:
@@ -190,7 +191,7 @@ async def recovery_codes(db: AsyncSession, user_id: str) -> list[RecoveryCode]:
 async def webauthn_handle(db: AsyncSession, user_id: str, *, create: bool) -> str | None:
     row = await db.get(WebauthnUser, user_id)
     if row is None and create:
-        row = WebauthnUser(user_id=user_id, handle=b64url(secrets.token_bytes(32)))
+        row = WebauthnUser(user_id=user_id, handle=keys.b64url(secrets.token_bytes(32)))
         db.add(row)
         await db.commit()
     return row.handle if row else None
