@@ -197,6 +197,9 @@ async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep,
         raise mfa.invalid_mfa_token()
     user_id = str(state["uid"])
     await mfa.count_attempt(t, user_id, body.mfa_token)
+    user = await db.get(User, user_id)
+    if user is None or mfa.password_fingerprint(user) != state["pw"]:
+        raise mfa.invalid_mfa_token()  # the password changed (or the account went)
     if body.credential is not None:
         assertion = await mfa.check_assertion(t, db, body.challenge_id, body.credential,
                                               user_id=user_id)
@@ -211,9 +214,6 @@ async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep,
         raise mfa.invalid_code()
     if not await mfa.take_mfa_token(t, body.mfa_token):
         raise mfa.invalid_mfa_token()  # used meanwhile by a concurrent request
-    user = await db.get(User, user_id)
-    if user is None or mfa.password_fingerprint(user) != state["pw"]:
-        raise mfa.invalid_mfa_token()  # the password changed (or the account went)
     if not user.is_active:
         raise Problem(403, "account_inactive", "This account is deactivated.")
     await mfa.forgive_attempts(t, user_id)
