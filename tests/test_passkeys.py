@@ -223,6 +223,11 @@ async def test_without_user_verification_a_passkey_is_one_factor(client) -> None
     step = assert_problem(await client.post("/auth/passkey/login",
                                             json=await assertion(client, authenticator)),
                           401, "mfa_required")
+    assert step["methods"] == ["totp", "recovery_code"]
+    # The same passkey again is not a second factor.
+    again = await client.post("/auth/login/mfa", json={
+        "mfa_token": step["mfa_token"], **await assertion(client, authenticator)})
+    assert_problem(again, 401, "invalid_code")
     finished = await client.post("/auth/login/mfa", json={
         "mfa_token": step["mfa_token"], "code": totp_code(secret, 1)})
     assert finished.status_code == 200, finished.text
@@ -270,3 +275,44 @@ async def test_export_lists_passkeys_and_deletion_removes_them(client, app: Fast
     async with app.state.tessera.db_factory() as db:
         assert (await db.exec(select(Passkey).where(Passkey.user_id == user["id"]))).all() == []
         assert await db.get(WebauthnUser, user["id"]) is None
+
+
+async def test_erasing_a_minor_removes_every_factor(client, app: FastAPI) -> None:
+    from tessera.stores.mfa import Passkey, RecoveryCode, TotpFactor
+    from tests.test_rights import make_admin
+
+    admin = await make_admin(app, client)
+    user, token = await registered_token(client)
+    authenticator = SoftAuthenticator()
+    await add_passkey(client, token, authenticator)
+    await enrol_totp(client, token, **await assertion(client, authenticator))
+    marked = await client.post(f"/admin/users/{user['id']}/minor", headers=bearer(admin))
+    assert marked.status_code == 204
+    async with app.state.tessera.db_factory() as db:
+        assert await db.get(TotpFactor, user["id"]) is None
+        for table in (Passkey, RecoveryCode):
+            assert (await db.exec(select(table).where(table.user_id == user["id"]))).all() == []
+    gone = await client.post("/auth/passkey/login", json=await assertion(client, authenticator))
+    assert_problem(gone, 401, "invalid_credentials")
+
+
+def test_migration_0004_upgrades_and_downgrades(tmp_path, base_settings: dict[str, Any]) -> None:
+    import asyncio
+
+    from alembic import command
+
+    from tessera.ops.migrate import alembic_config
+    from tests.test_usage_segments import _execute
+
+    url = base_settings["database_url"]
+    if "postgres" in url:  # a database of this test's own: the session's one stays at head
+        asyncio.run(_execute(url, "DROP DATABASE IF EXISTS tessera_mfa_migration_test",
+                             "CREATE DATABASE tessera_mfa_migration_test", autocommit=True))
+        url = url.rsplit("/", 1)[0] + "/tessera_mfa_migration_test"
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'migrate.db'}"
+    command.upgrade(alembic_config(url), "0004")
+    assert asyncio.run(_execute(url, "SELECT count(*) FROM passkeys")) == [(0,)]
+    command.downgrade(alembic_config(url), "0002")
+    command.upgrade(alembic_config(url), "0004")
+    assert asyncio.run(_execute(url, "SELECT count(*) FROM mfa_totp")) == [(0,)]

@@ -201,6 +201,8 @@ async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep,
     if user is None or mfa.password_fingerprint(user) != state["pw"]:
         raise mfa.invalid_mfa_token()  # the password changed (or the account went)
     if body.credential is not None:
+        if "hwk" in state["amr"]:  # the first step was a passkey: the second must differ
+            raise mfa.invalid_code()
         assertion = await mfa.check_assertion(t, db, body.challenge_id, body.credential,
                                               user_id=user_id)
         earned = assertion.amr if assertion else None
@@ -251,6 +253,6 @@ async def passkey_login(body: AssertionIn, request: Request, db: DbDep,
     amr = mfa.full_amr(assertion.amr)
     if "mfa" not in amr:
         factors = await mfa.enrolled(db, user.id)
-        if factors.totp:  # one factor here; the account asks for two
-            raise await mfa.mfa_required(t, user, amr, factors)
+        if factors.totp:  # one factor here; the account asks for two: a code next
+            raise await mfa.mfa_required(t, user, amr, factors, other_than="passkey")
     return await login_response(request, t, user, amr)

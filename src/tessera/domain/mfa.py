@@ -229,7 +229,8 @@ def password_fingerprint(user: User) -> str:
     return hashlib.sha256((user.password_hash or "").encode()).hexdigest()[:32]
 
 
-async def mfa_required(t: Tessera, user: User, amr: list[str], state: Enrolled) -> Problem:
+async def mfa_required(t: Tessera, user: User, amr: list[str], state: Enrolled, *,
+                       other_than: str | None = None) -> Problem:
     """The first factor was right: a single-use token for the second step, in Redis."""
     mfa_token = secrets.token_urlsafe(32)
     record = {"uid": user.id, "amr": amr, "pw": password_fingerprint(user),
@@ -237,7 +238,8 @@ async def mfa_required(t: Tessera, user: User, amr: list[str], state: Enrolled) 
     await t.redis.set(_token_key(mfa_token), json.dumps(record),
                       ex=t.settings.mfa_token_ttl_seconds)
     return Problem(401, "mfa_required", "A second factor is needed to finish logging in.",
-                   extra={"mfa_token": mfa_token, "methods": state.methods,
+                   extra={"mfa_token": mfa_token,
+                          "methods": [m for m in state.methods if m != other_than],
                           "expires_in": t.settings.mfa_token_ttl_seconds})
 
 
