@@ -48,6 +48,7 @@ class ApiError extends Error {
     super(detail || `HTTP ${status}`);
     this.status = status;
     this.code = problem && typeof problem === "object" ? problem.code : undefined;
+    this.problem = problem && typeof problem === "object" ? problem : {};
   }
 }
 
@@ -193,6 +194,7 @@ async function refresh() {
   }
   try {
     await loadSessions();
+    await loadFactors();
   } catch (err) {
     showError(err); // e.g. 403 policy_consent_required: GET /me answers, the rest waits
   }
@@ -246,13 +248,198 @@ function onRegister(event) {
   });
 }
 
+let mfaToken = null; // between the password and the second factor (POST /auth/login/mfa)
+
 function onLogin(event) {
   event.preventDefault();
   const form = event.currentTarget;
   busy(form.querySelector("button"), async () => {
-    await api("POST", "/auth/login", { email: form.email.value.trim(), password: form.password.value });
+    try {
+      await api("POST", "/auth/login", { email: form.email.value.trim(), password: form.password.value });
+    } catch (err) {
+      if (err.code !== "mfa_required") throw err;
+      form.password.value = "";
+      askSecondFactor(err.problem);
+      return;
+    }
     form.password.value = "";
     if (await refresh() === 200) setStatus("Logged in.", "ok");
+  });
+}
+
+function askSecondFactor(problem) {
+  mfaToken = problem.mfa_token;
+  const methods = problem.methods || [];
+  $("#mfa-form").hidden = false;
+  $("#mfa-passkey").hidden = !methods.includes("passkey");
+  $("#mfa-code").focus();
+  setStatus(`Password right: now a second factor (${methods.join(", ")}).`, "info");
+}
+
+async function finishSecondStep(body) {
+  await api("POST", "/auth/login/mfa", { mfa_token: mfaToken, ...body });
+  mfaToken = null;
+  $("#mfa-form").reset();
+  $("#mfa-form").hidden = true;
+  if (await refresh() === 200) setStatus("Logged in with a second factor.", "ok");
+}
+
+function onMfaCode(event) {
+  event.preventDefault();
+  const form = event.currentTarget;
+  busy(form.querySelector("button"), () => finishSecondStep({ code: form.code.value.trim() }));
+}
+
+// ---- passkeys (WebAuthn) -----------------------------------------------------------------
+
+function withoutChallengeId(options) {
+  const { challenge_id: _, ...rest } = options;
+  return rest;
+}
+
+// A fresh assertion from one of this user's passkeys (or any, for a passkey login).
+async function passkeyAssertion() {
+  const options = await api("POST", "/auth/passkey/options", {});
+  const publicKey = PublicKeyCredential.parseRequestOptionsFromJSON(withoutChallengeId(options));
+  const credential = await navigator.credentials.get({ publicKey });
+  return { challenge_id: options.challenge_id, credential: credential.toJSON() };
+}
+
+function onPasskeyLogin(event) {
+  busy(event.currentTarget, async () => {
+    try {
+      await api("POST", "/auth/passkey/login", await passkeyAssertion());
+    } catch (err) {
+      if (err.code !== "mfa_required") throw err;
+      askSecondFactor(err.problem);
+      return;
+    }
+    if (await refresh() === 200) setStatus("Logged in with a passkey.", "ok");
+  });
+}
+
+function onMfaPasskey(event) {
+  busy(event.currentTarget, async () => finishSecondStep(await passkeyAssertion()));
+}
+
+// ---- second factors of the logged-in user ------------------------------------------------
+
+let factors = { totp: false, passkeys: [], recovery_codes_left: 0 };
+
+async function loadFactors() {
+  factors = await api("GET", "/me/mfa");
+  $("#totp-state").textContent = factors.totp ? "on" : "off";
+  $("#recovery-left").textContent = String(factors.recovery_codes_left);
+  $("#totp-start").hidden = factors.totp;
+  $("#totp-disable").hidden = !factors.totp;
+  $("#recovery-new").hidden = !(factors.totp || factors.passkeys.length);
+  $("#passkeys").replaceChildren(...factors.passkeys.map(passkeyItem));
+}
+
+function passkeyItem(key) {
+  const item = document.createElement("li");
+  item.dataset.passkeyId = key.id;
+  const used = key.last_used_at ? `last used ${formatDate(key.last_used_at)}` : "not used yet";
+  item.textContent = `${key.name} (added ${formatDate(key.created_at)}, ${used}) `;
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.className = "secondary small";
+  remove.textContent = "Remove";
+  remove.setAttribute("aria-label", `Remove passkey ${key.name}`);
+  remove.addEventListener("click", () => busy(remove, async () => {
+    await api("DELETE", `/me/passkeys/${encodeURIComponent(key.id)}`,
+      { current_password: $("#factor-password").value, ...await factorProof() });
+    await loadFactors();
+    setStatus(`Passkey ${key.name} removed.`, "ok");
+  }));
+  item.append(remove);
+  return item;
+}
+
+// What a change needs once a factor is on: the code typed, else a passkey assertion.
+async function factorProof() {
+  const code = $("#factor-code").value.trim();
+  if (code) return { code };
+  if (factors.passkeys.length) return passkeyAssertion();
+  return {};
+}
+
+function showRecoveryCodes(codes) {
+  $("#recovery-codes").replaceChildren(...codes.map((code) => {
+    const item = document.createElement("li");
+    item.textContent = code;
+    return item;
+  }));
+  $("#recovery").hidden = false;
+}
+
+async function showQr(uri) {
+  // The page's own server draws it (segno), so the secret goes nowhere else.
+  const image = $("#totp-qr");
+  image.hidden = true;
+  try {
+    const response = await fetch("/qr", { method: "POST", body: uri, cache: "no-store" });
+    if (!response.ok) return;
+    image.src = await response.text();
+    image.hidden = false;
+  } catch {
+    // no QR: the secret is shown to type in
+  }
+}
+
+function onTotpStart(event) {
+  busy(event.currentTarget, async () => {
+    const enrolment = await api("POST", "/me/mfa/totp",
+      { current_password: $("#factor-password").value, ...await factorProof() });
+    $("#totp-secret").textContent = enrolment.secret;
+    $("#totp-uri").href = enrolment.otpauth_uri;
+    $("#totp-setup").hidden = false;
+    await showQr(enrolment.otpauth_uri);
+    $("#totp-code").focus();
+    setStatus("Scan the QR code, then enter the first code.", "info");
+  });
+}
+
+function onTotpConfirm(event) {
+  busy(event.currentTarget, async () => {
+    const answer = await api("POST", "/me/mfa/totp/confirm", { code: $("#totp-code").value.trim() });
+    $("#totp-setup").hidden = true;
+    $("#totp-code").value = "";
+    showRecoveryCodes(answer.recovery_codes);
+    await loadFactors();
+    setStatus("Authenticator app on. Write down the recovery codes.", "ok");
+  });
+}
+
+function onTotpDisable(event) {
+  busy(event.currentTarget, async () => {
+    await api("DELETE", "/me/mfa/totp",
+      { current_password: $("#factor-password").value, ...await factorProof() });
+    await loadFactors();
+    setStatus("Authenticator app off.", "ok");
+  });
+}
+
+function onRecoveryNew(event) {
+  busy(event.currentTarget, async () => {
+    const answer = await api("POST", "/me/mfa/recovery-codes",
+      { current_password: $("#factor-password").value, ...await factorProof() });
+    showRecoveryCodes(answer.recovery_codes);
+    await loadFactors();
+    setStatus("New recovery codes: the old ones no longer work.", "ok");
+  });
+}
+
+function onPasskeyAdd(event) {
+  busy(event.currentTarget, async () => {
+    const options = await api("POST", "/me/passkeys/options");
+    const publicKey = PublicKeyCredential.parseCreationOptionsFromJSON(withoutChallengeId(options));
+    const credential = await navigator.credentials.create({ publicKey });
+    const name = $("#passkey-name").value.trim() || "passkey";
+    await api("POST", "/me/passkeys",
+      { challenge_id: options.challenge_id, credential: credential.toJSON(), name });
+    await loadFactors();
+    setStatus(`Passkey "${name}" added.`, "ok");
   });
 }
 
@@ -290,6 +477,14 @@ async function main() {
   $("#register-form").addEventListener("submit", onRegister);
   $("#login-form").addEventListener("submit", onLogin);
   $("#logout").addEventListener("click", onLogout);
+  $("#mfa-form").addEventListener("submit", onMfaCode);
+  $("#mfa-passkey").addEventListener("click", onMfaPasskey);
+  $("#passkey-login").addEventListener("click", onPasskeyLogin);
+  $("#totp-start").addEventListener("click", onTotpStart);
+  $("#totp-confirm").addEventListener("click", onTotpConfirm);
+  $("#totp-disable").addEventListener("click", onTotpDisable);
+  $("#recovery-new").addEventListener("click", onRecoveryNew);
+  $("#passkey-add").addEventListener("click", onPasskeyAdd);
   $("#refresh-sessions").addEventListener("click", (event) => busy(event.currentTarget, loadSessions));
   policyVersion = await loadPolicy();
   await refresh();

@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """Serve the demo frontend (index.html, app.js, style.css) with the standard library only.
 
+With `segno` installed (`pip install segno`), `POST /qr` also turns the page's `otpauth://`
+URI into a QR code (an SVG data URI) for authenticator apps; without it the page shows the
+secret to type in. The URI never leaves this machine's page server.
+
     python examples/frontend/serve.py --port 8080 --api http://127.0.0.1:8000
 
 The page runs on its own origin (here http://127.0.0.1:8080), so tessera must list that
@@ -44,6 +48,28 @@ def make_handler(api: str, quiet: bool) -> type[BaseHTTPRequestHandler]:
 
         def do_HEAD(self) -> None:
             self._serve(with_body=False)
+
+        def do_POST(self) -> None:
+            if urlsplit(self.path).path != "/qr":
+                self.send_error(HTTPStatus.NOT_FOUND)
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            text = self.rfile.read(min(length, 4096)).decode("utf-8", "replace")
+            try:
+                import segno
+            except ImportError:
+                self.send_error(HTTPStatus.NOT_IMPLEMENTED, "pip install segno for QR codes")
+                return
+            if length > 4096 or not text.startswith("otpauth://"):
+                self.send_error(HTTPStatus.BAD_REQUEST)
+                return
+            body = segno.make(text, error="m").svg_data_uri(scale=4).encode()
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
 
         def _serve(self, *, with_body: bool) -> None:
             entry = FILES.get(urlsplit(self.path).path)

@@ -69,6 +69,25 @@ class Settings(BaseSettings):
     # one line) before it gives up with exit code 1.
     startup_wait_seconds: float = Field(30.0, ge=0)
 
+    # --- Second factors (issue 14: TOTP, recovery codes, passkeys) ---
+    mfa_issuer: str = Field("tessera", min_length=1, max_length=64)
+    # The second login step: the mfa_token's life, wrong codes per token and per account
+    # (the account's window is login_failure_window_seconds).
+    mfa_token_ttl_seconds: int = Field(300, ge=30)
+    mfa_max_failures_per_token: int = Field(5, ge=1)
+    mfa_max_failures_per_account: int = Field(10, ge=1)
+    # Base URL of the pages (shared with mail links: one setting, TESSERA_PUBLIC_URL).
+    public_url: str = "http://127.0.0.1:8000"
+    webauthn_rp_id: str | None = None  # default: the host of public_url
+    webauthn_origins: Annotated[list[str], NoDecode] = []  # default: public_url's origin
+    webauthn_rp_name: str = Field("tessera", min_length=1, max_length=64)
+    webauthn_challenge_ttl_seconds: int = Field(300, ge=10, le=3600)
+
+    @field_validator("webauthn_origins", mode="before")
+    @classmethod
+    def _webauthn_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
     @field_validator("service_keys", "cors_origins", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:

@@ -14,7 +14,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tessera import __version__
-from tessera.api import admin, auth, health, me, revocations, wellknown
+from tessera.api import admin, auth, health, me, mfa, revocations, wellknown
 from tessera.api.lean import LeanRoutes
 from tessera.api.openapi import api_routes, install_openapi
 from tessera.config import Settings
@@ -116,7 +116,7 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
     install_openapi(app)
     install_error_handlers(app)
     install_unavailable_handlers(app)
-    for module in (health, wellknown, auth, revocations, me, admin):
+    for module in (health, wellknown, auth, revocations, me, mfa, admin):
         app.include_router(module.router)
 
     inner: ASGIApp = LeanRoutes(app.stack, lambda: app.state.tessera,

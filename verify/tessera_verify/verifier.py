@@ -17,9 +17,9 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 import httpx
@@ -66,6 +66,15 @@ class Claims:
     kid: str
     policy_accepted: bool | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # How the user authenticated (RFC 8176: pwd, otp, hwk, user, mfa) and when (epoch s).
+    # Tokens from before tessera had second factors say nothing: a password, at `iat`.
+    amr: tuple[str, ...] = ("pwd",)
+    auth_time: int | None = None
+
+    @property
+    def mfa(self) -> bool:
+        """Two factors were used (a password and a code, or a user-verifying passkey)."""
+        return "mfa" in self.amr
 
 
 _bearer = (HTTPBearer(auto_error=False, description="An access token issued by tessera")
@@ -149,6 +158,24 @@ class TesseraVerifier:
         except VerifierUnavailable:
             raise HTTPException(503, "Token verification is unavailable",
                                 headers={"Retry-After": "1"}) from None
+
+    def require(self, *, mfa: bool = False) -> Callable[..., Awaitable[Claims]]:
+        """A dependency that also demands how the user logged in:
+        `Depends(verifier.require(mfa=True))` answers 403 unless two factors were used
+        (`"mfa"` in the token's `amr`)."""
+
+        async def requirement(
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        ) -> Claims:
+            claims = await self(credentials)
+            if mfa and not claims.mfa:
+                raise HTTPException(403, "This needs a login with a second factor.",
+                                    headers={"WWW-Authenticate": 'Bearer error='
+                                             '"insufficient_user_authentication", '
+                                             'acr_values="mfa"'})
+            return claims
+
+        return requirement
 
     # --- verification --------------------------------------------------------------------
 
@@ -277,9 +304,7 @@ class TesseraVerifier:
             self.revoke(claims.sid, claims.exp)
             raise TokenRejected("session ended")
         accepted = answer.get("policy_accepted")
-        return Claims(claims.sub, claims.sid, claims.iss, claims.aud, claims.iat, claims.exp,
-                      claims.jti, claims.kid,
-                      accepted if isinstance(accepted, bool) else None, claims.raw)
+        return replace(claims, policy_accepted=accepted if isinstance(accepted, bool) else None)
 
     # --- the revocation feed -------------------------------------------------------------
 
@@ -417,6 +442,11 @@ def _claims(payload: dict[str, Any], kid: str) -> Claims:
         raise TokenRejected("malformed claims")
     if not all(isinstance(values[n], int) for n in ("iat", "exp")):
         raise TokenRejected("malformed claims")
+    amr, auth_time = payload.get("amr", ["pwd"]), payload.get("auth_time", payload["iat"])
+    if not (isinstance(amr, list) and all(isinstance(v, str) for v in amr)
+            and isinstance(auth_time, int)):
+        raise TokenRejected("malformed claims")
     return Claims(sub=payload["sub"], sid=payload["sid"], iss=payload["iss"],
                   aud=payload["aud"], iat=payload["iat"], exp=payload["exp"],
-                  jti=payload["jti"], kid=kid, raw=payload)
+                  jti=payload["jti"], kid=kid, raw=payload, amr=tuple(amr),
+                  auth_time=auth_time)

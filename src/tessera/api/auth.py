@@ -13,12 +13,13 @@ from starlette.responses import JSONResponse
 from tessera.api.cookies import clear_login_cookies, set_login_cookies
 from tessera.api.deps import CurrentSession, CurrentUser, DbDep, OptionalSession, TesseraDep
 from tessera.api.schemas import LoginJSON, RegisterIn, SessionOut, TokenOut, UserOut
-from tessera.domain import accounts
+from tessera.domain import accounts, mfa
 from tessera.domain.auth import csrf_token_for
 from tessera.edge.privacy import forbid_tracking
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.security.passwords import normalise_password
 from tessera.services import Tessera
+from tessera.stores.models import User
 from tessera.timeutil import from_epoch
 
 router = APIRouter(
@@ -129,8 +130,10 @@ async def _read_credentials(request: Request) -> tuple[str, str]:
 
 
 @router.post("/login", response_model=TokenOut, openapi_extra=_LOGIN_BODY,
-             responses=problem_doc({401: "invalid_credentials", 403: "account_inactive",
-                                    429: "too_many_attempts"}))
+             responses=problem_doc({401: "invalid_credentials, or mfa_required (with "
+                                         "`mfa_token` and `methods`: finish with POST "
+                                         "/auth/login/mfa) when a second factor is enrolled",
+                                    403: "account_inactive", 429: "too_many_attempts"}))
 async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
     check_origin(request, t)
     email, password = await _read_credentials(request)
@@ -153,13 +156,26 @@ async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
         forbid_tracking(request.scope)
     # Only failures count: a success clears the account and takes back this IP attempt.
     await t.limiter.forgive_success(account=("login-account", account), ip=("login-ip", ip))
-    issued = await accounts.open_session(t, user, request.headers.get("user-agent"))
+    factors = await mfa.enrolled(db, user.id)
+    if factors.any:  # the password was right; the second step needs the mfa_token
+        t.metrics.logins.labels("mfa_required").inc()
+        raise await mfa.mfa_required(t, user, ["pwd"], factors)
+    return await login_response(request, t, user, ["pwd"])
+
+
+async def login_response(request: Request, t: Tessera, user: User,
+                         amr: list[str]) -> JSONResponse:
+    """The one way a login ends (password, second step, passkey): a session, its token in
+    the body, and the `session` and `csrf` cookies."""
+    if user.restrict_processing or user.object_to_processing:
+        forbid_tracking(request.scope)
+    issued = await accounts.open_session(t, user, request.headers.get("user-agent"), amr=amr)
     t.metrics.logins.labels("ok").inc()
     csrf = csrf_token_for(t.csrf_key, issued.sid)
     body = TokenOut(access_token=issued.token, expires_in=issued.exp - issued.iat,
                     expires_at=from_epoch(issued.exp), session_id=issued.sid, csrf_token=csrf)
     response = JSONResponse(body.model_dump(), headers=NO_STORE)
-    set_login_cookies(response, s, issued, csrf)
+    set_login_cookies(response, t.settings, issued, csrf)
     return response
 
 

@@ -140,6 +140,7 @@ async def introspect(scope: Scope, receive: Receive, t: Tessera) -> Response:
         "iat": raw.get("iat"), "iss": raw.get("iss"), "aud": raw.get("aud"),
         "jti": raw.get("jti"), "token_type": "Bearer",
         "policy_accepted": not must_consent(principal.profile.policy_seq, await t.policy.get()),
+        "amr": raw.get("amr", ["pwd"]), "auth_time": raw.get("auth_time", raw.get("iat")),
     }, headers=NO_STORE)
 
 

@@ -20,8 +20,8 @@ from tessera.api.deps import (
     DbDep,
     TesseraDep,
 )
-from tessera.api.schemas import SafeStr
-from tessera.domain import accounts, consents, privacy_requests
+from tessera.api.schemas import SafeStr, SecondFactorIn
+from tessera.domain import accounts, consents, mfa, privacy_requests
 from tessera.domain.profiles import account_view
 from tessera.edge.privacy import attribute_usage
 from tessera.errors import Problem, problem_doc, problem_responses
@@ -49,7 +49,7 @@ class EmailIn(_Body):
     email: EmailStr = Field(max_length=254)
 
 
-class PasswordChangeIn(_Body):
+class PasswordChangeIn(SecondFactorIn):
     current_password: str = Field(max_length=1024)
     new_password: str = Field(json_schema_extra={"minLength": 8, "maxLength": 256})
 
@@ -59,7 +59,7 @@ class PasswordChangeIn(_Body):
         return normalise_password(value)
 
 
-class PasswordConfirmIn(_Body):
+class PasswordConfirmIn(SecondFactorIn):
     password: str = Field(max_length=1024)
 
 
@@ -96,7 +96,7 @@ async def confirm_attempt(t: Tessera, user_id: str) -> None:
                             s.login_failure_window_seconds)
 
 
-def _password_text(raw: str) -> str:
+def password_text(raw: str) -> str:
     try:
         return normalise_password(raw)
     except ValueError:
@@ -130,13 +130,25 @@ async def update_me(body: EmailIn, user: CurrentUser, db: DbDep, t: TesseraDep,
     return await fresh_view(db, user)
 
 
+_FACTOR_DOC = ("mfa_required (a second factor is enrolled and none came: send `code`, a TOTP "
+               "or recovery code, or a passkey assertion as `challenge_id` + `credential`) "
+               "or invalid_code")
+
+
 @router.post("/password", status_code=204, response_class=Response,
-             responses=problem_doc({403: "invalid_credentials"}))
+             responses=problem_doc({401: _FACTOR_DOC, 403: "invalid_credentials"}))
 async def change_password(body: PasswordChangeIn, user: CurrentUser, principal: CurrentSession,
                           db: DbDep, t: TesseraDep) -> Response:
     await confirm_attempt(t, user.id)
-    await accounts.change_password(t, db, user, _password_text(body.current_password),
-                                   body.new_password, keep_sid=principal.sid)
+
+    async def second_factor() -> None:
+        await mfa.require_second_factor(t, db, user, code=body.code,
+                                        challenge_id=body.challenge_id,
+                                        credential=body.credential)
+
+    await accounts.change_password(t, db, user, password_text(body.current_password),
+                                   body.new_password, keep_sid=principal.sid,
+                                   check_factor=second_factor)
     await t.limiter.forgive("password-confirm", user.id, all_of_them=True)
     return Response(status_code=204, headers=NO_STORE)
 
@@ -171,6 +183,7 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
         "usage_log": usage,
         "privacy_requests": [privacy_request_view(r) for r in
                              await privacy_requests.user_requests(db, user.id)],
+        "mfa": await mfa.export_view(db, user.id),
         "security_events": [{"at": rfc3339(a.at), "event": a.event, "outcome": a.outcome}
                             for a in audit_rows],
     }
@@ -183,12 +196,14 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
 
 
 @router.delete("", status_code=204, response_class=Response,
-               responses=problem_doc({403: "invalid_credentials"}))
+               responses=problem_doc({401: _FACTOR_DOC, 403: "invalid_credentials"}))
 async def delete_me(request: Request, body: PasswordConfirmIn, user: CurrentUserAnyPolicy,
                     db: DbDep, t: TesseraDep) -> Response:
     await confirm_attempt(t, user.id)
-    if not await accounts.verify_password(t.hasher, user, _password_text(body.password)):
+    if not await accounts.verify_password(t.hasher, user, password_text(body.password)):
         raise Problem(403, "invalid_credentials", "The password is wrong.")
+    await mfa.require_second_factor(t, db, user, code=body.code,
+                                    challenge_id=body.challenge_id, credential=body.credential)
     await accounts.delete_account(t, db, user)
     attribute_usage(request.scope, "")  # nothing is logged for an account that is gone
     response = Response(status_code=204, headers=NO_STORE)

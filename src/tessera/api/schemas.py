@@ -79,3 +79,16 @@ class SessionOut(BaseModel):
     user_agent: str | None
     current: bool
 
+
+
+class SecondFactorIn(BaseModel):
+    """A second factor, needed where one is enrolled: a TOTP or recovery code, or a passkey
+    assertion (`challenge_id` from POST /auth/passkey/options, and `credential`)."""
+
+    model_config = ConfigDict(extra="forbid", str_max_length=4096)
+
+    code: str | None = Field(default=None, max_length=64,
+                             description="a TOTP code or a recovery code")
+    challenge_id: str | None = Field(default=None, max_length=128)
+    credential: dict[str, Any] | None = Field(
+        default=None, description="a WebAuthn assertion (PublicKeyCredential JSON)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
@@ -77,16 +78,22 @@ async def verify_password(hasher: PasswordHasher, user: User, password: str) -> 
     return ok
 
 
-async def open_session(t: Tessera, user: User, user_agent: str | None) -> IssuedToken:
+async def open_session(t: Tessera, user: User, user_agent: str | None, *,
+                       amr: list[str] | None = None,
+                       auth_time: int | None = None) -> IssuedToken:
+    """`amr`: how the user authenticated (RFC 8176; a password alone by default)."""
     s = t.settings
     await t.keys.maybe_refresh()  # a rotation on another instance reaches this one
+    now = int(time.time())
+    amr = list(amr) if amr is not None else ["pwd"]
+    auth_time = auth_time if auth_time is not None else now
     issued = issue_token(t.keys, sub=user.id, sid=new_session_id(),
                          ttl_seconds=s.session_ttl_seconds, issuer=s.issuer,
-                         audience=s.audience, now=int(time.time()))
+                         audience=s.audience, now=now, amr=amr, auth_time=auth_time)
     await t.sessions.create(SessionRecord(
         sid=issued.sid, user_id=user.id, token_hash=token_hash(t.token_key, issued.token),
         created_at=issued.iat, expires_at=issued.exp,
-        user_agent=(user_agent or "")[:256] or None))
+        user_agent=(user_agent or "")[:256] or None, amr=amr, auth_time=auth_time))
     t.metrics.sessions_issued.inc()
     return issued
 
@@ -193,9 +200,13 @@ async def change_email(t: Tessera, db: AsyncSession, user: User, email: str) -> 
 
 
 async def change_password(t: Tessera, db: AsyncSession, user: User, current: str, new: str,
-                          keep_sid: str) -> None:
+                          keep_sid: str,
+                          check_factor: Callable[[], Awaitable[None]] | None = None) -> None:
+    """`check_factor`: the second-factor check, run once the current password is right."""
     if not await verify_password(t.hasher, user, current):
         raise Problem(403, "invalid_credentials", "The current password is wrong.")
+    if check_factor is not None:
+        await check_factor()
     user.password_hash = await t.hasher.hash(new)
     user.updated_at = utcnow()
     db.add(user)
@@ -217,10 +228,12 @@ async def deactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str 
 async def _erase_personal_rows(db: AsyncSession, user_id: str) -> None:
     from sqlmodel import col, delete, update
 
+    from tessera.stores import mfa as mfa_store
     from tessera.stores.models import ConsentEvent, PrivacyRequest, UsageSegment
 
     for table in (UsageSegment, ConsentEvent, PrivacyRequest):
         await db.exec(delete(table).where(col(table.user_id) == user_id))
+    await mfa_store.erase_factors(db, user_id)  # TOTP, recovery codes, passkeys
     # The audit trail keeps what happened, anonymised: no link back to the person.
     await db.exec(update(AuditEvent).where(col(AuditEvent.user_id) == user_id)
                   .values(user_id=None))

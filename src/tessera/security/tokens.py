@@ -54,15 +54,19 @@ def new_session_id() -> str:
 
 
 def issue_token(keys: KeyRing, *, sub: str, sid: str, ttl_seconds: int, issuer: str,
-                audience: str, now: int | None = None) -> IssuedToken:
+                audience: str, now: int | None = None, amr: list[str] | None = None,
+                auth_time: int | None = None) -> IssuedToken:
     key = keys.current
     if key is None or key.private is None:
         raise RuntimeError("no current signing key")
     iat = int(now if now is not None else time.time())
     exp = iat + ttl_seconds
     jti = secrets.token_urlsafe(12)
-    claims = {"iss": issuer, "aud": audience, "sub": sub, "sid": sid, "iat": iat, "exp": exp,
-              "jti": jti}
+    claims: dict[str, Any] = {"iss": issuer, "aud": audience, "sub": sub, "sid": sid,
+                              "iat": iat, "exp": exp, "jti": jti}
+    if amr is not None:  # how the user authenticated (RFC 8176), and when (OIDC auth_time)
+        claims["amr"] = amr
+        claims["auth_time"] = auth_time if auth_time is not None else iat
     token = jwt.encode(claims, key.private, algorithm="EdDSA",
                        headers={"kid": key.kid, "typ": "at+jwt"})
     return IssuedToken(token, sid, jti, iat, exp)

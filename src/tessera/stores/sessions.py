@@ -18,7 +18,7 @@ import hmac
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from redis.asyncio.cluster import RedisCluster
 
@@ -61,6 +61,10 @@ class SessionRecord:
     created_at: int
     expires_at: int
     user_agent: str | None = None
+    # How and when the user authenticated (RFC 8176 amr); records written before these
+    # fields existed decode with the defaults.
+    amr: list[str] = field(default_factory=list)
+    auth_time: int | None = None
 
 
 def _session_key(user_id: str, sid: str) -> str:

@@ -1,0 +1,258 @@
+"""Second factors: /me/mfa (TOTP, recovery codes), /me/passkeys, and the logins they allow
+(/auth/login/mfa, /auth/passkey/*). Rules live in domain/mfa.py."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
+
+from tessera.api.auth import NO_STORE, check_origin, login_response
+from tessera.api.deps import CurrentUser, DbDep, TesseraDep
+from tessera.api.me import confirm_attempt, password_text
+from tessera.api.schemas import SafeStr, SecondFactorIn
+from tessera.domain import accounts, mfa
+from tessera.errors import Problem, problem_doc, problem_responses
+from tessera.services import Tessera
+from tessera.stores.models import User
+
+router = APIRouter(tags=["second factors"],
+                   responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 429, 503))
+
+_CODE_DOC = ("`code`: a current TOTP code or an unused recovery code; instead, a passkey "
+             "assertion: `challenge_id` (from POST /auth/passkey/options) and `credential`")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_max_length=4096)
+
+
+class PasswordAndFactorIn(SecondFactorIn):
+    current_password: str = Field(max_length=1024)
+
+
+class CodeIn(_Body):
+    code: str = Field(min_length=1, max_length=64)
+
+
+class PasskeyIn(_Body):
+    challenge_id: str = Field(min_length=1, max_length=128)
+    credential: dict[str, Any] = Field(description="the PublicKeyCredential JSON "
+                                                   "(navigator.credentials.create)")
+    name: SafeStr = Field(default="passkey", min_length=1, max_length=64)
+
+
+class AssertionIn(_Body):
+    challenge_id: str = Field(min_length=1, max_length=128)
+    credential: dict[str, Any] = Field(description="the PublicKeyCredential JSON "
+                                                   "(navigator.credentials.get)")
+
+
+class MfaLoginIn(SecondFactorIn):
+    mfa_token: str = Field(min_length=1, max_length=128)
+
+
+class EmptyIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+def _json(body: dict[str, Any], status: int = 200) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=NO_STORE)
+
+
+async def _check_password(t: Tessera, user: User, password: str) -> None:
+    await confirm_attempt(t, user.id)
+    if not await accounts.verify_password(t.hasher, user, password_text(password)):
+        raise Problem(403, "invalid_credentials", "The current password is wrong.")
+    await t.limiter.forgive("password-confirm", user.id, all_of_them=True)
+
+
+async def _check_factor(t: Tessera, db: DbDep, user: User, body: SecondFactorIn) -> None:
+    await mfa.require_second_factor(t, db, user, code=body.code, challenge_id=body.challenge_id,
+                                    credential=body.credential)
+
+
+# --- /me/mfa ------------------------------------------------------------------------------
+
+@router.get("/me/mfa")
+async def get_mfa(user: CurrentUser, db: DbDep) -> JSONResponse:
+    """What is enrolled: `{totp, passkeys: [{id, name, created_at, last_used_at}],
+    recovery_codes_left}`."""
+    return _json(await mfa.mfa_view(db, user.id))
+
+
+@router.post("/me/mfa/totp", status_code=201, responses=problem_doc({
+    401: "mfa_required / invalid_code: a passkey is enrolled, so " + _CODE_DOC,
+    403: "invalid_credentials", 409: "totp_already_enabled"}))
+async def start_totp(body: PasswordAndFactorIn, user: CurrentUser, db: DbDep,
+                     t: TesseraDep) -> JSONResponse:
+    """Enrol an authenticator app: `{secret, otpauth_uri}` (RFC 6238: SHA-1, 6 digits, 30 s).
+    Not active until confirmed with a first code."""
+    await _check_password(t, user, body.current_password)
+    if (await mfa.enrolled(db, user.id)).totp:
+        raise Problem(409, "totp_already_enabled",
+                      "TOTP is already active; disable it first to enrol a new authenticator.")
+    await _check_factor(t, db, user, body)
+    enrolment = await mfa.start_totp(t, db, user)
+    await accounts.audit(db, "totp_enrolment_started", user_id=user.id)
+    return _json(enrolment, 201)
+
+
+@router.post("/me/mfa/totp/confirm", responses=problem_doc({
+    400: "invalid_code", 409: "no_pending_totp", 429: "too_many_attempts"}))
+async def confirm_totp(body: CodeIn, user: CurrentUser, db: DbDep,
+                       t: TesseraDep) -> JSONResponse:
+    """Activate TOTP with its first code: `{recovery_codes: [10 strings]}`, shown only now."""
+    codes = await mfa.confirm_totp(t, db, user, body.code)
+    await accounts.audit(db, "totp_enabled", user_id=user.id)
+    return _json({"recovery_codes": codes})
+
+
+@router.delete("/me/mfa/totp", status_code=204, response_class=Response,
+               responses=problem_doc({401: "mfa_required or invalid_code: " + _CODE_DOC,
+                                      403: "invalid_credentials", 404: "not_found"}))
+async def disable_totp(body: PasswordAndFactorIn, user: CurrentUser, db: DbDep,
+                       t: TesseraDep) -> Response:
+    """Remove the authenticator app (and the recovery codes): password and a code."""
+    await _check_password(t, user, body.current_password)
+    if not (await mfa.enrolled(db, user.id)).totp:
+        raise Problem(404, "not_found", "TOTP is not enabled.")
+    await _check_factor(t, db, user, body)
+    await mfa.disable_totp(db, user.id)
+    await accounts.audit(db, "totp_disabled", user_id=user.id)
+    return Response(status_code=204, headers=NO_STORE)
+
+
+@router.post("/me/mfa/recovery-codes", responses=problem_doc({
+    401: "mfa_required or invalid_code: " + _CODE_DOC, 403: "invalid_credentials",
+    409: "mfa_not_enabled"}))
+async def new_recovery_codes(body: PasswordAndFactorIn, user: CurrentUser, db: DbDep,
+                             t: TesseraDep) -> JSONResponse:
+    """A new set of 10 recovery codes; the old set stops working."""
+    await _check_password(t, user, body.current_password)
+    if not (await mfa.enrolled(db, user.id)).any:
+        raise Problem(409, "mfa_not_enabled", "Enrol TOTP or a passkey first.")
+    await _check_factor(t, db, user, body)
+    codes = await mfa.regenerate_recovery_codes(t, db, user)
+    await accounts.audit(db, "recovery_codes_regenerated", user_id=user.id)
+    return _json({"recovery_codes": codes})
+
+
+# --- /me/passkeys -------------------------------------------------------------------------
+
+@router.post("/me/passkeys/options")
+async def passkey_creation_options(user: CurrentUser, db: DbDep,
+                                   t: TesseraDep) -> JSONResponse:
+    """`PublicKeyCredentialCreationOptions` (JSON, base64url) for
+    `navigator.credentials.create`, with the `challenge_id` to send back. The challenge is
+    single use and expires after TESSERA_WEBAUTHN_CHALLENGE_TTL_SECONDS."""
+    return _json(await mfa.registration_options(t, db, user))
+
+
+@router.post("/me/passkeys", status_code=201, responses=problem_doc({
+    400: "invalid_credential"}))
+async def add_passkey(body: PasskeyIn, user: CurrentUser, db: DbDep,
+                      t: TesseraDep) -> JSONResponse:
+    key = await mfa.register_passkey(t, db, user, body.challenge_id, body.credential, body.name)
+    await accounts.audit(db, "passkey_added", user_id=user.id)
+    view = mfa.passkey_view(key)
+    return _json({"id": view["id"], "name": view["name"], "created_at": view["created_at"]}, 201)
+
+
+@router.delete("/me/passkeys/{passkey_id}", status_code=204, response_class=Response,
+               responses=problem_doc({401: "mfa_required or invalid_code: " + _CODE_DOC,
+                                      403: "invalid_credentials", 404: "not_found"}))
+async def remove_passkey(passkey_id: Annotated[str, Path(max_length=64)],
+                         body: PasswordAndFactorIn, user: CurrentUser, db: DbDep,
+                         t: TesseraDep) -> Response:
+    """Needs the password and, as every factor change, a second factor (a code, or an
+    assertion, which may come from this very passkey)."""
+    await _check_password(t, user, body.current_password)
+    if not any(k["id"] == passkey_id for k in (await mfa.mfa_view(db, user.id))["passkeys"]):
+        raise Problem(404, "not_found", "No such passkey of yours.")
+    await _check_factor(t, db, user, body)
+    if not await mfa.delete_passkey(db, user.id, passkey_id):
+        raise Problem(404, "not_found", "No such passkey of yours.")
+    await accounts.audit(db, "passkey_removed", user_id=user.id)
+    return Response(status_code=204, headers=NO_STORE)
+
+
+# --- logins -------------------------------------------------------------------------------
+
+@router.post("/auth/login/mfa", tags=["auth"], responses=problem_doc({
+    401: "invalid_code (wrong, replayed or used code or assertion); invalid_token (the "
+         "mfa_token is unknown, used or expired)",
+    403: "account_inactive", 429: "too_many_attempts"}))
+async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep,
+                    t: TesseraDep) -> JSONResponse:
+    """The second login step: the `mfa_token` from the 401 `mfa_required` of POST
+    /auth/login, and a TOTP code or a recovery code as `code`, or a passkey assertion as
+    `challenge_id` + `credential`. Answers as login does (body and cookies). At most 5 wrong
+    tries per mfa_token and 10 per account in the login window."""
+    check_origin(request, t)
+    state = await mfa.peek_mfa_token(t, body.mfa_token)
+    if state is None:
+        raise mfa.invalid_mfa_token()
+    user_id = str(state["uid"])
+    await mfa.count_attempt(t, user_id, body.mfa_token)
+    user = await db.get(User, user_id)
+    if user is None or mfa.password_fingerprint(user) != state["pw"]:
+        raise mfa.invalid_mfa_token()  # the password changed (or the account went)
+    if body.credential is not None:
+        if "hwk" in state["amr"]:  # the first step was a passkey: the second must differ
+            raise mfa.invalid_code()
+        assertion = await mfa.check_assertion(t, db, body.challenge_id, body.credential,
+                                              user_id=user_id)
+        earned = assertion.amr if assertion else None
+    elif body.code:
+        earned = await mfa.check_code(t, db, user_id, body.code)
+    else:
+        raise Problem(422, "validation_error", "Send `code` or `challenge_id` + `credential`.",
+                      extra={"errors": [{"loc": ["body", "code"], "msg": "Field required"}]})
+    if earned is None:
+        await accounts.audit(db, "login_mfa", user_id=user_id, outcome="failed")
+        raise mfa.invalid_code()
+    if not await mfa.take_mfa_token(t, body.mfa_token):
+        raise mfa.invalid_mfa_token()  # used meanwhile by a concurrent request
+    if not user.is_active:
+        raise Problem(403, "account_inactive", "This account is deactivated.")
+    await mfa.forgive_attempts(t, user_id)
+    await accounts.audit(db, "login_mfa", user_id=user_id, outcome="ok")
+    return await login_response(request, t, user, mfa.full_amr(list(state["amr"]), earned))
+
+
+@router.post("/auth/passkey/options", tags=["auth"])
+async def passkey_request_options(request: Request, t: TesseraDep,
+                                  body: EmptyIn | None = None) -> JSONResponse:
+    """`PublicKeyCredentialRequestOptions` for a discoverable passkey (no
+    allowCredentials), with a single-use `challenge_id`. Also the challenge for a passkey
+    as second factor (POST /auth/login/mfa, sensitive changes)."""
+    return _json(await mfa.authentication_options(t))
+
+
+@router.post("/auth/passkey/login", tags=["auth"], responses=problem_doc({
+    401: "invalid_credentials; or mfa_required when the authenticator did not verify the "
+         "user and the account also has TOTP", 403: "account_inactive"}))
+async def passkey_login(body: AssertionIn, request: Request, db: DbDep,
+                        t: TesseraDep) -> JSONResponse:
+    """Log in with a passkey alone. With user verification (PIN, biometrics) it counts as
+    two factors: `amr` ["hwk", "user", "mfa"]. Answers as login does."""
+    check_origin(request, t)
+    assertion = await mfa.check_assertion(t, db, body.challenge_id, body.credential)
+    if assertion is None:
+        await accounts.audit(db, "login_passkey", outcome="failed")
+        raise accounts.invalid_credentials()
+    user = await db.get(User, assertion.user_id)
+    if user is None:
+        raise accounts.invalid_credentials()
+    if not user.is_active:
+        raise Problem(403, "account_inactive", "This account is deactivated.")
+    await accounts.audit(db, "login_passkey", user_id=user.id, outcome="ok")
+    amr = mfa.full_amr(assertion.amr)
+    if "mfa" not in amr:
+        factors = await mfa.enrolled(db, user.id)
+        if factors.totp:  # one factor here; the account asks for two: a code next
+            raise await mfa.mfa_required(t, user, amr, factors, other_than="passkey")
+    return await login_response(request, t, user, amr)

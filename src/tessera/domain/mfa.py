@@ -1,0 +1,456 @@
+"""Second-factor rules: TOTP (RFC 6238), recovery codes, passkeys (WebAuthn), the two-step
+login's `mfa_token`, and the check sensitive changes make.
+
+`amr` values (RFC 8176): `pwd` password, `otp` a TOTP or recovery code, `hwk` a passkey
+(proof of a hardware-bound key), `user` the authenticator verified the user (PIN or
+biometrics), `mfa` when two factors were used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlsplit
+
+import pyotp
+from sqlalchemy.exc import IntegrityError
+from sqlmodel.ext.asyncio.session import AsyncSession
+from webauthn import (
+    generate_authentication_options,
+    generate_registration_options,
+    options_to_json,
+    verify_authentication_response,
+    verify_registration_response,
+)
+from webauthn.helpers import parse_authentication_credential_json
+from webauthn.helpers.structs import (
+    AuthenticatorSelectionCriteria,
+    AuthenticatorTransport,
+    PublicKeyCredentialDescriptor,
+    ResidentKeyRequirement,
+    UserVerificationRequirement,
+)
+
+from tessera.config import Settings
+from tessera.errors import Problem
+from tessera.services import Tessera
+from tessera.stores import mfa as store
+from tessera.stores.keys import b64url, b64url_decode
+from tessera.stores.models import User
+from tessera.timeutil import rfc3339
+
+TOTP_DIGITS = 6
+TOTP_PERIOD = 30
+RECOVERY_CODES = 10
+
+
+@lru_cache(maxsize=8)
+def _box(secret: bytes) -> store.SecretBox:
+    return store.SecretBox(secret)
+
+
+def secret_box(t: Tessera) -> store.SecretBox:
+    return _box(t.secret)
+
+
+def invalid_code() -> Problem:
+    return Problem(401, "invalid_code", "The code is wrong, expired or already used.")
+
+
+# --- what is enrolled ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Enrolled:
+    totp: bool
+    passkeys: int
+    recovery_codes_left: int
+
+    @property
+    def any(self) -> bool:
+        return self.totp or self.passkeys > 0
+
+    @property
+    def methods(self) -> list[str]:
+        methods = ["totp"] if self.totp else []
+        if self.recovery_codes_left:
+            methods.append("recovery_code")
+        if self.passkeys:
+            methods.append("passkey")
+        return methods
+
+
+async def enrolled(db: AsyncSession, user_id: str) -> Enrolled:
+    """One round trip: every login asks this after the password."""
+    totp, passkeys, codes_left = await store.factor_counts(db, user_id)
+    return Enrolled(totp=totp > 0, passkeys=passkeys, recovery_codes_left=codes_left)
+
+
+def passkey_view(key: store.Passkey) -> dict[str, Any]:
+    return {"id": key.id, "name": key.name, "created_at": rfc3339(key.created_at),
+            "last_used_at": rfc3339(key.last_used_at) if key.last_used_at else None}
+
+
+async def mfa_view(db: AsyncSession, user_id: str) -> dict[str, Any]:
+    """GET /me/mfa."""
+    state = await enrolled(db, user_id)
+    return {"totp": state.totp,
+            "passkeys": [passkey_view(k) for k in await store.passkeys_of(db, user_id)],
+            "recovery_codes_left": state.recovery_codes_left}
+
+
+async def export_view(db: AsyncSession, user_id: str) -> dict[str, Any]:
+    """The export's `mfa`: which factors, when; never a secret, code or key."""
+    totp = await store.get_totp(db, user_id)
+    codes = await store.recovery_codes(db, user_id)
+    return {
+        "totp": None if totp is None else {
+            "created_at": rfc3339(totp.created_at),
+            "confirmed_at": rfc3339(totp.confirmed_at) if totp.confirmed_at else None},
+        "recovery_codes": {
+            "total": len(codes), "left": sum(1 for c in codes if c.used_at is None),
+            "created_at": rfc3339(codes[0].created_at) if codes else None,
+            "used_at": sorted(rfc3339(c.used_at) for c in codes if c.used_at)},
+        "passkeys": [passkey_view(k) for k in await store.passkeys_of(db, user_id)],
+    }
+
+
+# --- TOTP ---------------------------------------------------------------------------------
+
+def _totp(secret: str) -> pyotp.TOTP:
+    return pyotp.TOTP(secret, digits=TOTP_DIGITS, interval=TOTP_PERIOD)
+
+
+def matching_step(secret: str, code: str, now: float | None = None) -> int | None:
+    """The time step (now, or one either side for clock drift) whose code this is."""
+    code = code.strip().replace(" ", "")
+    if len(code) != TOTP_DIGITS or not code.isdigit():
+        return None
+    totp = _totp(secret)
+    current = int((time.time() if now is None else now) // TOTP_PERIOD)
+    found = None
+    for step in (current - 1, current, current + 1):  # no early exit: same time either way
+        if hmac.compare_digest(totp.at(step * TOTP_PERIOD), code):
+            found = step
+    return found
+
+
+async def start_totp(t: Tessera, db: AsyncSession, user: User) -> dict[str, str]:
+    existing = await store.get_totp(db, user.id)
+    if existing is not None and existing.confirmed_at is not None:
+        raise Problem(409, "totp_already_enabled",
+                      "TOTP is already active; disable it first to enrol a new authenticator.")
+    secret = pyotp.random_base32()  # 160 bits, as RFC 4226 recommends for SHA-1
+    await store.put_pending_totp(db, user.id, secret_box(t).encrypt(secret, user.id))
+    uri = _totp(secret).provisioning_uri(name=user.email or user.id,
+                                         issuer_name=t.settings.mfa_issuer)
+    return {"secret": secret, "otpauth_uri": uri}
+
+
+async def confirm_totp(t: Tessera, db: AsyncSession, user: User, code: str) -> list[str]:
+    factor = await store.get_totp(db, user.id)
+    if factor is None or factor.confirmed_at is not None:
+        raise Problem(409, "no_pending_totp", "Start a TOTP enrolment first (POST /me/mfa/totp).")
+    await count_attempt(t, user.id)
+    step = matching_step(secret_box(t).decrypt(factor.secret_enc, user.id), code)
+    if step is None or not await store.confirm_totp(db, user.id, step):
+        await db.rollback()
+        raise Problem(400, "invalid_code", "The code is wrong or expired.")
+    codes = store.new_recovery_codes(RECOVERY_CODES)
+    await store.replace_recovery_codes(db, secret_box(t), user.id, codes)
+    await db.commit()
+    await forgive_attempts(t, user.id)
+    return codes
+
+
+async def disable_totp(db: AsyncSession, user_id: str) -> None:
+    await store.delete_totp(db, user_id)
+    await db.commit()
+
+
+async def regenerate_recovery_codes(t: Tessera, db: AsyncSession, user: User) -> list[str]:
+    codes = store.new_recovery_codes(RECOVERY_CODES)
+    await store.replace_recovery_codes(db, secret_box(t), user.id, codes)
+    await db.commit()
+    return codes
+
+
+async def check_code(t: Tessera, db: AsyncSession, user_id: str, code: str) -> list[str] | None:
+    """Consume a TOTP code (a later time step than any accepted before) or an unused
+    recovery code; the amr it earns, or None. Commits what it consumed."""
+    if len(code) > 64:
+        return None
+    factor = await store.get_totp(db, user_id)
+    if factor is not None and factor.confirmed_at is not None:
+        step = matching_step(secret_box(t).decrypt(factor.secret_enc, user_id), code)
+        if step is not None:
+            if await store.accept_step(db, user_id, step):
+                await db.commit()
+                return ["otp"]
+            await db.rollback()
+            return None  # a replay within its window
+    if len(store.normalise_code(code)) == 12 and await store.use_recovery_code(
+            db, secret_box(t), user_id, code):
+        await db.commit()
+        return ["otp"]
+    await db.rollback()
+    return None
+
+
+# --- attempt limits -----------------------------------------------------------------------
+
+async def count_attempt(t: Tessera, user_id: str, mfa_token: str | None = None) -> None:
+    """Counted before the check: 5 per mfa_token, 10 per account and window (all instances)."""
+    s = t.settings
+    if mfa_token is not None:
+        await t.limiter.attempt([("mfa-token", mfa_token, s.mfa_max_failures_per_token)],
+                                s.mfa_token_ttl_seconds)
+    await t.limiter.attempt([("mfa-account", user_id, s.mfa_max_failures_per_account)],
+                            s.login_failure_window_seconds)
+
+
+async def forgive_attempts(t: Tessera, user_id: str) -> None:
+    await t.limiter.forgive("mfa-account", user_id, all_of_them=True)
+
+
+# --- the two-step login -------------------------------------------------------------------
+
+def _token_key(mfa_token: str) -> str:
+    return "tessera:mfa-token:" + hashlib.sha256(mfa_token.encode()).hexdigest()
+
+
+def password_fingerprint(user: User) -> str:
+    """Binds an mfa_token to the password it was earned with: a change voids the token."""
+    return hashlib.sha256((user.password_hash or "").encode()).hexdigest()[:32]
+
+
+async def mfa_required(t: Tessera, user: User, amr: list[str], state: Enrolled, *,
+                       other_than: str | None = None) -> Problem:
+    """The first factor was right: a single-use token for the second step, in Redis."""
+    mfa_token = secrets.token_urlsafe(32)
+    record = {"uid": user.id, "amr": amr, "pw": password_fingerprint(user),
+              "at": int(time.time())}
+    await t.redis.set(_token_key(mfa_token), json.dumps(record),
+                      ex=t.settings.mfa_token_ttl_seconds)
+    return Problem(401, "mfa_required", "A second factor is needed to finish logging in.",
+                   extra={"mfa_token": mfa_token,
+                          "methods": [m for m in state.methods if m != other_than],
+                          "expires_in": t.settings.mfa_token_ttl_seconds})
+
+
+async def peek_mfa_token(t: Tessera, mfa_token: str) -> dict[str, Any] | None:
+    if not mfa_token or len(mfa_token) > 128:
+        return None
+    raw = await t.redis.get(_token_key(mfa_token))
+    if raw is None:
+        return None
+    record: dict[str, Any] = json.loads(raw)
+    return record
+
+
+async def take_mfa_token(t: Tessera, mfa_token: str) -> bool:
+    """Single use: exactly one caller gets True (GETDEL)."""
+    return await t.redis.getdel(_token_key(mfa_token)) is not None
+
+
+def invalid_mfa_token() -> Problem:
+    return Problem(401, "invalid_token",
+                   "The mfa_token is unknown, used or expired; log in again.")
+
+
+# --- second factor for sensitive changes --------------------------------------------------
+
+async def require_second_factor(t: Tessera, db: AsyncSession, user: User, *,
+                                code: str | None, challenge_id: str | None = None,
+                                credential: dict[str, Any] | None = None) -> None:
+    """Where a factor is enrolled, a sensitive change needs one: a TOTP or recovery code, or
+    a passkey assertion (from POST /auth/passkey/options). 401 `mfa_required` without one,
+    401 `invalid_code` for a wrong one."""
+    state = await enrolled(db, user.id)
+    if not state.any:
+        return
+    if not code and credential is None:
+        raise Problem(401, "mfa_required",
+                      "This account has a second factor: send `code` (or a passkey assertion).",
+                      extra={"methods": state.methods})
+    await count_attempt(t, user.id)
+    if credential is not None:
+        ok = await check_assertion(t, db, challenge_id, credential, user_id=user.id) is not None
+    else:
+        assert code is not None
+        ok = await check_code(t, db, user.id, code) is not None
+    if not ok:
+        raise invalid_code()
+    await forgive_attempts(t, user.id)
+
+
+# --- WebAuthn -----------------------------------------------------------------------------
+
+def relying_party(settings: Settings) -> tuple[str, list[str]]:
+    """(rp id, allowed origins) from TESSERA_WEBAUTHN_RP_ID / _ORIGINS / TESSERA_PUBLIC_URL."""
+    parts = urlsplit(settings.public_url)
+    rp_id = settings.webauthn_rp_id or parts.hostname or "localhost"
+    origins = settings.webauthn_origins or [f"{parts.scheme}://{parts.netloc}"]
+    return rp_id, origins
+
+
+def _challenge_key(challenge_id: str) -> str:
+    return "tessera:webauthn-challenge:" + hashlib.sha256(challenge_id.encode()).hexdigest()
+
+
+async def _new_challenge(t: Tessera, purpose: str, user_id: str | None) -> tuple[str, bytes]:
+    challenge_id, challenge = secrets.token_urlsafe(24), secrets.token_bytes(32)
+    await t.redis.set(_challenge_key(challenge_id),
+                      json.dumps({"c": b64url(challenge), "p": purpose, "u": user_id}),
+                      ex=t.settings.webauthn_challenge_ttl_seconds)
+    return challenge_id, challenge
+
+
+async def _take_challenge(t: Tessera, challenge_id: str | None, purpose: str,
+                          user_id: str | None) -> bytes | None:
+    """Single use (GETDEL), short-lived, for one purpose (and one user when registering)."""
+    if not challenge_id or len(challenge_id) > 128:
+        return None
+    raw = await t.redis.getdel(_challenge_key(challenge_id))
+    if raw is None:
+        return None
+    record = json.loads(raw)
+    if record["p"] != purpose or record["u"] != user_id:
+        return None
+    return b64url_decode(record["c"])
+
+
+def _transports(raw: str | None) -> list[AuthenticatorTransport] | None:
+    known = {tr.value: tr for tr in AuthenticatorTransport}
+    out = [known[p] for p in (raw or "").split(",") if p in known]
+    return out or None
+
+
+async def registration_options(t: Tessera, db: AsyncSession, user: User) -> dict[str, Any]:
+    rp_id, _ = relying_party(t.settings)
+    handle = await store.webauthn_handle(db, user.id, create=True)
+    assert handle is not None
+    challenge_id, challenge = await _new_challenge(t, "register", user.id)
+    options = generate_registration_options(
+        rp_id=rp_id, rp_name=t.settings.webauthn_rp_name,
+        user_id=b64url_decode(handle), user_name=user.email or "tessera user",
+        challenge=challenge, timeout=t.settings.webauthn_challenge_ttl_seconds * 1000,
+        authenticator_selection=AuthenticatorSelectionCriteria(
+            resident_key=ResidentKeyRequirement.REQUIRED,  # discoverable: log in without email
+            user_verification=UserVerificationRequirement.PREFERRED),
+        exclude_credentials=[
+            PublicKeyCredentialDescriptor(id=b64url_decode(k.credential_id),
+                                          transports=_transports(k.transports))
+            for k in await store.passkeys_of(db, user.id)])
+    return {**json.loads(options_to_json(options)), "challenge_id": challenge_id}
+
+
+def invalid_credential(detail: str = "The passkey could not be verified.") -> Problem:
+    return Problem(400, "invalid_credential", detail)
+
+
+async def register_passkey(t: Tessera, db: AsyncSession, user: User, challenge_id: str,
+                           credential: dict[str, Any], name: str) -> store.Passkey:
+    challenge = await _take_challenge(t, challenge_id, "register", user.id)
+    if challenge is None:
+        raise invalid_credential("The challenge is unknown, used or expired.")
+    rp_id, origins = relying_party(t.settings)
+    try:  # the library raises several types for malformed input; each is a bad credential
+        verified = verify_registration_response(
+            credential=credential, expected_challenge=challenge, expected_rp_id=rp_id,
+            expected_origin=origins, require_user_verification=False)
+    except Exception:
+        raise invalid_credential() from None
+    response = credential.get("response")
+    transports = response.get("transports") if isinstance(response, dict) else None
+    key = store.Passkey(
+        user_id=user.id, credential_id=b64url(verified.credential_id),
+        public_key=b64url(verified.credential_public_key), sign_count=verified.sign_count,
+        name=name, backed_up=verified.credential_backed_up,
+        transports=",".join(str(x) for x in transports)[:255]
+        if isinstance(transports, list) else None)
+    db.add(key)
+    try:
+        await db.commit()
+    except IntegrityError:
+        await db.rollback()
+        raise invalid_credential("This passkey is registered already.") from None
+    await db.refresh(key)
+    return key
+
+
+async def authentication_options(t: Tessera) -> dict[str, Any]:
+    rp_id, _ = relying_party(t.settings)
+    challenge_id, challenge = await _new_challenge(t, "authenticate", None)
+    options = generate_authentication_options(
+        rp_id=rp_id, challenge=challenge,
+        timeout=t.settings.webauthn_challenge_ttl_seconds * 1000,
+        user_verification=UserVerificationRequirement.PREFERRED)
+    return {**json.loads(options_to_json(options)), "challenge_id": challenge_id}
+
+
+@dataclass(frozen=True)
+class Assertion:
+    user_id: str
+    amr: list[str]
+
+
+async def check_assertion(t: Tessera, db: AsyncSession, challenge_id: str | None,
+                          credential: dict[str, Any], *,
+                          user_id: str | None = None) -> Assertion | None:
+    """A passkey assertion over a fresh challenge by a registered passkey (of `user_id`, when
+    given); the sign counter moves on. None for anything else."""
+    challenge = await _take_challenge(t, challenge_id, "authenticate", None)
+    if challenge is None:
+        return None
+    try:
+        parsed = parse_authentication_credential_json(credential)
+    except Exception:
+        return None
+    key = await store.passkey_by_credential(db, b64url(parsed.raw_id))
+    if key is None or (user_id is not None and key.user_id != user_id):
+        return None  # a foreign passkey
+    handle = parsed.response.user_handle
+    if handle is not None and b64url(handle) != await store.webauthn_handle(
+            db, key.user_id, create=False):
+        return None
+    rp_id, origins = relying_party(t.settings)
+    try:
+        verified = verify_authentication_response(
+            credential=parsed, expected_challenge=challenge, expected_rp_id=rp_id,
+            expected_origin=origins, credential_public_key=b64url_decode(key.public_key),
+            credential_current_sign_count=key.sign_count, require_user_verification=False)
+    except Exception:
+        return None
+    if not await store.record_passkey_use(db, key, verified.new_sign_count,
+                                          verified.credential_backed_up):
+        await db.rollback()
+        return None
+    await db.commit()
+    return Assertion(key.user_id, ["hwk", "user"] if verified.user_verified else ["hwk"])
+
+
+async def delete_passkey(db: AsyncSession, user_id: str, passkey_id: str) -> bool:
+    key = await db.get(store.Passkey, passkey_id)
+    if key is None or key.user_id != user_id:
+        return False
+    await db.delete(key)
+    await db.commit()
+    return True
+
+
+def full_amr(*parts: list[str]) -> list[str]:
+    """The amr of a login from its factors: `mfa` once two kinds of factor are in."""
+    amr: list[str] = []
+    for part in parts:
+        amr.extend(v for v in part if v not in amr)
+    kinds = sum(1 for v in ("pwd", "otp", "hwk", "user") if v in amr)
+    if kinds >= 2:
+        amr.append("mfa")
+    return amr
+
