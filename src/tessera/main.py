@@ -8,9 +8,10 @@ from contextlib import asynccontextmanager
 from starlette.middleware.cors import CORSMiddleware
 
 from tessera import __version__
-from tessera.api import admin, auth, health, me, revocations, wellknown
+from tessera.api import admin, auth, health, me, revocations, webhooks, wellknown
 from tessera.api.openapi import install_openapi
 from tessera.config import Settings
+from tessera.domain.events import EventWorker
 from tessera.domain.policy import PolicyCache
 from tessera.domain.profiles import ProfileCache
 from tessera.edge.fastpath import FastPath, TesseraApp
@@ -73,6 +74,8 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
             if settings.fast_path and not (telemetry is not None and telemetry.enabled()):
                 app.fast_path = FastPath(app.state.tessera)
             usage.start()
+            app.state.events = EventWorker(db_factory, settings, KeyCipher(secret))
+            app.state.events.start()
             yield
         finally:
             app.fast_path = None
@@ -80,6 +83,8 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
             if started is not None:
                 started.hasher.close()
             await revocations.close_revocation_hub(app)  # end open feeds and the subscription
+            if getattr(app.state, "events", None) is not None:
+                await app.state.events.stop()
             await usage.stop()
             await redis.aclose()
             await engine.dispose()
@@ -92,7 +97,7 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
     install_openapi(app)
     install_error_handlers(app)
     install_unavailable_handlers(app)
-    for module in (health, wellknown, auth, revocations, me, admin):
+    for module in (health, wellknown, auth, revocations, me, admin, webhooks):
         app.include_router(module.router)
 
     # Added innermost first: a request meets them in the reverse order.

@@ -11,7 +11,7 @@ from sqlmodel import col, select
 from tessera.api.deps import AdminUser, DbDep, TesseraDep
 from tessera.api.me import privacy_request_view
 from tessera.api.schemas import SafeStr
-from tessera.domain import accounts, privacy_requests
+from tessera.domain import accounts, events, privacy_requests
 from tessera.domain.policy import publish_policy
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.stores.models import User
@@ -78,6 +78,7 @@ async def reactivate(user_id: UserId, admin: AdminUser, db: DbDep, t: TesseraDep
     user.updated_at = accounts.utcnow()
     db.add(user)
     await accounts.audit(db, "reactivated", user_id=user.id, actor_id=admin.id, commit=False)
+    events.emit(db, "user.reactivated", {"user_id": user.id})
     await db.commit()
     await t.profiles.invalidate(user.id)
     return Response(status_code=204)

@@ -23,7 +23,7 @@ from tessera.api.deps import (
     raise_handed_over,
 )
 from tessera.api.schemas import LoginJSON, RegisterIn, SessionOut, TokenOut, UserOut
-from tessera.domain import accounts
+from tessera.domain import accounts, events
 from tessera.domain.policy import must_consent
 from tessera.edge.privacy import forbid_tracking
 from tessera.errors import Problem, problem_doc, problem_responses
@@ -178,7 +178,9 @@ async def logout(principal: OptionalSession, db: DbDep, t: TesseraDep) -> Respon
     response = Response(status_code=204, headers=NO_STORE)
     if principal is not None:
         await accounts.revoke_session(t, principal.user_id, principal.sid, "logout")
-        await accounts.audit(db, "logout", user_id=principal.user_id)
+        events.emit(db, "session.revoked", {"user_id": principal.user_id,
+                                            "session_id": principal.sid})
+        await accounts.audit(db, "logout", user_id=principal.user_id)  # commits the event too
     clear_login_cookies(response, t.settings)
     return response
 
@@ -186,6 +188,8 @@ async def logout(principal: OptionalSession, db: DbDep, t: TesseraDep) -> Respon
 @router.post("/logout-all", status_code=204, response_class=Response)
 async def logout_all(principal: CurrentSession, db: DbDep, t: TesseraDep) -> Response:
     await accounts.revoke_all_sessions(t, principal.user_id, "logout_all")
+    # session_id null: every session of the user.
+    events.emit(db, "session.revoked", {"user_id": principal.user_id, "session_id": None})
     await accounts.audit(db, "logout_all", user_id=principal.user_id)
     response = Response(status_code=204, headers=NO_STORE)
     clear_login_cookies(response, t.settings)

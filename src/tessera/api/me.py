@@ -22,7 +22,7 @@ from tessera.api.deps import (
     TesseraDep,
 )
 from tessera.api.schemas import SafeStr
-from tessera.domain import accounts, consents, privacy_requests
+from tessera.domain import accounts, consents, events, privacy_requests
 from tessera.domain.policy import accept_policy
 from tessera.domain.profiles import account_view
 from tessera.edge.privacy import attribute_usage
@@ -179,6 +179,8 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
         "usage_log": usage,
         "privacy_requests": [privacy_request_view(r) for r in
                              await privacy_requests.user_requests(db, user.id)],
+        # Every time personal data left tessera (the mailing vendor, P8).
+        "disclosures": await events.disclosures_of(db, user.id),
         "security_events": [{"at": rfc3339(a.at), "event": a.event, "outcome": a.outcome}
                             for a in audit_rows],
     }
@@ -222,7 +224,7 @@ async def get_consents(user: CurrentUser, db: DbDep, response: Response) -> dict
 async def put_consent(purpose: Annotated[str, Path(max_length=64)], body: ConsentIn,
                       user: CurrentUser, db: DbDep, t: TesseraDep,
                       response: Response) -> dict[str, Any]:
-    await consents.set_consent(db, user.id, purpose, body.granted)
+    await consents.set_consent(db, user, purpose, body.granted, settings=t.settings)
     await t.profiles.invalidate(user.id)
     await accounts.audit(db, "consent_" + ("granted" if body.granted else "withdrawn"),
                          user_id=user.id, detail=purpose)
@@ -238,6 +240,8 @@ async def put_restrictions(body: RestrictionsIn, user: CurrentUser, db: DbDep, t
     user.updated_at = accounts.utcnow()
     db.add(user)
     await accounts.audit(db, "restrictions_changed", user_id=user.id, commit=False)
+    events.emit(db, "restriction.changed", {"user_id": user.id,
+                                            **restrictions_view(user)})
     await db.commit()
     await t.profiles.invalidate(user.id)
     response.headers.update(NO_STORE)

@@ -9,6 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tessera.domain import events
 from tessera.domain.policy import PolicyState
 from tessera.errors import Problem
 from tessera.security.passwords import PasswordHasher
@@ -43,6 +44,7 @@ async def register_user(db: AsyncSession, hasher: PasswordHasher, *, email: str,
                 policy_version=policy.current.version, policy_seq=policy.current.seq or 0,
                 policy_accepted_at=now)
     db.add(user)
+    events.emit(db, "user.created", {"user_id": user.id})
     try:
         await db.commit()
     except IntegrityError:  # a concurrent registration won the race
@@ -143,6 +145,7 @@ async def change_password(t: Tessera, db: AsyncSession, user: User, current: str
     user.updated_at = utcnow()
     db.add(user)
     await audit(db, "password_changed", user_id=user.id, commit=False)
+    events.emit(db, "user.password_changed", {"user_id": user.id})
     await db.commit()
     await revoke_all_sessions(t, user.id, "password_changed", keep_sid=keep_sid)
 
@@ -152,6 +155,7 @@ async def deactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str 
     user.deactivated_at = user.updated_at = utcnow()
     db.add(user)
     await audit(db, "deactivated", user_id=user.id, actor_id=actor_id, commit=False)
+    events.emit(db, "user.deactivated", {"user_id": user.id})
     await db.commit()
     await t.profiles.invalidate(user.id)
     await revoke_all_sessions(t, user.id, "deactivated")
@@ -160,9 +164,10 @@ async def deactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str 
 async def _erase_personal_rows(db: AsyncSession, user_id: str) -> None:
     from sqlmodel import col, delete, update
 
+    from tessera.stores.events import Disclosure
     from tessera.stores.models import ConsentEvent, PrivacyRequest, UsageSegment
 
-    for table in (UsageSegment, ConsentEvent, PrivacyRequest):
+    for table in (UsageSegment, ConsentEvent, PrivacyRequest, Disclosure):
         await db.exec(delete(table).where(col(table.user_id) == user_id))
     # The audit trail keeps what happened, anonymised: no link back to the person.
     await db.exec(update(AuditEvent).where(col(AuditEvent.user_id) == user_id)
@@ -171,14 +176,29 @@ async def _erase_personal_rows(db: AsyncSession, user_id: str) -> None:
                   .values(actor_id=None))
 
 
+async def _tell_the_vendor_to_forget(t: Tessera, db: AsyncSession, user: User) -> None:
+    """P8/P9: a mailing vendor that was given the email is told to delete it (queued in the
+    caller's unit of work, before the email is erased)."""
+    if not events.vendor_enabled(t.settings):
+        return
+    from tessera.domain.consents import has_consent
+
+    await events.forget_at_vendor(db, t.settings, user,
+                                  consented=await has_consent(db, user.id, "email_vendor"))
+
+
 async def delete_account(t: Tessera, db: AsyncSession, user: User) -> None:
     """P5/P9: the account, its sessions, usage log and every row tied to it are gone."""
     user_id = user.id
     await t.usage.forget(user_id)
     await revoke_all_sessions(t, user_id, "account_deleted")
+    await _tell_the_vendor_to_forget(t, db, user)
     await _erase_personal_rows(db, user_id)
     await db.delete(user)
     await audit(db, "account_deleted", commit=False)
+    await events.forget_events(db, user_id)
+    # Subscribers delete their copy of the user's data (the policy's right to delete).
+    events.emit(db, "user.deleted", {"user_id": user_id})
     await db.commit()
     await t.profiles.invalidate(user_id)
     await revoke_all_sessions(t, user_id, "account_deleted")  # any login that raced the delete
@@ -187,6 +207,7 @@ async def delete_account(t: Tessera, db: AsyncSession, user: User) -> None:
 async def erase_minor(t: Tessera, db: AsyncSession, user: User, *, actor_id: str) -> None:
     """P7: deactivate and delete the personal data, email included; the id stays as a tombstone."""
     await t.usage.forget(user.id)
+    await _tell_the_vendor_to_forget(t, db, user)  # while the email is still known
     user.is_active = False
     user.email = user.email_key = user.password_hash = None
     user.restrict_processing = user.object_to_processing = False
@@ -194,6 +215,7 @@ async def erase_minor(t: Tessera, db: AsyncSession, user: User, *, actor_id: str
     db.add(user)
     await _erase_personal_rows(db, user.id)
     await audit(db, "minor_erased", user_id=user.id, actor_id=actor_id, commit=False)
+    events.emit(db, "user.erased", {"user_id": user.id})
     await db.commit()
     await t.profiles.invalidate(user.id)
     await revoke_all_sessions(t, user.id, "minor_erased")

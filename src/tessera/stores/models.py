@@ -120,3 +120,4 @@ class AuditEvent(SQLModel, table=True):
     actor_id: str | None = Field(default=None, max_length=32)
     outcome: str | None = Field(default=None, max_length=32)
     detail: str | None = Field(default=None, max_length=512)
+from tessera.stores import events  # noqa: E402,F401
