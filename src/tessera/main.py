@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from starlette.middleware.cors import CORSMiddleware
 
 from tessera import __version__
-from tessera.api import admin, auth, health, me, revocations, webhooks, wellknown
+from tessera.api import admin, auth, forward, health, me, revocations, webhooks, wellknown
 from tessera.api.openapi import install_openapi
 from tessera.config import Settings
 from tessera.domain.events import EventWorker
@@ -22,6 +22,7 @@ from tessera.edge.middleware import (
     SecurityHeadersMiddleware,
 )
 from tessera.edge.privacy import PrivacyMiddleware
+from tessera.edge.proxy import TrustedProxyMiddleware
 from tessera.errors import install_error_handlers, install_unavailable_handlers
 from tessera.metrics import Metrics, MetricsMiddleware
 from tessera.ops.embedded import EmbeddedRedis
@@ -97,7 +98,7 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
     install_openapi(app)
     install_error_handlers(app)
     install_unavailable_handlers(app)
-    for module in (health, wellknown, auth, revocations, me, admin, webhooks):
+    for module in (health, wellknown, forward, auth, revocations, me, admin, webhooks):
         app.include_router(module.router)
 
     # Added innermost first: a request meets them in the reverse order.
@@ -115,4 +116,6 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(SecurityHeadersMiddleware, hsts=settings.cookie_secure)
     app.add_middleware(RequestIdMiddleware)
+    if settings.proxy_headers:  # outermost: every layer sees the real client address
+        app.add_middleware(TrustedProxyMiddleware, allowed=settings.forwarded_allow_ips)
     return app
