@@ -3,6 +3,7 @@ nginx (Debian's package) in front of a small upstream."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import time
@@ -212,7 +213,7 @@ async def test_nginx_lets_a_valid_token_through_and_refuses_logged_out_and_missi
         events = await usage_of(app, user["id"])
         if any(e["path"] == "/app/page" for e in events) or time.monotonic() > deadline:
             break
-        time.sleep(0.2)
+        await asyncio.sleep(0.2)
     original = [e for e in events if e["path"] == "/app/page"]
     assert original and original[0]["host"] == LOOPBACK and original[0]["method"] == "GET"
     assert not any(e["path"] == "/auth/check" for e in events)
