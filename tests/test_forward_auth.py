@@ -217,3 +217,78 @@ async def test_nginx_lets_a_valid_token_through_and_refuses_logged_out_and_missi
     original = [e for e in events if e["path"] == "/app/page"]
     assert original and original[0]["host"] == LOOPBACK and original[0]["method"] == "GET"
     assert not any(e["path"] == "/auth/check" for e in events)
+
+
+# --- behind a real Caddy (Debian's package) ------------------------------------------------
+
+CADDY = shutil.which("caddy") or "/usr/bin/caddy"
+
+CADDYFILE = """
+{{
+    admin off
+    auto_https off
+}}
+http://{host}:{port} {{
+    forward_auth {host}:{tessera} {{
+        uri /auth/check
+        copy_headers X-Auth-User-Id X-Auth-Session-Id
+    }}
+    reverse_proxy {host}:{upstream}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def caddy(server: Any, upstream: Receiver, tmp_path_factory: pytest.TempPathFactory,
+          ) -> Iterator[str]:
+    if not Path(CADDY).exists():
+        pytest.skip("caddy is not installed (Debian package caddy)")
+    workdir = tmp_path_factory.mktemp("caddy")
+    port = free_port()
+    conf = workdir / "Caddyfile"
+    conf.write_text(CADDYFILE.format(host=LOOPBACK, port=port, upstream=upstream.port,
+                                     tessera=int(server.url.rsplit(":", 1)[1])))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(workdir),
+           "XDG_DATA_HOME": str(workdir / "data"), "XDG_CONFIG_HOME": str(workdir / "config")}
+    log = open(workdir / "caddy.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([CADDY, "run", "--config", str(conf), "--adapter", "caddyfile"],
+                            env=env, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://{LOOPBACK}:{port}"
+    deadline = time.monotonic() + 20
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"caddy exited: {(workdir / 'caddy.log').read_text()}")
+            try:
+                httpx.get(url + "/", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield url
+    finally:
+        _stop(proc, 10)
+        log.close()
+
+
+async def test_caddy_forward_auth_lets_a_valid_token_through_and_refuses_the_rest(
+        app: FastAPI, caddy: str, upstream: Receiver, http: httpx.AsyncClient) -> None:
+    user, token = await registered_token(http)
+    async with httpx.AsyncClient(base_url=caddy, timeout=10) as proxy:
+        passed = await proxy.get("/shop/cart", headers=bearer(token))
+        assert passed.status_code == 200, passed.text
+        assert passed.json() == {"path": "/shop/cart", "user": user["id"]}
+        before = len(upstream.received)
+        assert (await proxy.get("/shop/cart")).status_code == 401
+        assert (await http.post("/auth/logout", headers=bearer(token))).status_code == 204
+        assert (await proxy.get("/shop/cart", headers=bearer(token))).status_code == 401
+        assert len(upstream.received) == before
+    deadline = time.monotonic() + 10
+    while True:
+        events = await usage_of(app, user["id"])
+        if any(e["path"] == "/shop/cart" for e in events) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert [e["method"] for e in events if e["path"] == "/shop/cart"] == ["GET"]
