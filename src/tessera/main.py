@@ -9,6 +9,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from tessera import __version__
 from tessera.api import admin, auth, forward, health, me, revocations, webhooks, wellknown
+from tessera.api.docs import install_docs
 from tessera.api.openapi import install_openapi
 from tessera.config import Settings
 from tessera.domain.events import EventWorker
@@ -94,8 +95,9 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
 
     # No slash redirects: they would be built from the client's Host header.
     app = TesseraApp(title="tessera", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan, redirect_slashes=False)
+                  lifespan=lifespan, redirect_slashes=False, docs_url=None, redoc_url=None)
     install_openapi(app)
+    install_docs(app)  # /docs and /redoc with assets served by tessera (offline)
     install_error_handlers(app)
     install_unavailable_handlers(app)
     for module in (health, wellknown, forward, auth, revocations, me, admin, webhooks):
