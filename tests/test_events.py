@@ -158,6 +158,10 @@ async def test_a_deleted_user_reaches_a_subscriber_as_a_signed_user_deleted(
     [got] = await drive(app, receiver, of_type("user.deleted", user["id"]))
     assert verify_signature(subscription["secret"], got)
     assert not verify_signature("whsec_" + base64.b64encode(b"x" * 32).decode(), got)
+    # ... and with the maintained library docs/events.md shows.
+    from standardwebhooks.webhooks import Webhook
+
+    assert Webhook(subscription["secret"]).verify(got.body, got.headers)["type"] == "user.deleted"
     body = got.json()
     assert body["data"] == {"user_id": user["id"]}
     assert user["email"] not in got.body.decode() and set(body) == {"type", "timestamp", "data"}

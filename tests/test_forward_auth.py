@@ -292,3 +292,59 @@ async def test_caddy_forward_auth_lets_a_valid_token_through_and_refuses_the_res
             break
         await asyncio.sleep(0.2)
     assert [e["method"] for e in events if e["path"] == "/shop/cart"] == ["GET"]
+
+
+# --- the deployment's nginx (deploy/nginx.conf, docker-compose.yml) ------------------------
+
+DEPLOY_CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf"
+
+
+@pytest.fixture(scope="module")
+def deploy_nginx(server: Any, upstream: Receiver, tmp_path_factory: pytest.TempPathFactory,
+                 ) -> Iterator[str]:
+    """deploy/nginx.conf as shipped, its service names pointed at the test's processes."""
+    if not Path(NGINX).exists():
+        pytest.skip("nginx is not installed (Debian package nginx)")
+    workdir = tmp_path_factory.mktemp("deploy-nginx")
+    port = free_port()
+    conf = DEPLOY_CONF.read_text()
+    for old, new in (("server tessera:8000;", f"server {server.url.split('//', 1)[1]};"),
+                     ("server app:80;", f"server {LOOPBACK}:{upstream.port};"),
+                     ("listen 8080;", f"listen {LOOPBACK}:{port};")):
+        assert old in conf
+        conf = conf.replace(old, new)
+    temp = "".join(f"    {name}_temp_path {workdir}/{name};\n"
+                   for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = conf.replace("http {\n", "http {\n" + temp, 1)
+    (workdir / "nginx.conf").write_text(conf)
+    proc = subprocess.Popen([NGINX, "-p", str(workdir), "-c", str(workdir / "nginx.conf"),
+                             "-e", str(workdir / "error.log"), "-g",
+                             f"daemon off; pid {workdir}/nginx.pid;"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    url = f"http://{LOOPBACK}:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nginx exited: {proc.stderr.read() if proc.stderr else ''!r}")
+        try:
+            httpx.get(url + "/healthz", timeout=1)
+            break
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    yield url
+    _stop(proc, 10)
+
+
+async def test_the_deployment_nginx_logs_in_through_tessera_and_guards_the_upstream(
+        deploy_nginx: str, upstream: Receiver) -> None:
+    async with httpx.AsyncClient(base_url=deploy_nginx, timeout=10) as browser:
+        assert (await browser.get("/")).status_code == 401
+        user = await register(browser)
+        assert (await login(browser, user["email"])).status_code == 200  # via nginx
+        passed = await browser.get("/orders")  # the session cookie
+        assert passed.status_code == 200
+        assert passed.json() == {"path": "/orders", "user": user["id"]}
+        assert (await browser.get("/docs")).status_code == 200  # tessera's own, not guarded
