@@ -204,6 +204,29 @@ async def test_a_failing_receiver_is_retried_and_redirects_are_not_followed(
     assert done["status"] == "delivered" and done["attempts"] == 3
 
 
+async def test_a_delivery_failing_for_longer_than_the_retry_window_is_marked_failed(
+        app: FastAPI, client: Any, admin_token: str, subscription: dict[str, Any],
+        receiver: Receiver) -> None:
+    receiver.status = 503
+    user, _ = await registered_token(client)
+    await drive(app, receiver, of_type("user.created", user["id"]))
+    async with app.state.tessera.db_factory() as db:
+        await db.exec(update(WebhookDelivery).where(
+            WebhookDelivery.subscription_id == subscription["id"]).values(
+            created_at=utcnow() - timedelta(hours=27), next_attempt_at=utcnow()))
+        await db.commit()
+    await drive(app, receiver, lambda r: len([x for x in receiver.received if of_type(
+        "user.created", user["id"])(x)]) >= 2)
+    listed = (await client.get(f"/admin/webhooks/{subscription['id']}/deliveries",
+                               headers=bearer(admin_token))).json()
+    assert [(d["status"], d["last_status_code"], d["next_attempt_at"]) for d in listed] == [
+        ("failed", 503, None)]
+    count = len(receiver.received)
+    for _ in range(3):
+        await app.state.events.run_once()
+    assert len(receiver.received) == count  # given up
+
+
 async def test_two_instances_never_send_one_delivery_at_once_and_a_dead_ones_lease_expires(
         app: FastAPI, client: Any, subscription: dict[str, Any], receiver: Receiver) -> None:
     t = app.state.tessera

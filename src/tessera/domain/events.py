@@ -328,8 +328,12 @@ class EventWorker:
             deliveries = await due_deliveries(db, now, limit)
             vendor = (await due_vendor_messages(db, now, limit)
                       if vendor_enabled(self._settings) else [])
-        await asyncio.gather(*(self._deliver_webhook(d) for d in deliveries),
-                             *(self._deliver_vendor(v) for v in vendor))
+        results = await asyncio.gather(*(self._deliver_webhook(d) for d in deliveries),
+                                       *(self._deliver_vendor(v) for v in vendor),
+                                       return_exceptions=True)
+        for result in results:  # one broken row must not hold up the others
+            if isinstance(result, Exception):
+                log.warning("event delivery failed: %s", type(result).__name__)
         if time.monotonic() - self._last_purge > PURGE_EVERY_SECONDS:
             self._last_purge = time.monotonic()
             await self.purge()
@@ -341,7 +345,7 @@ class EventWorker:
         async with self._factory() as db:
             events = (await db.exec(select(OutboxEvent).where(
                 col(OutboxEvent.fanned_out).is_(False))
-                .order_by(col(OutboxEvent.created_at)).limit(200))).all()
+                .order_by(col(OutboxEvent.created_at), col(OutboxEvent.id)).limit(200))).all()
             if not events:
                 return 0
             subscriptions = (await db.exec(select(WebhookSubscription))).all()

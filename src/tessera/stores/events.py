@@ -122,7 +122,7 @@ async def due_deliveries(db: AsyncSession, now: datetime, limit: int) -> list[st
         select(WebhookDelivery.id).where(
             WebhookDelivery.status == "pending", col(WebhookDelivery.next_attempt_at) <= now,
             _free(WebhookDelivery.claimed_until, now))
-        .order_by(col(WebhookDelivery.next_attempt_at)).limit(limit))
+        .order_by(col(WebhookDelivery.next_attempt_at), col(WebhookDelivery.id)).limit(limit))
     return list(rows.all())
 
 
