@@ -366,6 +366,23 @@ async def test_the_vendor_gets_the_email_only_after_consent_and_a_delete_after_w
                 VendorMessage.user_id == user["id"]))).all() == []
 
 
+async def test_an_email_change_deletes_the_old_address_at_the_vendor_and_upserts_the_new(
+        vendor_app: FastAPI, receiver: Receiver) -> None:
+    async with client_for(vendor_app) as client:
+        user, token = await registered_token(client)
+        await client.put("/me/consents/email_vendor", json={"granted": True},
+                         headers=bearer(token))
+        new = "renamed-" + user["email"]
+        changed = await client.patch("/me", json={"email": new}, headers=bearer(token))
+        assert changed.status_code == 200, changed.text  # v1's immediate email change
+        await drive(vendor_app, receiver, to_vendor("vendor.contact_upsert", new))
+        order = [(r.json()["type"], r.json()["email"]) for r in receiver.received
+                 if r.path == "/vendor" and r.json()["email"] in (user["email"], new)]
+        assert order == [("vendor.contact_upsert", user["email"]),
+                         ("vendor.contact_delete", user["email"]),
+                         ("vendor.contact_upsert", new)]
+
+
 async def test_an_erased_minor_is_deleted_at_the_vendor_and_queued_upserts_never_leave(
         vendor_app: FastAPI, receiver: Receiver) -> None:
     async with client_for(vendor_app) as client:

@@ -133,7 +133,7 @@ async def get_me(profile: ProfileAnyPolicy) -> Response:
 @router.patch("", responses=problem_doc({409: "email_taken"}))
 async def update_me(body: EmailIn, user: CurrentUser, db: DbDep, t: TesseraDep,
                     response: Response) -> dict[str, Any]:
-    user = await accounts.change_email(db, user, str(body.email))
+    user = await accounts.change_email(db, user, str(body.email), settings=t.settings)
     await accounts.audit(db, "email_changed", user_id=user.id)
     response.headers.update(NO_STORE)
     return await fresh_view(t, db, user)

@@ -9,6 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tessera.config import Settings
 from tessera.domain import events
 from tessera.domain.policy import PolicyState
 from tessera.errors import Problem
@@ -120,12 +121,22 @@ async def audit(db: AsyncSession, event: str, *, user_id: str | None = None,
         await db.commit()
 
 
-async def change_email(db: AsyncSession, user: User, email: str) -> User:
+async def change_email(db: AsyncSession, user: User, email: str, *,
+                       settings: Settings | None = None) -> User:
+    """With `settings` naming a mailing vendor, a consenting user's old address is deleted
+    there and the new one upserted (P8), in this transaction."""
     key = email_key(email)
     if key != user.email_key:
         other = await find_by_email(db, email)
         if other is not None:
             raise Problem(409, "email_taken", "An account with this email exists.")
+        if (settings is not None and events.vendor_enabled(settings)
+                and user.email is not None):
+            from tessera.domain.consents import has_consent
+
+            events.on_email_changed_at_vendor(
+                db, settings, user.id, user.email, email,
+                consented=await has_consent(db, user.id, "email_vendor"))
     user.email, user.email_key, user.updated_at = email, key, utcnow()
     db.add(user)
     try:
