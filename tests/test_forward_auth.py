@@ -88,6 +88,20 @@ async def test_the_usage_log_records_the_original_request_from_a_trusted_proxy_o
         ("GET", "/auth/check", "testserver", "203.0.113.9")]
 
 
+async def test_envoy_asks_with_the_original_method_and_path_after_its_prefix(
+        app: FastAPI, client: Any) -> None:
+    user, token = await registered_token(client)
+    client.cookies.clear()
+    before = len(await usage_of(app, user["id"]))
+    ok = await client.delete("/auth/check/orders/42", headers={**bearer(token),
+                                                              "Host": "shop.example.com"})
+    assert ok.status_code == 200 and ok.headers["x-auth-user-id"] == user["id"]
+    events = (await usage_of(app, user["id"]))[before:]
+    assert [(e["method"], e["path"], e["host"]) for e in events] == [
+        ("DELETE", "/orders/42", "shop.example.com")]
+    assert_problem(await client.post("/auth/check/orders/42"), 401, "not_authenticated")
+
+
 @pytest.mark.parametrize("opt_out", [{"DNT": "1"}, {"Sec-GPC": "1"}])
 async def test_the_original_requests_dnt_gpc_and_the_users_restriction_are_honoured(
         app: FastAPI, client: Any, opt_out: dict[str, str]) -> None:

@@ -48,9 +48,13 @@ def original_request(request: Request, t: Tessera) -> tuple[str | None, str, str
         return ip, "GET", "/auth/check", headers.get("host")
     if not t.settings.proxy_headers and (forwarded_for := headers.get("x-forwarded-for")):
         ip = forwarded_for.rsplit(",", 1)[-1].strip() or ip  # as the proxy saw its client
+    # Envoy's ext_authz (HTTP) sends the original method, and the original path after its
+    # `path_prefix` (/auth/check/<path>).
+    suffix = request.path_params.get("original")
     method = (headers.get("x-forwarded-method") or headers.get("x-original-method")
-              or "GET").upper()
-    uri = headers.get("x-forwarded-uri") or headers.get("x-original-uri") or "/"
+              or request.method).upper()
+    uri = (headers.get("x-forwarded-uri") or headers.get("x-original-uri")
+           or ("/" + suffix if suffix is not None else "/"))
     host = headers.get("x-forwarded-host") or headers.get("host")
     return ip, method, uri.split("?", 1)[0].split("#", 1)[0], host
 
@@ -84,3 +88,11 @@ async def check(request: Request) -> Response:
                        status=200, nbytes=0)
     attribute_usage(scope, "")  # recorded above (or not at all): not again as /auth/check
     return Response(status_code=200, headers=headers)
+
+
+# Envoy ext_authz (HTTP service) asks with the original method, at `path_prefix` + the
+# original path: the same check.
+router.add_api_route("/auth/check/{original:path}", check, include_in_schema=False,
+                     methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+router.add_api_route("/auth/check", check, include_in_schema=False,
+                     methods=["HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
