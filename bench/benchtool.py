@@ -692,6 +692,7 @@ SCENARIOS = [  # (scenario, label) in table order
     ("register", "POST /auth/register"),
     ("login", "POST /auth/login"),
     ("me", "GET /me (bearer)"),
+    ("check", "GET /auth/check (forward auth)"),
     ("introspect", "POST /auth/introspect"),
     ("logout", "POST /auth/logout"),
     ("me-dnt", "GET /me, DNT: 1 (no usage log)"),
@@ -820,6 +821,10 @@ def cmd_report(a):
         r = t_me / peer_me
         target("(cross-check: both figures from shared/bench/run.sh)",
                f"{t_me:.0f} vs {peer_me:.0f} req/s", f"{r:.2f}×", "≥ 3×", r >= 3)
+    if me and by.get("check"):
+        r = by["check"]["rps"] / me["rps"]
+        target("GET /auth/check vs GET /me", f"{by['check']['rps']:.0f} vs {me['rps']:.0f} req/s",
+               f"{r:.2f}×", "≥ 0.9×", r >= 0.9)
     if by.get("introspect") and ping:
         r = by["introspect"]["rps"] / ping
         target("introspection vs bare FastAPI GET /ping",
