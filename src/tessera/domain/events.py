@@ -63,7 +63,6 @@ ALL_EVENTS = "*"
 VENDOR_UPSERT = "vendor.contact_upsert"
 VENDOR_DELETE = "vendor.contact_delete"
 VENDOR_RECIPIENT = "mailing_vendor"
-EMAIL_VENDOR = "email_vendor"  # the consent purpose (domain/consents.py PURPOSES)
 
 # Delivered deliveries and their events are kept this long for GET .../deliveries.
 KEEP_DELIVERED = timedelta(days=7)
