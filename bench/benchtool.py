@@ -692,6 +692,7 @@ SCENARIOS = [  # (scenario, label) in table order
     ("register", "POST /auth/register"),
     ("login", "POST /auth/login"),
     ("me", "GET /me (bearer)"),
+    ("check", "GET /auth/check (forward auth)"),
     ("introspect", "POST /auth/introspect"),
     ("logout", "POST /auth/logout"),
     ("me-dnt", "GET /me, DNT: 1 (no usage log)"),
@@ -819,6 +820,7 @@ def cmd_report(a):
     if t_me and peer_me:
         r = t_me / peer_me
         target("(cross-check: both figures from shared/bench/run.sh)",
+<<<<<<< HEAD
                f"{t_me:.0f} vs {peer_me:.0f} req/s", f"{r:.2f}×", "≥ 10×", r >= 10)
     # Issue 11: the one edge and the lean endpoints, each against the framework-free ASGI app
     # (`raw`) and bare FastAPI of the same shared run.
@@ -842,6 +844,13 @@ def cmd_report(a):
         r = t_logout / peer_logout
         target("logout vs fastapi-users logout (one connection, sequential)",
                f"{t_logout:.0f} vs {peer_logout:.0f} req/s", f"{r:.2f}×", "≥ 1.0×", r >= 1.0)
+=======
+               f"{t_me:.0f} vs {peer_me:.0f} req/s", f"{r:.2f}×", "≥ 3×", r >= 3)
+    if me and by.get("check"):
+        r = by["check"]["rps"] / me["rps"]
+        target("GET /auth/check vs GET /me", f"{by['check']['rps']:.0f} vs {me['rps']:.0f} req/s",
+               f"{r:.2f}×", "≥ 0.9×", r >= 0.9)
+>>>>>>> issue-15
     if by.get("introspect") and ping:
         r = by["introspect"]["rps"] / ping
         target("introspection vs bare FastAPI GET /ping",

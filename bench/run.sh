@@ -30,7 +30,7 @@ MEM_STEPS="${MEM_STEPS:-50000,100000}"   # VmRSS read after this many GET /me re
 HALF_DELAY_MS="${HALF_DELAY_MS:-20}"     # mean think time per connection, half-peak run
 PROFILE_SECS="${PROFILE_SECS:-20}"       # py-spy sampling time (0: no profile)
 PROFILE_RATE="${PROFILE_RATE:-50}"       # samples/s: py-spy pauses the worker per sample
-SCENARIOS="${SCENARIOS:-all}"            # or a subset: mem me introspect register login logout mixed half profile
+SCENARIOS="${SCENARIOS:-all}"            # or a subset: mem me check introspect register login logout mixed half profile
 SHARED="${SHARED:-1}"                    # 1: run ../shared/bench/run.sh too (side by side)
 SHARED_BENCH="${SHARED_BENCH:-$ROOT/../shared/bench}"
 BENCH_DATABASE_URL="${BENCH_DATABASE_URL:-}"  # empty: SQLite; else postgresql://.../<bench db>
@@ -177,6 +177,11 @@ for i in $(seq 1 "$ME_RUNS"); do
     measure me "GET /me" "$i" "$CONNS" get.lua "$T/me" "$TOKEN"
   fi
 done
+fi
+
+if want check; then
+say "GET /auth/check (forward auth, bearer; the target: >= 0.9x GET /me)"
+scenario check "GET /auth/check" "$CONNS" get.lua "$T/auth/check" "$TOKEN"
 fi
 
 PROFILE=""

@@ -88,6 +88,11 @@ def base_settings(data_dir: Path, database_url: str, redis_url: str) -> dict[str
         "login_max_failures_per_ip": 100_000,
         "login_max_failures_per_account": 100_000,
         "usage_flush_seconds": 0.2,
+        # Tests drive the event worker by hand (EventWorker.run_once); receivers on loopback.
+        "events_worker": False,
+        "webhook_allowed_hosts": ["127.0.0.1"],
+        "webhook_backoff_base_seconds": 0.1,
+        "webhook_backoff_max_seconds": 0.5,
     }
 
 

@@ -83,6 +83,11 @@ def tessera_env(*, database_url: str, redis_url: str, secret: str, data_dir: Pat
         "TESSERA_LOGIN_MAX_FAILURES_PER_IP": "100000",
         "TESSERA_LOGIN_MAX_FAILURES_PER_ACCOUNT": "100000",
         "TESSERA_LOG_LEVEL": "warning",
+        # Webhook receivers in tests listen on loopback; retries come fast.
+        "TESSERA_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+        "TESSERA_WEBHOOK_POLL_SECONDS": "0.1",
+        "TESSERA_WEBHOOK_BACKOFF_BASE_SECONDS": "0.2",
+        "TESSERA_WEBHOOK_BACKOFF_MAX_SECONDS": "1",
         **extra,
     })
     return env

@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -87,6 +87,51 @@ class Settings(BaseSettings):
     @classmethod
     def _webauthn_csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    # Events to the services around tessera: webhooks, the mailing vendor (P8), forward auth
+    # (issue 15; docs/events.md).
+    # Hosts a webhook or the vendor URL may name although they resolve to a loopback or
+    # private address (plain http is allowed for them only).
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = []
+    mailing_vendor_url: str | None = None
+    mailing_vendor_secret: SecretStr | None = None
+    # Whether this instance runs the delivery worker (any number of instances may).
+    events_worker: bool = True
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=60)
+    webhook_poll_seconds: float = Field(1.0, gt=0)
+    webhook_batch: int = Field(20, ge=1, le=500)
+    # A delivery claimed by an instance is its own for this long (longer than a timeout);
+    # an instance that dies mid-delivery leaves it to be sent again after that.
+    webhook_lease_seconds: float = Field(60.0, gt=0)
+    webhook_backoff_base_seconds: float = Field(5.0, gt=0)
+    webhook_backoff_max_seconds: float = Field(14400.0, gt=0)
+    # A failing delivery is retried for this long (at least 24 h), then marked failed.
+    webhook_retry_seconds: int = Field(93600, ge=86400)
+    # Peers whose X-Forwarded-* headers are trusted ("*" for any), for GET /auth/check and,
+    # with TESSERA_PROXY_HEADERS, for the client address of every request.
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = ["127.0.0.1"]
+    proxy_headers: bool = False
+
+    @field_validator("webhook_allowed_hosts", "forwarded_allow_ips", mode="before")
+    @classmethod
+    def _csv_events(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _vendor_url_guarded(self) -> Settings:
+        if self.mailing_vendor_url:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(self.mailing_vendor_url)
+            allowed = {h.lower() for h in self.webhook_allowed_hosts}
+            if not parts.hostname or parts.scheme not in ("https", "http") or (
+                    parts.scheme == "http" and parts.hostname.lower() not in allowed):
+                raise ValueError("TESSERA_MAILING_VENDOR_URL must be https:// (plain http "
+                                 "only for a host in TESSERA_WEBHOOK_ALLOWED_HOSTS)")
+            if self.mailing_vendor_secret is None:
+                raise ValueError("TESSERA_MAILING_VENDOR_SECRET is needed with "
+                                 "TESSERA_MAILING_VENDOR_URL")
+        return self
 
     @field_validator("service_keys", "cors_origins", mode="before")
     @classmethod

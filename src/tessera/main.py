@@ -14,14 +14,17 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tessera import __version__
-from tessera.api import admin, auth, health, me, mfa, revocations, wellknown
+from tessera.api import admin, auth, health, me, mfa, revocations, webhooks, wellknown
+from tessera.api.docs import install_docs
 from tessera.api.lean import LeanRoutes
 from tessera.api.openapi import api_routes, install_openapi
 from tessera.config import Settings
 from tessera.domain.auth import TokenChecker
+from tessera.domain.events import EventWorker
 from tessera.domain.policy import PolicyCache
 from tessera.domain.profiles import ProfileCache
 from tessera.edge.edge import Edge
+from tessera.edge.proxy import TrustedProxyMiddleware
 from tessera.errors import install_error_handlers, install_unavailable_handlers
 from tessera.metrics import Metrics
 from tessera.ops.embedded import EmbeddedRedis
@@ -96,6 +99,8 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
             edge.checker = checker
             usage.start()
             audit_trail.start()
+            app.state.events = EventWorker(db_factory, settings, KeyCipher(secret))
+            app.state.events.start()
             yield
         finally:
             edge.checker = None
@@ -103,6 +108,8 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
             if started is not None:
                 started.hasher.close()
             await revocations.close_revocation_hub(app)  # end open feeds and the subscription
+            if getattr(app.state, "events", None) is not None:
+                await app.state.events.stop()
             await usage.stop()
             await audit_trail.stop()
             await redis.aclose()
@@ -112,11 +119,12 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
 
     # No slash redirects: they would be built from the client's Host header.
     app = TesseraApp(title="tessera", version=__version__, description=DESCRIPTION,
-                     lifespan=lifespan, redirect_slashes=False)
+                     lifespan=lifespan, redirect_slashes=False, docs_url=None, redoc_url=None)
     install_openapi(app)
+    install_docs(app)  # /docs and /redoc with assets served by tessera (offline)
     install_error_handlers(app)
     install_unavailable_handlers(app)
-    for module in (health, wellknown, auth, revocations, me, mfa, admin):
+    for module in (health, wellknown, auth, revocations, me, mfa, admin, webhooks):
         app.include_router(module.router)
 
     inner: ASGIApp = LeanRoutes(app.stack, lambda: app.state.tessera,
@@ -127,6 +135,9 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-CSRF-Token", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Tk", "Retry-After"], max_age=600)
-    edge = Edge(inner, settings=settings, metrics=metrics, usage=usage)
-    app.entry = edge
+    edge: Edge = Edge(inner, settings=settings, metrics=metrics, usage=usage)
+    entry: ASGIApp = edge
+    if settings.proxy_headers:  # outermost: every layer sees the real client address
+        entry = TrustedProxyMiddleware(entry, allowed=settings.forwarded_allow_ips)
+    app.entry = entry
     return app

@@ -184,7 +184,8 @@ async def logout(principal: OptionalSession, t: TesseraDep) -> Response:
     response = Response(status_code=204, headers=NO_STORE)
     if principal is not None:
         await accounts.revoke_session(t, principal.user_id, principal.sid, "logout")
-        accounts.audit_later(t, "logout", user_id=principal.user_id)
+        accounts.audit_later(t, "logout", user_id=principal.user_id, webhook=(
+            "session.revoked", {"user_id": principal.user_id, "session_id": principal.sid}))
     clear_login_cookies(response, t.settings)
     return response
 
@@ -192,7 +193,9 @@ async def logout(principal: OptionalSession, t: TesseraDep) -> Response:
 @router.post("/logout-all", status_code=204, response_class=Response)
 async def logout_all(principal: CurrentSession, t: TesseraDep) -> Response:
     await accounts.revoke_all_sessions(t, principal.user_id, "logout_all")
-    accounts.audit_later(t, "logout_all", user_id=principal.user_id)
+    # session_id null: every session of the user.
+    accounts.audit_later(t, "logout_all", user_id=principal.user_id, webhook=(
+        "session.revoked", {"user_id": principal.user_id, "session_id": None}))
     response = Response(status_code=204, headers=NO_STORE)
     clear_login_cookies(response, t.settings)
     return response

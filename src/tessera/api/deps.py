@@ -16,8 +16,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tessera.domain.auth import Principal, check_csrf
 from tessera.domain.policy import must_consent
-from tessera.edge.edge import PRINCIPAL, PRINCIPAL_ERROR
-from tessera.edge.privacy import USAGE_USER, attribute_usage
+from tessera.edge.edge import principal_in
 from tessera.errors import Problem, not_authenticated
 from tessera.services import Tessera
 from tessera.stores.models import User
@@ -51,19 +50,14 @@ def request_cookie(request: Request, name: str) -> str:
 def principal_of(request: Request) -> Principal | None:
     """The principal the edge found (None: no valid token); a store failure it met is raised
     here, where the route needs the answer (503)."""
-    state = request.scope.get("state", {})
-    error = state.pop(PRINCIPAL_ERROR, None)
-    if error is not None:
-        raise error
-    principal: Principal | None = state.get(PRINCIPAL)
+    principal = principal_in(request.scope)
+    state = request.scope["state"]
     if principal is not None and principal.via_cookie and request.method in UNSAFE_METHODS \
             and not state.get("csrf_checked"):
         t: Tessera = request.app.state.tessera
         check_csrf(t.csrf_key, principal.sid, request.headers.get("x-csrf-token", ""),
                    request_cookie(request, t.settings.csrf_cookie))
         state["csrf_checked"] = True
-    if principal is not None and state.get(USAGE_USER) is None:
-        attribute_usage(request.scope, principal.user_id)
     return principal
 
 

@@ -20,10 +20,10 @@ from urllib.parse import parse_qs, unquote
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tessera.domain.auth import MAX_TOKEN_LENGTH, Principal
+from tessera.api import forward
+from tessera.domain.auth import MAX_TOKEN_LENGTH
 from tessera.domain.policy import must_consent
-from tessera.edge.edge import PRINCIPAL, PRINCIPAL_ERROR, ROUTE_KEY
-from tessera.edge.privacy import attribute_usage
+from tessera.edge.edge import ROUTE_KEY, principal_in
 from tessera.errors import (
     PROBLEM_SCHEMA,
     Problem,
@@ -45,19 +45,8 @@ def _json(body: bytes, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type=_JSON, headers=NO_STORE)
 
 
-def _principal(scope: Scope) -> Principal | None:
-    state = scope.get("state", {})
-    error = state.pop(PRINCIPAL_ERROR, None)
-    if error is not None:
-        raise error
-    principal: Principal | None = state.get(PRINCIPAL)
-    if principal is not None:
-        attribute_usage(scope, principal.user_id)
-    return principal
-
-
 async def get_me(scope: Scope, receive: Receive, t: Tessera) -> Response:
-    principal = _principal(scope)
+    principal = principal_in(scope)
     if principal is None:
         raise not_authenticated()
     # Served from the profile cached in Redis: no database read on this hot path.
@@ -146,6 +135,7 @@ async def introspect(scope: Scope, receive: Receive, t: Tessera) -> Response:
 
 ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "/me"): get_me,
+    ("GET", forward.PATH): forward.check,
     ("POST", "/auth/introspect"): introspect,
     ("GET", "/healthz"): healthz,
 }
@@ -172,8 +162,10 @@ class LeanRoutes:
             if root and path.startswith(root):
                 path = path[len(root):]
             handler = ROUTES.get((scope["method"], path))
+            if handler is None and (path == forward.PATH or path.startswith(forward.PREFIX)):
+                handler = forward.check  # any method: Envoy asks with the original one
             if handler is not None:
-                scope[ROUTE_KEY] = path
+                scope[ROUTE_KEY] = forward.PATH if path.startswith(forward.PREFIX) else path
                 await (await self._answer(handler, scope, receive))(scope, receive, send)
                 return
             allowed = self.allow.get(path)
@@ -236,6 +228,7 @@ OPENAPI: dict[str, dict[str, Any]] = {
                               "content": {_JSON: {"schema": {"type": "object"}}}},
                       **_problems((400, "invalid_request (no token) or malformed_body"),
                                   (401, "invalid_client"), _UNAVAILABLE)}}},
+    **forward.OPENAPI,
     "/healthz": {"get": {
         "tags": ["operations"], "summary": "Healthz", "operationId": "healthz",
         "responses": {"200": {"description": "the process runs", "content": {_JSON: {

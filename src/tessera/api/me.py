@@ -21,7 +21,7 @@ from tessera.api.deps import (
     TesseraDep,
 )
 from tessera.api.schemas import SafeStr, SecondFactorIn
-from tessera.domain import accounts, consents, mfa, privacy_requests
+from tessera.domain import accounts, consents, events, mfa, privacy_requests
 from tessera.domain.profiles import account_view
 from tessera.edge.privacy import attribute_usage
 from tessera.errors import Problem, problem_doc, problem_responses
@@ -184,6 +184,8 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
         "privacy_requests": [privacy_request_view(r) for r in
                              await privacy_requests.user_requests(db, user.id)],
         "mfa": await mfa.export_view(db, user.id),
+        # Every time personal data left tessera (the mailing vendor, P8).
+        "disclosures": await events.disclosures_of(db, user.id),
         "security_events": [{"at": rfc3339(a.at), "event": a.event, "outcome": a.outcome}
                             for a in audit_rows],
     }

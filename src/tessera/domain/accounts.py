@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tessera.domain import events
 from tessera.domain.policy import PolicyState
 from tessera.errors import Problem
 from tessera.security.passwords import PasswordHasher
@@ -44,6 +46,7 @@ async def register_user(db: AsyncSession, hasher: PasswordHasher, *, email: str,
                 policy_version=policy.current.version, policy_seq=policy.current.seq or 0,
                 policy_accepted_at=now)
     db.add(user)
+    events.emit(db, "user.created", {"user_id": user.id})
     try:
         await db.commit()
     except IntegrityError:  # a concurrent registration won the race
@@ -113,11 +116,21 @@ async def revoke_all_sessions(t: Tessera, user_id: str, reason: str,
     return count
 
 
-def audit_later(t: Tessera, event: str, *, user_id: str) -> None:
+def audit_later(t: Tessera, event: str, *, user_id: str,
+                webhook: tuple[str, dict[str, Any]] | None = None) -> None:
     """A security event that needs no transaction of its own (logouts): buffered, written
-    within the flush interval, off the request's critical path (stores/audit.py)."""
+    within the flush interval, off the request's critical path (stores/audit.py), with the
+    `webhook` event it causes in the same transaction."""
     audit_log.info("%s", event, extra={"audit": {"event": event, "user_id": user_id}})
-    t.audit_trail.record(event, user_id=user_id)
+    also = None
+    if webhook is not None:
+        kind, data = webhook
+        events.check_type(kind)  # an unknown name fails here, on the request, not later
+
+        def also(db: AsyncSession) -> None:
+            events.emit(db, kind, data)
+
+    t.audit_trail.record(event, user_id=user_id, also=also)
 
 
 async def audit(db: AsyncSession, event: str, *, user_id: str | None = None,
@@ -147,6 +160,8 @@ async def set_restrictions(t: Tessera, db: AsyncSession, user: User, *, restrict
     user.updated_at = utcnow()
     db.add(user)
     await audit(db, "restrictions_changed", user_id=user.id, commit=False)
+    events.emit(db, "restriction.changed", {
+        "user_id": user.id, "restrict_processing": restrict, "object_to_processing": object_to})
     await db.commit()
     await user_changed(t, user.id)
     return user
@@ -156,7 +171,7 @@ async def set_consent(t: Tessera, db: AsyncSession, user: User, purpose: str,
                       granted: bool) -> None:
     from tessera.domain import consents
 
-    await consents.set_consent(db, user.id, purpose, granted)
+    await consents.set_consent(db, user, purpose, granted, settings=t.settings)
     await user_changed(t, user.id)
     await audit(db, "consent_" + ("granted" if granted else "withdrawn"), user_id=user.id,
                 detail=purpose)
@@ -177,16 +192,27 @@ async def reactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str)
     user.updated_at = utcnow()
     db.add(user)
     await audit(db, "reactivated", user_id=user.id, actor_id=actor_id, commit=False)
+    events.emit(db, "user.reactivated", {"user_id": user.id})
     await db.commit()
     await user_changed(t, user.id)
 
 
 async def change_email(t: Tessera, db: AsyncSession, user: User, email: str) -> User:
+    """With a mailing vendor configured, a consenting user's old address is deleted there
+    and the new one upserted (P8), in this transaction."""
+    settings = t.settings
     key = email_key(email)
     if key != user.email_key:
         other = await find_by_email(db, email)
         if other is not None:
             raise Problem(409, "email_taken", "An account with this email exists.")
+        if (settings is not None and events.vendor_enabled(settings)
+                and user.email is not None):
+            from tessera.domain.consents import has_consent
+
+            events.on_email_changed_at_vendor(
+                db, settings, user.id, user.email, email,
+                consented=await has_consent(db, user.id, "email_vendor"))
     user.email, user.email_key, user.updated_at = email, key, utcnow()
     db.add(user)
     try:
@@ -211,6 +237,7 @@ async def change_password(t: Tessera, db: AsyncSession, user: User, current: str
     user.updated_at = utcnow()
     db.add(user)
     await audit(db, "password_changed", user_id=user.id, commit=False)
+    events.emit(db, "user.password_changed", {"user_id": user.id})
     await db.commit()
     await revoke_all_sessions(t, user.id, "password_changed", keep_sid=keep_sid)
 
@@ -220,6 +247,7 @@ async def deactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str 
     user.deactivated_at = user.updated_at = utcnow()
     db.add(user)
     await audit(db, "deactivated", user_id=user.id, actor_id=actor_id, commit=False)
+    events.emit(db, "user.deactivated", {"user_id": user.id})
     await db.commit()
     await user_changed(t, user.id)
     await revoke_all_sessions(t, user.id, "deactivated")
@@ -229,9 +257,10 @@ async def _erase_personal_rows(db: AsyncSession, user_id: str) -> None:
     from sqlmodel import col, delete, update
 
     from tessera.stores import mfa as mfa_store
+    from tessera.stores.events import Disclosure
     from tessera.stores.models import ConsentEvent, PrivacyRequest, UsageSegment
 
-    for table in (UsageSegment, ConsentEvent, PrivacyRequest):
+    for table in (UsageSegment, ConsentEvent, PrivacyRequest, Disclosure):
         await db.exec(delete(table).where(col(table.user_id) == user_id))
     await mfa_store.erase_factors(db, user_id)  # TOTP, recovery codes, passkeys
     # The audit trail keeps what happened, anonymised: no link back to the person.
@@ -241,15 +270,30 @@ async def _erase_personal_rows(db: AsyncSession, user_id: str) -> None:
                   .values(actor_id=None))
 
 
+async def _tell_the_vendor_to_forget(t: Tessera, db: AsyncSession, user: User) -> None:
+    """P8/P9: a mailing vendor that was given the email is told to delete it (queued in the
+    caller's unit of work, before the email is erased)."""
+    if not events.vendor_enabled(t.settings):
+        return
+    from tessera.domain.consents import has_consent
+
+    await events.forget_at_vendor(db, t.settings, user,
+                                  consented=await has_consent(db, user.id, "email_vendor"))
+
+
 async def delete_account(t: Tessera, db: AsyncSession, user: User) -> None:
     """P5/P9: the account, its sessions, usage log and every row tied to it are gone."""
     user_id = user.id
     await t.usage.forget(user_id)
     await t.audit_trail.flush()  # buffered events of theirs are anonymised below too
     await revoke_all_sessions(t, user_id, "account_deleted")
+    await _tell_the_vendor_to_forget(t, db, user)
     await _erase_personal_rows(db, user_id)
     await db.delete(user)
     await audit(db, "account_deleted", commit=False)
+    await events.forget_events(db, user_id)
+    # Subscribers delete their copy of the user's data (the policy's right to delete).
+    events.emit(db, "user.deleted", {"user_id": user_id})
     await db.commit()
     await user_changed(t, user_id)
     await revoke_all_sessions(t, user_id, "account_deleted")  # any login that raced the delete
@@ -259,6 +303,7 @@ async def erase_minor(t: Tessera, db: AsyncSession, user: User, *, actor_id: str
     """P7: deactivate and delete the personal data, email included; the id stays as a tombstone."""
     await t.usage.forget(user.id)
     await t.audit_trail.flush()  # buffered events of theirs are anonymised below too
+    await _tell_the_vendor_to_forget(t, db, user)  # while the email is still known
     user.is_active = False
     user.email = user.email_key = user.password_hash = None
     user.restrict_processing = user.object_to_processing = False
@@ -266,6 +311,7 @@ async def erase_minor(t: Tessera, db: AsyncSession, user: User, *, actor_id: str
     db.add(user)
     await _erase_personal_rows(db, user.id)
     await audit(db, "minor_erased", user_id=user.id, actor_id=actor_id, commit=False)
+    events.emit(db, "user.erased", {"user_id": user.id})
     await db.commit()
     await user_changed(t, user.id)
     await revoke_all_sessions(t, user.id, "minor_erased")

@@ -3,12 +3,13 @@ vendor without `email_vendor` consent."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tessera.config import Settings
+from tessera.domain import events
 from tessera.errors import Problem
 from tessera.stores.models import ConsentEvent, User, utcnow
 from tessera.timeutil import rfc3339
@@ -30,10 +31,22 @@ async def current_consents(db: AsyncSession, user_id: str) -> dict[str, dict[str
     return state
 
 
-async def set_consent(db: AsyncSession, user_id: str, purpose: str, granted: bool) -> None:
+async def set_consent(db: AsyncSession, user: User, purpose: str, granted: bool, *,
+                      settings: Settings) -> None:
+    """Record a grant or withdrawal. For `email_vendor`, a grant hands the email to the
+    mailing vendor and a withdrawal tells it to delete it (queued in this transaction)."""
     if purpose not in PURPOSES:
         raise Problem(404, "not_found", f"Unknown purpose; known: {', '.join(PURPOSES)}.")
-    db.add(ConsentEvent(user_id=user_id, purpose=purpose, granted=granted, at=utcnow()))
+    if purpose == "email_vendor" and events.vendor_enabled(settings):
+        before = await has_consent(db, user.id, purpose)
+        if granted and not before and user.email is not None:
+            hand_over_to_mailing_vendor(db, settings, user, consented=True)
+        elif not granted and before and user.email is not None:
+            await events.drop_pending_upserts(db, user.id)
+            events.queue_vendor(db, settings, user.id, events.VENDOR_DELETE, user.email)
+    db.add(ConsentEvent(user_id=user.id, purpose=purpose, granted=granted, at=utcnow()))
+    events.emit(db, "consent.changed", {"user_id": user.id, "purpose": purpose,
+                                        "granted": granted})
     await db.commit()
 
 
@@ -41,14 +54,12 @@ async def has_consent(db: AsyncSession, user_id: str, purpose: str) -> bool:
     return bool((await current_consents(db, user_id))[purpose]["granted"])
 
 
-MailingVendorSend = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-async def hand_over_to_mailing_vendor(db: AsyncSession, user: User, send: MailingVendorSend,
-                                      **fields: Any) -> None:
-    """The one way personal data reaches the mailing vendor: only with `email_vendor` consent."""
-    if not user.is_active or user.email is None or not await has_consent(
-            db, user.id, "email_vendor"):
+def hand_over_to_mailing_vendor(db: AsyncSession, settings: Settings, user: User, *,
+                                consented: bool) -> None:
+    """The one way personal data reaches the mailing vendor: an upsert of the email, only
+    with `email_vendor` consent (the caller has just read or recorded it), queued in the
+    caller's unit of work and sent by the event worker (domain/events.py)."""
+    if not consented or not user.is_active or user.email is None:
         raise Problem(403, "consent_required",
                       "The user has not consented to sharing with the mailing vendor.")
-    await send({"email": user.email, **fields})
+    events.queue_vendor(db, settings, user.id, events.VENDOR_UPSERT, user.email)

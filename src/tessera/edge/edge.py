@@ -24,7 +24,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tessera.config import VISITOR_COOKIE, Settings
-from tessera.domain.auth import TokenChecker
+from tessera.domain.auth import Principal, TokenChecker
 from tessera.edge.privacy import (
     ESSENTIAL_COOKIES,
     OPT_OUT_HEADERS,
@@ -74,6 +74,20 @@ PRINCIPAL = "principal"
 PRINCIPAL_ERROR = "principal_error"
 
 _VARY = b"DNT, Sec-GPC"
+
+
+def principal_in(scope: Scope, *, attribute: bool = True) -> Principal | None:
+    """The principal the edge found for this request (None: no valid token). A store failure
+    it met is raised here, where a route needs the answer (503). The request is then the
+    user's in the usage log, unless `attribute` is False or the route said otherwise."""
+    state = scope.get("state", {})
+    error = state.pop(PRINCIPAL_ERROR, None)
+    if error is not None:
+        raise error
+    principal: Principal | None = state.get(PRINCIPAL)
+    if principal is not None and attribute and state.get(USAGE_USER) is None:
+        state[USAGE_USER] = principal.user_id
+    return principal
 
 
 class Edge:

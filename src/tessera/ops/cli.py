@@ -28,9 +28,13 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
-    proxy_headers: Annotated[bool, typer.Option(help="Trust X-Forwarded-* from "
-                                                "--forwarded-allow-ips.")] = False,
-    forwarded_allow_ips: Annotated[str, typer.Option()] = "127.0.0.1",
+    proxy_headers: Annotated[bool | None, typer.Option(
+        "--proxy-headers/--no-proxy-headers",
+        help="Take the client address from X-Forwarded-For of a trusted proxy "
+             "(default: TESSERA_PROXY_HEADERS).")] = None,
+    forwarded_allow_ips: Annotated[str | None, typer.Option(
+        help="Comma-separated trusted proxy addresses or networks, * for any "
+             "(default: TESSERA_FORWARDED_ALLOW_IPS, 127.0.0.1).")] = None,
 ) -> None:
     """Apply pending migrations, then serve (uvloop, httptools, no access log)."""
     import uvicorn
@@ -38,6 +42,12 @@ def serve(
     from tessera.ops.embedded import EmbeddedRedis
     from tessera.ops.logs import configure_logging
 
+    # Handed to the app (and every worker) as settings: tessera applies the proxy headers
+    # itself (edge/proxy.py), so GET /auth/check still knows the direct peer.
+    if proxy_headers is not None:
+        os.environ["TESSERA_PROXY_HEADERS"] = "true" if proxy_headers else "false"
+    if forwarded_allow_ips is not None:
+        os.environ["TESSERA_FORWARDED_ALLOW_IPS"] = forwarded_allow_ips
     settings = load_settings()
     configure_logging(settings.log_level)
     if settings.redis_url:
@@ -54,7 +64,7 @@ def serve(
     try:
         uvicorn.run("tessera.main:create_app", factory=True, host=host, port=port, workers=workers,
                     loop="uvloop", http="httptools", access_log=False, log_config=None,
-                    proxy_headers=proxy_headers, forwarded_allow_ips=forwarded_allow_ips,
+                    proxy_headers=False,
                     timeout_graceful_shutdown=20, server_header=False)
     finally:
         if embedded is not None:

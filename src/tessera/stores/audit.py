@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from datetime import datetime
 
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -31,30 +32,41 @@ class AuditTrail:
         self._factory = factory
         self._flush_seconds = flush_seconds
         self._buffer: list[dict[str, object]] = []
+        # Rows that go with the buffered events, written in the same transaction (e.g. the
+        # outbox row of a `session.revoked` webhook event).
+        self._with: list[Callable[[AsyncSession], None]] = []
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     def record(self, event: str, *, user_id: str | None, outcome: str | None = None,
-               at: datetime | None = None) -> None:
-        """On the request path: memory only (ids, never an email or token)."""
+               at: datetime | None = None,
+               also: Callable[[AsyncSession], None] | None = None) -> None:
+        """On the request path: memory only (ids, never an email or token). `also` adds the
+        rows that belong with this event to the flush's unit of work."""
         self._buffer.append({"event": event, "user_id": user_id, "actor_id": None,
                              "outcome": outcome, "detail": None, "at": at or utcnow()})
+        if also is not None:
+            self._with.append(also)
         if len(self._buffer) > MAX_BUFFERED:
             del self._buffer[: len(self._buffer) - MAX_BUFFERED]
 
     async def flush(self) -> int:
         async with self._lock:
             batch, self._buffer = self._buffer, []
+            extra, self._with = self._with, []
             if not batch:
                 return 0
             try:
                 async with self._factory() as db:
                     await db.exec(AuditEvent.__table__.insert(), params=batch)  # type: ignore[attr-defined]
+                    for add in extra:
+                        add(db)
                     await db.commit()
             except (OperationalError, InterfaceError, OSError):
                 self._buffer = (batch + self._buffer)[-MAX_BUFFERED:]  # retried next flush
+                self._with = extra + self._with
                 raise
             return len(batch)
 

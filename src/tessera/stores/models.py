@@ -122,4 +122,5 @@ class AuditEvent(SQLModel, table=True):
     detail: str | None = Field(default=None, max_length=512)
 
 
-from tessera.stores import mfa  # noqa: E402,F401
+# Tables of the features, registered with this metadata (Alembic reads it from here).
+from tessera.stores import events, mfa  # noqa: E402,F401,I001
