@@ -733,7 +733,7 @@ def cmd_floor_totp(a):
                 enc = (await store.get_totp(db, user.id)).secret_enc  # type: ignore[union-attr]
             step = int(time.time() // dmfa.TOTP_PERIOD) + 1
             check, full = [], []
-            for i in range(a.n):
+            for _ in range(a.n):
                 code = totp.at(step * dmfa.TOTP_PERIOD)
                 t0 = time.perf_counter()
                 found = dmfa.matching_step(box.decrypt(enc, user.id), code,
