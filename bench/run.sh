@@ -259,8 +259,8 @@ done
 say "POST /auth/login/mfa alone (pre-made mfa_tokens, each of its own TOTP user)"
 # The first step through tessera's own code (mint-totp --tokens: mfa.enrolled, mfa.mfa_required
 # after the password check), as the logout scenario mints its sessions: logins cannot feed it.
-$PIN_L "$PY" "$HERE/benchtool.py" mint-totp --tokens --password "$BENCH_PASSWORD" --count 1500 \
-  --out "$STATE/mfa.tokens"
+$PIN_L "$PY" "$HERE/benchtool.py" mint-totp --tokens --password "$BENCH_PASSWORD" \
+  --count "$("$PY" -c "print(int(1500 * max(1.0, $WSECS)))")" --out "$STATE/mfa.tokens"
 settle
 RATE="$(warm login-mfa-step "$MFA_STEP_CONNS" login_mfa.lua "$T/auth/login/mfa" "$STATE/mfa.tokens")"
 settle
