@@ -72,7 +72,7 @@ want() { [ "$SCENARIOS" = all ] || [[ " $SCENARIOS " == *" $1 "* ]]; }
 
 say "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load: $(cut -d' ' -f1-3 /proc/loadavg)"
 bt background --label start --results "$RESULTS" --cpu "$SERVER_CPU"
-bt meta --results "$RESULTS" --database "${BENCH_DATABASE_URL:+postgresql}${BENCH_DATABASE_URL:-sqlite}" \
+bt meta --results "$RESULTS" --database "$([ -n "$BENCH_DATABASE_URL" ] && echo postgresql || echo sqlite)" \
   --duration "$DURATION" --warmup "$WARMUP" --runs "$RUNS" \
   --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU" --conns "$CONNS"
 
