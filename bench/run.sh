@@ -24,13 +24,16 @@ ME_RUNS="${ME_RUNS:-4}"           # GET /me and GET /me with DNT: 1, alternated 
                                   # log target compares their means, so a noisy host needs more runs
 CONNS="${CONNS:-32}"              # wrk connections for the fast scenarios
 LOGIN_CONNS="${LOGIN_CONNS:-4}"   # register/login are bcrypt-bound: more would only queue
+MFA_STEP_CONNS="${MFA_STEP_CONNS:-$LOGIN_CONNS}"  # POST /auth/login/mfa alone: as many as login,
+                                  # so its latency compares with a login's
 SERVER_CPU="${SERVER_CPU:-0}"
 LOAD_CPU="${LOAD_CPU:-1}"
 MEM_STEPS="${MEM_STEPS:-50000,100000}"   # VmRSS read after this many GET /me requests
 HALF_DELAY_MS="${HALF_DELAY_MS:-20}"     # mean think time per connection, half-peak run
 PROFILE_SECS="${PROFILE_SECS:-20}"       # py-spy sampling time (0: no profile)
 PROFILE_RATE="${PROFILE_RATE:-50}"       # samples/s: py-spy pauses the worker per sample
-SCENARIOS="${SCENARIOS:-all}"            # or a subset: mem me check introspect register login logout mixed half profile
+SCENARIOS="${SCENARIOS:-all}"            # or a subset: mem me check introspect register login login-mfa logout mixed half profile
+SCENARIOS="${SCENARIOS//,/ }"            # (commas or spaces between names)
 SHARED="${SHARED:-1}"                    # 1: run ../shared/bench/run.sh too (side by side)
 SHARED_BENCH="${SHARED_BENCH:-$ROOT/../shared/bench}"
 BENCH_DATABASE_URL="${BENCH_DATABASE_URL:-}"  # empty: SQLite; else postgresql://.../<bench db>
@@ -69,7 +72,7 @@ want() { [ "$SCENARIOS" = all ] || [[ " $SCENARIOS " == *" $1 "* ]]; }
 
 say "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load: $(cut -d' ' -f1-3 /proc/loadavg)"
 bt background --label start --results "$RESULTS" --cpu "$SERVER_CPU"
-bt meta --results "$RESULTS" --database "${BENCH_DATABASE_URL:+postgresql}${BENCH_DATABASE_URL:-sqlite}" \
+bt meta --results "$RESULTS" --database "$([ -n "$BENCH_DATABASE_URL" ] && echo postgresql || echo sqlite)" \
   --duration "$DURATION" --warmup "$WARMUP" --runs "$RUNS" \
   --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU" --conns "$CONNS"
 
@@ -221,6 +224,60 @@ if want login; then
 say "POST /auth/login (JSON)"
 scenario login "POST /auth/login" "$LOGIN_CONNS" login.lua "$T/auth/login" \
   "$BENCH_LOGIN_EMAIL" "$BENCH_PASSWORD"
+fi
+
+if want login-mfa; then
+say "login with TOTP: POST /auth/login then POST /auth/login/mfa (pyotp code), and the second step alone"
+bt background --label login-mfa --results "$RESULTS" --cpu "$SERVER_CPU"
+# the floor first, while the server idles: the TOTP step in-process (check, UPDATE, COMMIT)
+$PIN_S "$PY" "$HERE/benchtool.py" floor-totp --results "$RESULTS"
+settle
+SECS="$(bt seconds "$DURATION")"; WSECS="$(bt seconds "$WARMUP")"
+# A time step's code is accepted once per user: each two-step login gets a user of its own.
+# 25 logins/s per second of run is far above what 4 bcrypt-bound connections manage.
+N_USERS="$("$PY" -c "print(int(($RUNS * $SECS + $WSECS) * 25) + 100)")"
+$PIN_L "$PY" "$HERE/benchtool.py" mint-totp --password "$BENCH_PASSWORD" --count "$N_USERS" \
+  --out "$STATE/totp.users"
+settle
+# each run takes its own slice of the users (a user logs in once)
+split -n "l/$((RUNS + 1))" -d "$STATE/totp.users" "$STATE/totp.users."
+MFA=(--base "$T" --password "$BENCH_PASSWORD" --conns "$LOGIN_CONNS")
+two_step() {  # RUN: two-step logins, the run's own slice of the users
+  $PIN_L "$PY" "$HERE/benchtool.py" login-mfa "${W[@]}" --scenario login-mfa \
+    --request "POST /auth/login + POST /auth/login/mfa" --run "$1" --duration "$DURATION" \
+    "${MFA[@]}" --users "$STATE/totp.users.$(printf %02d "$1")"
+  settle
+}
+plain() {  # RUN: plain logins (no second factor) by the same driver: the like-for-like baseline
+  $PIN_L "$PY" "$HERE/benchtool.py" login-mfa "${W[@]}" --scenario login-py \
+    --request "POST /auth/login (login-mfa driver)" --run "$1" --duration "$DURATION" \
+    "${MFA[@]}" --plain-email "$BENCH_LOGIN_EMAIL"
+  settle
+}
+$PIN_L "$PY" "$HERE/benchtool.py" login-mfa "${W[@]}" --scenario login-mfa --warmup \
+  --duration "$WARMUP" "${MFA[@]}" --users "$STATE/totp.users.00" >/dev/null
+settle
+for i in $(seq 1 "$RUNS"); do  # alternated ABBA: a drifting host cancels out
+  if [ $((i % 2)) = 1 ]; then plain "$i"; two_step "$i"; else two_step "$i"; plain "$i"; fi
+done
+
+say "POST /auth/login/mfa alone (pre-made mfa_tokens, each of its own TOTP user)"
+# The first step through tessera's own code (mint-totp --tokens: mfa.enrolled, mfa.mfa_required
+# after the password check), as the logout scenario mints its sessions: logins cannot feed it.
+$PIN_L "$PY" "$HERE/benchtool.py" mint-totp --tokens --password "$BENCH_PASSWORD" \
+  --count "$("$PY" -c "print(int(1500 * max(1.0, $WSECS)))")" --out "$STATE/mfa.tokens"
+settle
+RATE="$(warm login-mfa-step "$MFA_STEP_CONNS" login_mfa.lua "$T/auth/login/mfa" "$STATE/mfa.tokens")"
+settle
+for i in $(seq 1 "$RUNS"); do
+  [ "$i" -gt 1 ] && RATE="$("$PY" -c "print(max($RATE, $(bt mean-rps --results "$RESULTS" --scenario login-mfa-step)))")"
+  POOL="$("$PY" -c "print(int($RATE * $SECS * 2) + 1000)")"
+  $PIN_L "$PY" "$HERE/benchtool.py" mint-totp --tokens --password "$BENCH_PASSWORD" \
+    --count "$POOL" --out "$STATE/mfa.tokens"
+  settle
+  measure login-mfa-step "POST /auth/login/mfa alone" "$i" "$MFA_STEP_CONNS" login_mfa.lua \
+    "$T/auth/login/mfa" "$STATE/mfa.tokens"
+done
 fi
 
 if want logout; then
