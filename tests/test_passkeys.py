@@ -28,10 +28,16 @@ async def add_passkey(client: httpx.AsyncClient, token: str, authenticator: Soft
     assert options.status_code == 200, options.text
     body = options.json()
     added = await client.post("/me/passkeys", headers=bearer(token), json={
-        "challenge_id": body["challenge_id"], "credential": authenticator.create(body),
+        "current_password": PASSWORD, "challenge_id": body["challenge_id"], "credential": authenticator.create(body),
         "name": name})
     assert added.status_code == 201, added.text
     return dict(added.json())
+
+
+async def factor(client: httpx.AsyncClient, authenticator: SoftAuthenticator) -> dict[str, Any]:
+    """An enrolled passkey's assertion, as the second factor of a factor change."""
+    proof = await assertion(client, authenticator)
+    return {"assertion_challenge_id": proof["challenge_id"], "assertion": proof["credential"]}
 
 
 async def request_options(client: httpx.AsyncClient) -> dict[str, Any]:
@@ -57,7 +63,7 @@ async def test_register_a_passkey_and_log_in_with_it_alone(client) -> None:
     assert user["id"].encode() not in handle and user["email"].encode() not in handle
     authenticator = SoftAuthenticator()
     added = await client.post("/me/passkeys", headers=bearer(token), json={
-        "challenge_id": options["challenge_id"], "credential": authenticator.create(options),
+        "current_password": PASSWORD, "challenge_id": options["challenge_id"], "credential": authenticator.create(options),
         "name": "my laptop"})
     assert added.status_code == 201, added.text
     assert set(added.json()) == {"id", "name", "created_at"}
@@ -105,7 +111,8 @@ async def test_a_used_or_unknown_challenge_is_refused(client) -> None:
         "credential": authenticator.get({**creation, "rpId": creation["rp"]["id"]})})
     assert_problem(wrong_kind, 401, "invalid_credentials")
     used = await client.post("/me/passkeys", headers=bearer(token), json={
-        "challenge_id": creation["challenge_id"],
+        **await factor(client, authenticator),
+        "current_password": PASSWORD, "challenge_id": creation["challenge_id"],
         "credential": SoftAuthenticator().create(creation), "name": "late"})
     assert_problem(used, 400, "invalid_credential")
 
@@ -115,7 +122,7 @@ async def test_a_registration_challenge_is_bound_to_its_user(client) -> None:
     _, mallory = await registered_token(client)
     options = (await client.post("/me/passkeys/options", headers=bearer(alice))).json()
     stolen = await client.post("/me/passkeys", headers=bearer(mallory), json={
-        "challenge_id": options["challenge_id"],
+        "current_password": PASSWORD, "challenge_id": options["challenge_id"],
         "credential": SoftAuthenticator().create(options), "name": "x"})
     assert_problem(stolen, 400, "invalid_credential")
 
@@ -151,7 +158,9 @@ async def test_wrong_origin_or_rp_is_refused(client) -> None:
     assert_problem(phished, 401, "invalid_credentials")
     options = (await client.post("/me/passkeys/options", headers=bearer(token))).json()
     other_rp = SoftAuthenticator(rp_id="evil.example")
+    authenticator.origin = "http://127.0.0.1:8000"
     refused = await client.post("/me/passkeys", headers=bearer(token), json={
+        **await factor(client, authenticator), "current_password": PASSWORD,
         "challenge_id": options["challenge_id"], "credential": other_rp.create(options),
         "name": "x"})
     assert_problem(refused, 400, "invalid_credential")
@@ -191,6 +200,7 @@ async def test_the_same_passkey_cannot_be_registered_twice(client) -> None:
     await add_passkey(client, token, authenticator)
     options = (await client.post("/me/passkeys/options", headers=bearer(token))).json()
     twice = await client.post("/me/passkeys", headers=bearer(token), json={
+        **await factor(client, authenticator), "current_password": PASSWORD,
         "challenge_id": options["challenge_id"], "credential": authenticator.create(options),
         "name": "again"})
     assert_problem(twice, 400, "invalid_credential")
@@ -316,3 +326,28 @@ def test_migration_0004_upgrades_and_downgrades(tmp_path, base_settings: dict[st
     command.downgrade(alembic_config(url), "0002")
     command.upgrade(alembic_config(url), "0004")
     assert asyncio.run(_execute(url, "SELECT count(*) FROM mfa_totp")) == [(0,)]
+
+
+
+async def test_a_stolen_session_alone_cannot_add_a_passkey(client) -> None:
+    """Adding a factor is a sensitive change: the password, and the enrolled factor."""
+    _, token = await registered_token(client)
+    authenticator = SoftAuthenticator()
+    options = (await client.post("/me/passkeys/options", headers=bearer(token))).json()
+    without = await client.post("/me/passkeys", headers=bearer(token), json={
+        "challenge_id": options["challenge_id"], "credential": authenticator.create(options),
+        "name": "mallory"})
+    assert_problem(without, 422, "validation_error")
+    options = (await client.post("/me/passkeys/options", headers=bearer(token))).json()
+    wrong = await client.post("/me/passkeys", headers=bearer(token), json={
+        "challenge_id": options["challenge_id"], "credential": authenticator.create(options),
+        "name": "mallory", "current_password": "not the password"})
+    assert_problem(wrong, 403, "invalid_credentials")
+    secret = await enrol_totp(client, token)
+    options = (await client.post("/me/passkeys/options", headers=bearer(token))).json()
+    no_factor = await client.post("/me/passkeys", headers=bearer(token), json={
+        "challenge_id": options["challenge_id"], "credential": authenticator.create(options),
+        "name": "mallory", "current_password": PASSWORD})
+    assert_problem(no_factor, 401, "mfa_required")
+    assert (await client.get("/me/mfa", headers=bearer(token))).json()["passkeys"] == []
+    assert secret

@@ -436,8 +436,14 @@ function onPasskeyAdd(event) {
     const publicKey = PublicKeyCredential.parseCreationOptionsFromJSON(withoutChallengeId(options));
     const credential = await navigator.credentials.create({ publicKey });
     const name = $("#passkey-name").value.trim() || "passkey";
+    // Adding a factor needs the password and, where one is enrolled, a second factor.
+    const proof = await factorProof();
+    const factor = proof.credential
+      ? { assertion_challenge_id: proof.challenge_id, assertion: proof.credential }
+      : proof;
     await api("POST", "/me/passkeys",
-      { challenge_id: options.challenge_id, credential: credential.toJSON(), name });
+      { challenge_id: options.challenge_id, credential: credential.toJSON(), name,
+        current_password: $("#factor-password").value, ...factor });
     await loadFactors();
     setStatus(`Passkey "${name}" added.`, "ok");
   });

@@ -148,6 +148,23 @@ class Settings(BaseSettings):
                                  f"(scheme://host[:port]), not {origin!r}")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from urllib.parse import urlsplit
+
+        from sqlalchemy.engine import make_url
+
+        try:
+            urlsplit(value).port  # noqa: B018 (raises on a malformed host or port)
+            make_url(normalise_database_url(value))
+        except Exception:  # never echo the value: it may hold a password
+            raise ValueError("not a database URL (sqlite:///path or "
+                             "postgresql://user@host/db)") from None
+        return value
+
     @field_validator("service_keys")
     @classmethod
     def _service_keys_long_enough(cls, value: list[SecretStr]) -> list[SecretStr]:

@@ -26,6 +26,7 @@ from tessera.domain.policy import must_consent
 from tessera.edge.edge import ROUTE_KEY, principal_in
 from tessera.errors import (
     PROBLEM_SCHEMA,
+    BodyTooLarge,
     Problem,
     not_authenticated,
     problem_response,
@@ -89,7 +90,7 @@ def _client_secret(scope: Scope, fields: dict[str, list[str]]) -> str:
             if scheme == "basic":
                 try:
                     decoded = base64.b64decode(credentials, validate=True).decode()
-                except (binascii.Error, UnicodeDecodeError):
+                except (binascii.Error, ValueError):  # also non-ASCII input, bad UTF-8
                     return ""
                 # RFC 6749 2.3.1: both parts are form-urlencoded before the Basic encoding.
                 return unquote(decoded.partition(":")[2].replace("+", " "))
@@ -181,6 +182,8 @@ class LeanRoutes:
         except Problem as problem:
             return problem_response(problem.status, problem.code, problem.detail,
                                     problem.headers, **problem.extra)
+        except BodyTooLarge:  # a streamed body past the limit (the edge's receive)
+            return problem_response(413, "payload_too_large", "The request body is too large.")
         except unavailable_errors() as exc:
             log.warning("backing store unavailable on %s: %s", scope["path"], type(exc).__name__)
             return unavailable_response()

@@ -14,6 +14,7 @@ from tessera.api.deps import CurrentUser, DbDep, TesseraDep
 from tessera.api.me import confirm_attempt, password_text
 from tessera.api.schemas import SafeStr, SecondFactorIn
 from tessera.domain import accounts, mfa
+from tessera.edge.privacy import forbid_tracking
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.services import Tessera
 from tessera.stores.models import User
@@ -42,6 +43,14 @@ class PasskeyIn(_Body):
     credential: dict[str, Any] = Field(description="the PublicKeyCredential JSON "
                                                    "(navigator.credentials.create)")
     name: SafeStr = Field(default="passkey", min_length=1, max_length=64)
+    # A factor is a sensitive change: the current password and, where a factor is enrolled,
+    # a second one (a code, or an assertion of an enrolled passkey).
+    current_password: str = Field(max_length=1024)
+    code: str | None = Field(default=None, max_length=64,
+                             description="a TOTP code or a recovery code")
+    assertion_challenge_id: str | None = Field(default=None, max_length=128)
+    assertion: dict[str, Any] | None = Field(
+        default=None, description="a WebAuthn assertion of an enrolled passkey")
 
 
 class AssertionIn(_Body):
@@ -152,9 +161,17 @@ async def passkey_creation_options(user: CurrentUser, db: DbDep,
 
 
 @router.post("/me/passkeys", status_code=201, responses=problem_doc({
-    400: "invalid_credential"}))
+    400: "invalid_credential", 403: "invalid_credentials",
+    401: "mfa_required or invalid_code, where a factor is enrolled: `code`, or "
+         "`assertion_challenge_id` + `assertion`"}))
 async def add_passkey(body: PasskeyIn, user: CurrentUser, db: DbDep,
                       t: TesseraDep) -> JSONResponse:
+    """Needs the current password and, where a factor is enrolled, a second factor: a
+    stolen session alone must not add a factor (it would pass for two factors later)."""
+    await _check_password(t, user, body.current_password)
+    await mfa.require_second_factor(t, db, user, code=body.code,
+                                    challenge_id=body.assertion_challenge_id,
+                                    credential=body.assertion)
     key = await mfa.register_passkey(t, db, user, body.challenge_id, body.credential, body.name)
     await accounts.audit(db, "passkey_added", user_id=user.id)
     view = mfa.passkey_view(key)
@@ -200,6 +217,8 @@ async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep,
     user = await db.get(User, user_id)
     if user is None or mfa.password_fingerprint(user) != state["pw"]:
         raise mfa.invalid_mfa_token()  # the password changed (or the account went)
+    if user.restrict_processing or user.object_to_processing:
+        forbid_tracking(request.scope)  # whatever the answer
     if body.credential is not None:
         if "hwk" in state["amr"]:  # the first step was a passkey: the second must differ
             raise mfa.invalid_code()
@@ -247,6 +266,8 @@ async def passkey_login(body: AssertionIn, request: Request, db: DbDep,
     user = await db.get(User, assertion.user_id)
     if user is None:
         raise accounts.invalid_credentials()
+    if user.restrict_processing or user.object_to_processing:
+        forbid_tracking(request.scope)  # whatever the answer
     if not user.is_active:
         raise Problem(403, "account_inactive", "This account is deactivated.")
     await accounts.audit(db, "login_passkey", user_id=user.id, outcome="ok")

@@ -295,7 +295,7 @@ async def delete_account(t: Tessera, db: AsyncSession, user: User) -> None:
     # Subscribers delete their copy of the user's data (the policy's right to delete).
     events.emit(db, "user.deleted", {"user_id": user_id})
     await db.commit()
-    await user_changed(t, user_id)
+    await t.profiles.forget(user_id)
     await revoke_all_sessions(t, user_id, "account_deleted")  # any login that raced the delete
 
 

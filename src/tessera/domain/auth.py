@@ -85,12 +85,15 @@ class TokenChecker:
         return Principal(record.user_id, record, token, via_cookie, profile, claims.raw)
 
     async def _load_profile(self, record: SessionRecord) -> Profile | None:
+        generation = await self.profiles.generation(record.user_id)
         async with self.db_factory() as db:
             user = await db.get(User, record.user_id)
             if user is None:
                 return None
             profile = await build_profile(db, user)
-        await self.profiles.store(record.user_id, profile)
+        # Not cached if the user changed meanwhile (a restriction, say): the next request
+        # reads again, rather than a stale profile standing for 5 minutes.
+        await self.profiles.store(record.user_id, profile, generation)
         # A session deleted meanwhile (logout, account deletion) must not leave a profile.
         if await self.sessions.get(record.user_id, record.sid) is None:
             await self.profiles.invalidate(record.user_id)

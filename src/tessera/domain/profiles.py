@@ -28,6 +28,20 @@ def profile_key(user_id: str) -> str:
     return f"tessera:{{{user_id}}}:profile"
 
 
+def generation_key(user_id: str) -> str:
+    return f"tessera:{{{user_id}}}:profile-gen"
+
+
+# Caches a profile only if no change to the user was committed since it was read: a change
+# bumps the generation (`invalidate`), so a profile read before it is not stored after it.
+_STORE_IF_CURRENT = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+GENERATION_TTL_SECONDS = 86400
+
+
 def account_view(user: User, current_consents: dict[str, Any]) -> dict[str, Any]:
     """What GET /me answers."""
     return {
@@ -82,9 +96,26 @@ async def build_profile(db: AsyncSession, user: User) -> Profile:
 class ProfileCache:
     def __init__(self, redis: AnyRedis) -> None:
         self.redis = redis
+        self._store_if_current = redis.register_script(_STORE_IF_CURRENT)
 
-    async def store(self, user_id: str, profile: Profile) -> None:
-        await self.redis.set(profile_key(user_id), profile.encode(), ex=PROFILE_TTL_SECONDS)
+    async def generation(self, user_id: str) -> str:
+        """Read before the user's row: `store` then caches only what is still current."""
+        value = await self.redis.get(generation_key(user_id))
+        return str(value) if value is not None else ""
+
+    async def store(self, user_id: str, profile: Profile, generation: str) -> bool:
+        stored = await self._store_if_current(
+            keys=[generation_key(user_id), profile_key(user_id)],
+            args=[generation, profile.encode(), PROFILE_TTL_SECONDS])
+        return bool(stored)
+
+    async def forget(self, user_id: str) -> None:
+        """The account is gone (its sessions first): no key of theirs stays (P9)."""
+        await self.redis.delete(generation_key(user_id), profile_key(user_id))
 
     async def invalidate(self, user_id: str) -> None:
-        await self.redis.delete(profile_key(user_id))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(generation_key(user_id))
+            pipe.expire(generation_key(user_id), GENERATION_TTL_SECONDS)
+            pipe.delete(profile_key(user_id))
+            await pipe.execute()

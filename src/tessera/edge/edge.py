@@ -74,6 +74,11 @@ PRINCIPAL = "principal"
 PRINCIPAL_ERROR = "principal_error"
 
 _VARY = b"DNT, Sec-GPC"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def untracked_path(path: str) -> bool:
+    return path.rstrip("/") in UNTRACKED_PATHS
 
 
 def principal_in(scope: Scope, *, attribute: bool = True) -> Principal | None:
@@ -152,7 +157,8 @@ class Edge:
         state: dict[str, Any] = scope.setdefault("state", {})
         state["cookies"] = cookies
         state[USAGE_USER] = None
-        tracked = not opted_out and path not in UNTRACKED_PATHS
+        # A refused oversized request is tracked never: its token was not looked at.
+        tracked = not opted_out and not oversized and untracked_path(path) is False
         has_visitor = VISITOR_COOKIE.encode() in cookies
         if not oversized:
             tracked = await self._authenticate(state, authorization, cookies) and tracked
@@ -239,7 +245,7 @@ class Edge:
             headers.append((name, value))
         headers.append((b"vary", b", ".join([*vary, _VARY])))
         headers.append((b"tk", b"T" if tracked else b"N"))
-        if tracked and not has_visitor and path not in UNTRACKED_PATHS:
+        if tracked and not has_visitor and not untracked_path(path):
             headers.append((b"set-cookie", self.visitor_cookie()))
         for name, value in self.security_headers:
             if name not in present:
@@ -262,7 +268,8 @@ class Edge:
         """Requests and latency by route template (never by raw path: ids stay out)."""
         template = scope.get(ROUTE_KEY) or getattr(scope.get("route"), "path", None) \
             or "unmatched"
-        key = (scope["method"], template, status)
+        method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+        key = (method, template, status)
         series = self._series.get(key)
         if series is None:
             if len(self._series) > 4096:  # bounded: methods x templates x statuses

@@ -56,12 +56,16 @@ def unknown_variables(environ: dict[str, str] | os._Environ[str]) -> list[str]:
 
 def where(url: str) -> str:
     """A store's address for messages: scheme, host and port, never credentials."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a malformed URL: its scheme, never the rest (credentials)
+        return url.split(":", 1)[0] + "://(malformed)"
     if parts.scheme.startswith("sqlite"):
         return url.split("?", 1)[0]
     if parts.scheme == "unix":
         return f"unix:{parts.path}"
-    return f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}"
+    return f"{parts.scheme}://{parts.hostname or ''}{':' + str(port) if port else ''}"
 
 
 def with_retries(what: str, attempt: Callable[[], T], *, wait_seconds: float) -> T:

@@ -81,6 +81,8 @@ class ReadBatcher:
     async def mget(self, keys: list[str]) -> list[Any]:
         if not keys:
             return []
+        if not all(key.isascii() for key in keys):  # would fail the whole shared command
+            raise ValueError("Redis keys of a batched read must be ASCII")
         if not self.batching:
             return list(await self.redis.mget(keys))
         loop = asyncio.get_running_loop()
