@@ -141,3 +141,19 @@ async def test_nul_bytes_in_stored_text_are_refused_or_cleaned(app, client) -> N
     usage = (await client.get("/me/export", headers=bearer(token))).json()["usage_log"]
     paths = [e["path"] for e in usage]
     assert "/me" in paths and "/auth/sessions/\ufffd" in paths
+
+
+def test_every_error_kind_raised_is_in_the_one_table() -> None:
+    """Domain errors carry a kind; errors.ERRORS alone maps it to status and code. A kind
+    missing there would be a 500 at run time."""
+    import re
+    from pathlib import Path
+
+    from tessera.errors import ERRORS
+
+    source = Path(__file__).resolve().parent.parent / "src" / "tessera"
+    raised = {kind for path in source.rglob("*.py")
+              for kind in re.findall(r'Problem\(\s*"([a-z_]+)"', path.read_text())}
+    assert raised and raised <= set(ERRORS), sorted(raised - set(ERRORS))
+    assert not re.search(r"Problem\(\s*\d{3}", "".join(
+        p.read_text() for p in source.rglob("*.py"))), "a status outside the table"

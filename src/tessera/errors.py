@@ -37,28 +37,65 @@ class BodyTooLarge(Exception):
     """Raised by the edge's receive when a streamed body passes TESSERA_MAX_BODY_BYTES."""
 
 
+# Every error tessera raises, by kind: its HTTP status and the stable `code` it answers
+# with. The domain raises kinds; only this table knows statuses. A kind is its code but
+# where one code answers with two statuses in the contract (a wrong password at login is
+# 401, as the confirmation of a change 403).
+ERRORS: dict[str, tuple[int, str]] = {
+    "account_inactive": (403, "account_inactive"),
+    "already_closed": (409, "already_closed"),
+    "consent_required": (403, "consent_required"),
+    "csrf_failed": (403, "csrf_failed"),
+    "email_taken": (409, "email_taken"),
+    "forbidden": (403, "forbidden"),
+    "invalid_client": (401, "invalid_client"),
+    "invalid_code": (401, "invalid_code"),
+    "invalid_credential": (400, "invalid_credential"),
+    "invalid_credentials": (401, "invalid_credentials"),
+    "invalid_enrolment_code": (400, "invalid_code"),
+    "invalid_mfa_token": (401, "invalid_token"),
+    "invalid_request": (400, "invalid_request"),
+    "malformed_body": (400, "malformed_body"),
+    "mfa_not_enabled": (409, "mfa_not_enabled"),
+    "mfa_required": (401, "mfa_required"),
+    "no_pending_totp": (409, "no_pending_totp"),
+    "not_authenticated": (401, "not_authenticated"),
+    "not_found": (404, "not_found"),
+    "policy_consent_required": (403, "policy_consent_required"),
+    "policy_outdated": (409, "policy_outdated"),
+    "too_many_attempts": (429, "too_many_attempts"),
+    "totp_already_enabled": (409, "totp_already_enabled"),
+    "unavailable": (503, "unavailable"),
+    "underage": (422, "underage"),
+    "unsupported_media_type": (415, "unsupported_media_type"),
+    "validation_error": (422, "validation_error"),
+    "version_exists": (409, "version_exists"),
+    "wrong_password": (403, "invalid_credentials"),
+}
+
+
 class Problem(Exception):
-    """An error with an HTTP status and a stable snake_case `code`."""
+    """A domain error: a kind from `ERRORS` (its stable `code` and HTTP status), a detail
+    for people, optional headers and extra members of the problem document."""
 
     def __init__(
         self,
-        status: int,
-        code: str,
+        kind: str,
         detail: str,
         *,
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
-        self.status = status
-        self.code = code
+        self.kind = kind
+        self.status, self.code = ERRORS[kind]
         self.detail = detail
         self.headers = headers or {}
         self.extra = extra or {}
 
 
 def not_authenticated(detail: str = "A valid token is required.") -> Problem:
-    return Problem(401, "not_authenticated", detail, headers={"WWW-Authenticate": "Bearer"})
+    return Problem("not_authenticated", detail, headers={"WWW-Authenticate": "Bearer"})
 
 
 def problem_body(status: int, code: str, detail: str, **extra: Any) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def user_view(user: User) -> dict[str, Any]:
 async def _target(db: DbDep, user_id: str) -> User:
     user = await db.get(User, user_id)
     if user is None:
-        raise Problem(404, "not_found", "No such user.")
+        raise Problem("not_found", "No such user.")
     return user
 
 

@@ -43,7 +43,7 @@ def check_origin(request: Request, t: Tessera) -> None:
         host = request.headers.get("host", "")
         if origin.split("://", 1)[-1] == host:
             return
-    raise Problem(403, "csrf_failed", "Cross-site login and registration are refused.")
+    raise Problem("csrf_failed", "Cross-site login and registration are refused.")
 
 
 def _client_key(request: Request) -> str:
@@ -57,11 +57,11 @@ def _client_key(request: Request) -> str:
 async def register(body: RegisterIn, request: Request, response: Response, db: DbDep,
                    t: TesseraDep) -> UserOut:
     if body.is_adult is not True:
-        raise Problem(422, "underage", "tessera accepts no users under 18: is_adult must be true.",
+        raise Problem("underage", "tessera accepts no users under 18: is_adult must be true.",
                       extra={"errors": [{"loc": ["body", "is_adult"], "msg": "must be true"}]})
     policy = await t.policy.get()
     if body.policy_version is not None and body.policy_version != policy.current.version:
-        raise Problem(409, "policy_outdated", "That is not the current policy version.",
+        raise Problem("policy_outdated", "That is not the current policy version.",
                       extra={"current_version": policy.current.version})
     s = t.settings
     check_origin(request, t)
@@ -100,15 +100,15 @@ async def _read_credentials(request: Request) -> tuple[str, str]:
         try:
             raw: Any = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError, RecursionError):
-            raise Problem(400, "malformed_body", "The body is not valid JSON.") from None
+            raise Problem("malformed_body", "The body is not valid JSON.") from None
         if not isinstance(raw, dict):
-            raise Problem(422, "validation_error", "The body must be a JSON object.",
+            raise Problem("validation_error", "The body must be a JSON object.",
                           extra={"errors": [{"loc": ["body"], "msg": "must be an object"}]})
         try:
             creds = LoginJSON.model_validate(raw)
         except ValidationError as exc:
             errors = [{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]
-            raise Problem(422, "validation_error", "The request is not valid.",
+            raise Problem("validation_error", "The request is not valid.",
                           extra={"errors": errors}) from None
         return creds.email, creds.password
     if content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
@@ -118,14 +118,14 @@ async def _read_credentials(request: Request) -> tuple[str, str]:
                   for name, value in (("username", username), ("password", password))
                   if not isinstance(value, str) or not value]
         if errors:
-            raise Problem(422, "validation_error", "The request is not valid.",
+            raise Problem("validation_error", "The request is not valid.",
                           extra={"errors": errors})
         assert isinstance(username, str) and isinstance(password, str)
         if len(username) > 320 or len(password) > 1024 or "\x00" in username:
-            raise Problem(422, "validation_error", "The request is not valid.",
+            raise Problem("validation_error", "The request is not valid.",
                           extra={"errors": [{"loc": ["body"], "msg": "value too long"}]})
         return username, password
-    raise Problem(415, "unsupported_media_type",
+    raise Problem("unsupported_media_type",
                   "Send JSON {email, password} or the OAuth2 password form.")
 
 
@@ -222,5 +222,5 @@ async def list_sessions(user: CurrentUser, principal: CurrentSession, response: 
 async def delete_session(session_id: str, user: CurrentUser, t: TesseraDep) -> Response:
     if len(session_id) > 64 or not await accounts.revoke_session(t, user.id, session_id,
                                                                   "ended_by_user"):
-        raise Problem(404, "not_found", "No such session of yours.")
+        raise Problem("not_found", "No such session of yours.")
     return Response(status_code=204, headers=NO_STORE)

@@ -80,7 +80,7 @@ async def _checked(request: Request, *, gated: bool) -> Principal:
     principal = await require_principal(request)
     if gated and must_consent(principal.profile.policy_seq,
                               await request.app.state.tessera.policy.get()):
-        raise Problem(403, "policy_consent_required",
+        raise Problem("policy_consent_required",
                       "The policy changed substantially; accept the current version first.")
     return principal
 
@@ -104,7 +104,7 @@ async def user_policy_gated(request: Request, db: DbDep) -> User:
 async def admin_user(request: Request, db: DbDep) -> User:
     user = await _user_row(request, db, gated=True)
     if not user.is_admin:
-        raise Problem(403, "forbidden", "This needs the admin role.")
+        raise Problem("forbidden", "This needs the admin role.")
     return user
 
 

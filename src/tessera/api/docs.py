@@ -88,7 +88,7 @@ def install_docs(app: FastAPI) -> None:
     async def asset(name: str) -> Response:
         media_type = ASSETS.get(name)
         if media_type is None:
-            raise Problem(404, "not_found", "No such asset.")
+            raise Problem("not_found", "No such asset.")
         return FileResponse(ASSETS_DIR / name, media_type=media_type,
                             headers={"Cache-Control": "public, max-age=86400"})
 

@@ -101,7 +101,7 @@ def _client_secret(scope: Scope, fields: dict[str, list[str]]) -> str:
 def require_service_key(scope: Scope, t: Tessera, fields: dict[str, list[str]]) -> None:
     """Introspection and the revocation feed are for services holding a service key."""
     if not _service_key_ok(t, _client_secret(scope, fields)):
-        raise Problem(401, "invalid_client", "A valid service key is required.",
+        raise Problem("invalid_client", "A valid service key is required.",
                       headers={"WWW-Authenticate": 'Bearer realm="tessera-services", '
                                                        'Basic realm="tessera-services"'})
 
@@ -115,11 +115,11 @@ async def introspect(scope: Scope, receive: Receive, t: Tessera) -> Response:
     try:
         fields = parse_qs(body.decode(), max_num_fields=8)
     except (UnicodeDecodeError, ValueError):
-        raise Problem(400, "malformed_body", "The body must be a urlencoded form.") from None
+        raise Problem("malformed_body", "The body must be a urlencoded form.") from None
     require_service_key(scope, t, fields)
     tokens = fields.get("token")
     if not tokens or not tokens[0]:
-        raise Problem(400, "invalid_request", "The form field `token` is required (RFC 7662).")
+        raise Problem("invalid_request", "The form field `token` is required (RFC 7662).")
     token = tokens[0]
     principal = await t.auth.check(token) if len(token) <= MAX_TOKEN_LENGTH else None
     if principal is None:

@@ -203,7 +203,7 @@ async def delete_me(request: Request, body: PasswordConfirmIn, user: CurrentUser
                     db: DbDep, t: TesseraDep) -> Response:
     await confirm_attempt(t, user.id)
     if not await accounts.verify_password(t.hasher, user, password_text(body.password)):
-        raise Problem(403, "invalid_credentials", "The password is wrong.")
+        raise Problem("wrong_password", "The password is wrong.")
     await mfa.require_second_factor(t, db, user, code=body.code,
                                     challenge_id=body.challenge_id, credential=body.credential)
     await accounts.delete_account(t, db, user)

@@ -74,7 +74,7 @@ def _json(body: dict[str, Any], status: int = 200) -> JSONResponse:
 async def _check_password(t: Tessera, user: User, password: str) -> None:
     await confirm_attempt(t, user.id)
     if not await accounts.verify_password(t.hasher, user, password_text(password)):
-        raise Problem(403, "invalid_credentials", "The current password is wrong.")
+        raise Problem("wrong_password", "The current password is wrong.")
     await t.limiter.forgive("password-confirm", user.id, all_of_them=True)
 
 
@@ -101,7 +101,7 @@ async def start_totp(body: PasswordAndFactorIn, user: CurrentUser, db: DbDep,
     Not active until confirmed with a first code."""
     await _check_password(t, user, body.current_password)
     if (await mfa.enrolled(db, user.id)).totp:
-        raise Problem(409, "totp_already_enabled",
+        raise Problem("totp_already_enabled",
                       "TOTP is already active; disable it first to enrol a new authenticator.")
     await _check_factor(t, db, user, body)
     enrolment = await mfa.start_totp(t, db, user)
@@ -127,7 +127,7 @@ async def disable_totp(body: PasswordAndFactorIn, user: CurrentUser, db: DbDep,
     """Remove the authenticator app (and the recovery codes): password and a code."""
     await _check_password(t, user, body.current_password)
     if not (await mfa.enrolled(db, user.id)).totp:
-        raise Problem(404, "not_found", "TOTP is not enabled.")
+        raise Problem("not_found", "TOTP is not enabled.")
     await _check_factor(t, db, user, body)
     await mfa.disable_totp(db, user.id)
     await accounts.audit(db, "totp_disabled", user_id=user.id)
@@ -142,7 +142,7 @@ async def new_recovery_codes(body: PasswordAndFactorIn, user: CurrentUser, db: D
     """A new set of 10 recovery codes; the old set stops working."""
     await _check_password(t, user, body.current_password)
     if not (await mfa.enrolled(db, user.id)).any:
-        raise Problem(409, "mfa_not_enabled", "Enrol TOTP or a passkey first.")
+        raise Problem("mfa_not_enabled", "Enrol TOTP or a passkey first.")
     await _check_factor(t, db, user, body)
     codes = await mfa.regenerate_recovery_codes(t, db, user)
     await accounts.audit(db, "recovery_codes_regenerated", user_id=user.id)
@@ -188,10 +188,10 @@ async def remove_passkey(passkey_id: Annotated[str, Path(max_length=64)],
     assertion, which may come from this very passkey)."""
     await _check_password(t, user, body.current_password)
     if not any(k["id"] == passkey_id for k in (await mfa.mfa_view(db, user.id))["passkeys"]):
-        raise Problem(404, "not_found", "No such passkey of yours.")
+        raise Problem("not_found", "No such passkey of yours.")
     await _check_factor(t, db, user, body)
     if not await mfa.delete_passkey(db, user.id, passkey_id):
-        raise Problem(404, "not_found", "No such passkey of yours.")
+        raise Problem("not_found", "No such passkey of yours.")
     await accounts.audit(db, "passkey_removed", user_id=user.id)
     return Response(status_code=204, headers=NO_STORE)
 
@@ -228,7 +228,7 @@ async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep,
     elif body.code:
         earned = await mfa.check_code(t, db, user_id, body.code)
     else:
-        raise Problem(422, "validation_error", "Send `code` or `challenge_id` + `credential`.",
+        raise Problem("validation_error", "Send `code` or `challenge_id` + `credential`.",
                       extra={"errors": [{"loc": ["body", "code"], "msg": "Field required"}]})
     if earned is None:
         await accounts.audit(db, "login_mfa", user_id=user_id, outcome="failed")
@@ -236,7 +236,7 @@ async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep,
     if not await mfa.take_mfa_token(t, body.mfa_token):
         raise mfa.invalid_mfa_token()  # used meanwhile by a concurrent request
     if not user.is_active:
-        raise Problem(403, "account_inactive", "This account is deactivated.")
+        raise Problem("account_inactive", "This account is deactivated.")
     await mfa.forgive_attempts(t, user_id)
     await accounts.audit(db, "login_mfa", user_id=user_id, outcome="ok")
     return await login_response(request, t, user, mfa.full_amr(list(state["amr"]), earned))
@@ -269,7 +269,7 @@ async def passkey_login(body: AssertionIn, request: Request, db: DbDep,
     if user.restrict_processing or user.object_to_processing:
         forbid_tracking(request.scope)  # whatever the answer
     if not user.is_active:
-        raise Problem(403, "account_inactive", "This account is deactivated.")
+        raise Problem("account_inactive", "This account is deactivated.")
     await accounts.audit(db, "login_passkey", user_id=user.id, outcome="ok")
     amr = mfa.full_amr(assertion.amr)
     if "mfa" not in amr:

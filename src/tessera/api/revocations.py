@@ -293,6 +293,6 @@ async def revocations(request: Request, t: TesseraDep) -> EventStreamResponse:
     try:
         client = await hub.join()
     except FeedUnavailable:
-        raise Problem(503, "unavailable", "The revocation feed is unavailable; retry later.",
+        raise Problem("unavailable", "The revocation feed is unavailable; retry later.",
                       headers={"Retry-After": "1"}) from None
     return EventStreamResponse(hub, client)

@@ -67,7 +67,7 @@ async def create_webhook(body: WebhookIn, admin: AdminUser, db: DbDep, t: Tesser
     try:
         await events.check_url(body.url, t.settings.webhook_allowed_hosts)
     except events.UnsafeURL as exc:
-        raise Problem(422, "validation_error", f"The webhook URL is refused: {exc}.",
+        raise Problem("validation_error", f"The webhook URL is refused: {exc}.",
                       extra={"errors": [{"loc": ["body", "url"], "msg": str(exc)}]}) from None
     row, secret = await events.create_subscription(
         db, KeyCipher(t.secret), url=body.url, events=body.events,
@@ -88,7 +88,7 @@ async def list_webhooks(admin: AdminUser, db: DbDep,
 async def _subscription(db: DbDep, webhook_id: str) -> WebhookSubscription:
     row = await db.get(WebhookSubscription, webhook_id)
     if row is None:
-        raise Problem(404, "not_found", "No such webhook.")
+        raise Problem("not_found", "No such webhook.")
     return row
 
 

@@ -28,7 +28,7 @@ def email_key(email: str) -> str:
 
 
 def invalid_credentials() -> Problem:
-    return Problem(401, "invalid_credentials", "The email or password is wrong.",
+    return Problem("invalid_credentials", "The email or password is wrong.",
                    headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -39,7 +39,7 @@ async def find_by_email(db: AsyncSession, email: str) -> User | None:
 async def register_user(db: AsyncSession, hasher: PasswordHasher, *, email: str, password: str,
                         policy: PolicyState, is_admin: bool = False) -> User:
     if await find_by_email(db, email) is not None:
-        raise Problem(409, "email_taken", "An account with this email exists.")
+        raise Problem("email_taken", "An account with this email exists.")
     now = utcnow()
     user = User(email=email, email_key=email_key(email), password_hash=await hasher.hash(password),
                 is_admin=is_admin, created_at=now, updated_at=now,
@@ -51,7 +51,7 @@ async def register_user(db: AsyncSession, hasher: PasswordHasher, *, email: str,
         await db.commit()
     except IntegrityError:  # a concurrent registration won the race
         await db.rollback()
-        raise Problem(409, "email_taken", "An account with this email exists.") from None
+        raise Problem("email_taken", "An account with this email exists.") from None
     await db.refresh(user)
     return user
 
@@ -71,7 +71,7 @@ async def authenticate(db: AsyncSession, hasher: PasswordHasher, email: str,
         db.add(user)
     if not user.is_active:
         await audit(db, "login", user_id=user_id, outcome="inactive")
-        raise Problem(403, "account_inactive", "This account is deactivated.")
+        raise Problem("account_inactive", "This account is deactivated.")
     await audit(db, "login", user_id=user_id, outcome="ok")  # commits the rehash too
     return user
 
@@ -205,7 +205,7 @@ async def change_email(t: Tessera, db: AsyncSession, user: User, email: str) -> 
     if key != user.email_key:
         other = await find_by_email(db, email)
         if other is not None:
-            raise Problem(409, "email_taken", "An account with this email exists.")
+            raise Problem("email_taken", "An account with this email exists.")
         if (settings is not None and events.vendor_enabled(settings)
                 and user.email is not None):
             from tessera.domain.consents import has_consent
@@ -219,7 +219,7 @@ async def change_email(t: Tessera, db: AsyncSession, user: User, email: str) -> 
         await db.commit()
     except IntegrityError:
         await db.rollback()
-        raise Problem(409, "email_taken", "An account with this email exists.") from None
+        raise Problem("email_taken", "An account with this email exists.") from None
     await db.refresh(user)
     await user_changed(t, user.id)
     return user
@@ -230,7 +230,7 @@ async def change_password(t: Tessera, db: AsyncSession, user: User, current: str
                           check_factor: Callable[[], Awaitable[None]] | None = None) -> None:
     """`check_factor`: the second-factor check, run once the current password is right."""
     if not await verify_password(t.hasher, user, current):
-        raise Problem(403, "invalid_credentials", "The current password is wrong.")
+        raise Problem("wrong_password", "The current password is wrong.")
     if check_factor is not None:
         await check_factor()
     user.password_hash = await t.hasher.hash(new)

@@ -36,7 +36,7 @@ def check_csrf(csrf_key: bytes, sid: str, header: str, cookie: str) -> None:
     expected = csrf_token_for(csrf_key, sid)
     if not (header and hmac.compare_digest(header.encode(), cookie.encode())
             and hmac.compare_digest(header.encode(), expected.encode())):
-        raise Problem(403, "csrf_failed", "The X-CSRF-Token header must match the csrf cookie.")
+        raise Problem("csrf_failed", "The X-CSRF-Token header must match the csrf cookie.")
 
 
 @dataclass

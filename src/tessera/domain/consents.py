@@ -36,7 +36,7 @@ async def set_consent(db: AsyncSession, user: User, purpose: str, granted: bool,
     """Record a grant or withdrawal. For `email_vendor`, a grant hands the email to the
     mailing vendor and a withdrawal tells it to delete it (queued in this transaction)."""
     if purpose not in PURPOSES:
-        raise Problem(404, "not_found", f"Unknown purpose; known: {', '.join(PURPOSES)}.")
+        raise Problem("not_found", f"Unknown purpose; known: {', '.join(PURPOSES)}.")
     if purpose == "email_vendor" and events.vendor_enabled(settings):
         before = await has_consent(db, user.id, purpose)
         if granted and not before and user.email is not None:
@@ -60,6 +60,6 @@ def hand_over_to_mailing_vendor(db: AsyncSession, settings: Settings, user: User
     with `email_vendor` consent (the caller has just read or recorded it), queued in the
     caller's unit of work and sent by the event worker (domain/events.py)."""
     if not consented or not user.is_active or user.email is None:
-        raise Problem(403, "consent_required",
+        raise Problem("consent_required",
                       "The user has not consented to sharing with the mailing vendor.")
     events.queue_vendor(db, settings, user.id, events.VENDOR_UPSERT, user.email)

@@ -60,7 +60,7 @@ def secret_box(t: Tessera) -> store.SecretBox:
 
 
 def invalid_code() -> Problem:
-    return Problem(401, "invalid_code", "The code is wrong, expired or already used.")
+    return Problem("invalid_code", "The code is wrong, expired or already used.")
 
 
 # --- what is enrolled ---------------------------------------------------------------------
@@ -143,7 +143,7 @@ def matching_step(secret: str, code: str, now: float | None = None) -> int | Non
 async def start_totp(t: Tessera, db: AsyncSession, user: User) -> dict[str, str]:
     existing = await store.get_totp(db, user.id)
     if existing is not None and existing.confirmed_at is not None:
-        raise Problem(409, "totp_already_enabled",
+        raise Problem("totp_already_enabled",
                       "TOTP is already active; disable it first to enrol a new authenticator.")
     secret = pyotp.random_base32()  # 160 bits, as RFC 4226 recommends for SHA-1
     await store.put_pending_totp(db, user.id, secret_box(t).encrypt(secret, user.id))
@@ -155,12 +155,12 @@ async def start_totp(t: Tessera, db: AsyncSession, user: User) -> dict[str, str]
 async def confirm_totp(t: Tessera, db: AsyncSession, user: User, code: str) -> list[str]:
     factor = await store.get_totp(db, user.id)
     if factor is None or factor.confirmed_at is not None:
-        raise Problem(409, "no_pending_totp", "Start a TOTP enrolment first (POST /me/mfa/totp).")
+        raise Problem("no_pending_totp", "Start a TOTP enrolment first (POST /me/mfa/totp).")
     await count_attempt(t, user.id)
     step = matching_step(secret_box(t).decrypt(factor.secret_enc, user.id), code)
     if step is None or not await store.confirm_totp(db, user.id, step):
         await db.rollback()
-        raise Problem(400, "invalid_code", "The code is wrong or expired.")
+        raise Problem("invalid_enrolment_code", "The code is wrong or expired.")
     codes = store.new_recovery_codes(RECOVERY_CODES)
     await store.replace_recovery_codes(db, secret_box(t), user.id, codes)
     await db.commit()
@@ -237,7 +237,7 @@ async def mfa_required(t: Tessera, user: User, amr: list[str], state: Enrolled, 
               "at": int(time.time())}
     await t.redis.set(_token_key(mfa_token), json.dumps(record),
                       ex=t.settings.mfa_token_ttl_seconds)
-    return Problem(401, "mfa_required", "A second factor is needed to finish logging in.",
+    return Problem("mfa_required", "A second factor is needed to finish logging in.",
                    extra={"mfa_token": mfa_token,
                           "methods": [m for m in state.methods if m != other_than],
                           "expires_in": t.settings.mfa_token_ttl_seconds})
@@ -259,7 +259,7 @@ async def take_mfa_token(t: Tessera, mfa_token: str) -> bool:
 
 
 def invalid_mfa_token() -> Problem:
-    return Problem(401, "invalid_token",
+    return Problem("invalid_mfa_token",
                    "The mfa_token is unknown, used or expired; log in again.")
 
 
@@ -275,7 +275,7 @@ async def require_second_factor(t: Tessera, db: AsyncSession, user: User, *,
     if not state.any:
         return
     if not code and credential is None:
-        raise Problem(401, "mfa_required",
+        raise Problem("mfa_required",
                       "This account has a second factor: send `code` (or a passkey assertion).",
                       extra={"methods": state.methods})
     await count_attempt(t, user.id)
@@ -351,7 +351,7 @@ async def registration_options(t: Tessera, db: AsyncSession, user: User) -> dict
 
 
 def invalid_credential(detail: str = "The passkey could not be verified.") -> Problem:
-    return Problem(400, "invalid_credential", detail)
+    return Problem("invalid_credential", detail)
 
 
 async def register_passkey(t: Tessera, db: AsyncSession, user: User, challenge_id: str,

@@ -57,21 +57,21 @@ def must_consent(policy_seq: int, state: PolicyState) -> bool:
 
 async def publish_policy(db: AsyncSession, version: str, substantial: bool) -> PolicyVersion:
     if (await db.exec(select(PolicyVersion).where(PolicyVersion.version == version))).first():
-        raise Problem(409, "version_exists", "That policy version was published before.")
+        raise Problem("version_exists", "That policy version was published before.")
     row = PolicyVersion(version=version, substantial=substantial, published_at=utcnow())
     db.add(row)
     try:
         await db.commit()
     except IntegrityError:
         await db.rollback()
-        raise Problem(409, "version_exists", "That policy version was published before.") from None
+        raise Problem("version_exists", "That policy version was published before.") from None
     await db.refresh(row)
     return row
 
 
 async def accept_policy(db: AsyncSession, user: User, version: str, state: PolicyState) -> None:
     if version != state.current.version:
-        raise Problem(409, "policy_outdated", "That is not the current policy version.",
+        raise Problem("policy_outdated", "That is not the current policy version.",
                       extra={"current_version": state.current.version})
     user.policy_version = state.current.version
     user.policy_seq = state.current.seq or 0

@@ -75,9 +75,9 @@ async def close_request(db: AsyncSession, request_id: str, status: str,
                         resolution: str | None) -> PrivacyRequest:
     row = await db.get(PrivacyRequest, request_id) if len(request_id) <= 32 else None
     if row is None:
-        raise Problem(404, "not_found", "No such privacy request.")
+        raise Problem("not_found", "No such privacy request.")
     if row.status != "open":
-        raise Problem(409, "already_closed", "This request is already closed.")
+        raise Problem("already_closed", "This request is already closed.")
     row.status = status
     row.resolution = resolution
     row.resolved_at = utcnow()

@@ -38,7 +38,7 @@ class AttemptLimiter:
         for i, (_, _, maximum) in enumerate(limits):
             count, ttl = results[3 * i + 1], results[3 * i + 2]
             if int(count) > maximum:
-                raise Problem(429, "too_many_attempts", "Too many attempts; try again later.",
+                raise Problem("too_many_attempts", "Too many attempts; try again later.",
                               headers={"Retry-After": str(max(1, int(ttl)))})
 
     async def forgive_success(self, *, account: tuple[str, str], ip: tuple[str, str]) -> None:
