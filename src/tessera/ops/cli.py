@@ -50,9 +50,13 @@ def serve(
     # the `finally` below stops the embedded redis-server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
+        # httptools with a bound on the request head's size and time (ops/http.py).
         uvicorn.run("tessera.main:create_app", factory=True, host=host, port=port, workers=workers,
-                    loop="uvloop", http="httptools", access_log=False, log_config=None,
+                    loop="uvloop", http="tessera.ops.http:BoundedHttpToolsProtocol",
+                    access_log=False, log_config=None,
                     proxy_headers=proxy_headers, forwarded_allow_ips=forwarded_allow_ips,
+                    timeout_keep_alive=settings.http_keep_alive_seconds,
+                    limit_concurrency=settings.http_max_connections,
                     timeout_graceful_shutdown=20, server_header=False)
     finally:
         if embedded is not None:
