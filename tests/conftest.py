@@ -88,6 +88,11 @@ def base_settings(data_dir: Path, database_url: str, redis_url: str) -> dict[str
         "login_max_failures_per_ip": 100_000,
         "login_max_failures_per_account": 100_000,
         "usage_flush_seconds": 0.2,
+        # The machine's Redis (TESSERA_TEST_REDIS_URL) is not the tests' to configure: it may
+        # snapshot only. The embedded one, and every Redis a test starts, is durable.
+        "redis_durability": os.environ.get(
+            "TESSERA_TEST_REDIS_DURABILITY",
+            "off" if os.environ.get("TESSERA_TEST_REDIS_URL") else "require"),
     }
 
 

@@ -127,9 +127,23 @@ async def _unavailable_handler(request: Request, exc: Exception) -> JSONResponse
                             {"Retry-After": "1"})
 
 
+async def _redis_reply_handler(request: Request, exc: Exception) -> JSONResponse:
+    # MISCONF (a failed snapshot on a full disk), READONLY, OOM: Redis takes no writes now.
+    from tessera.stores.durability import is_write_refusal
+
+    if is_write_refusal(exc):
+        return await _unavailable_handler(request, exc)
+    return await _unhandled_handler(request, exc)
+
+
 def install_unavailable_handlers(app: FastAPI) -> None:
     import redis.exceptions
     import sqlalchemy.exc
+
+    from tessera.stores.durability import WritesRefused
+
+    app.add_exception_handler(redis.exceptions.ResponseError, _redis_reply_handler)
+    app.add_exception_handler(WritesRefused, _unavailable_handler)
 
     for exc_type in (
         redis.exceptions.ConnectionError,

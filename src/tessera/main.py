@@ -28,6 +28,7 @@ from tessera.security.passwords import PasswordHasher
 from tessera.security.secret import load_or_create_secret
 from tessera.services import Tessera
 from tessera.stores.db import create_engine, session_factory
+from tessera.stores.durability import require_durable_redis
 from tessera.stores.keys import KeyCipher, KeyRing, derive_key
 from tessera.stores.ratelimit import AttemptLimiter
 from tessera.stores.redis import create_redis
@@ -53,20 +54,25 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
         redis_url = settings.redis_url
         if not redis_url:
             embedded = EmbeddedRedis(settings.data_dir)
-            redis_url = embedded.start()
+            redis_url = embedded.start(supervise=True)
         redis = create_redis(redis_url)
+        if settings.redis_durability == "require":
+            await require_durable_redis(redis)
         keys = KeyRing(db_factory, KeyCipher(secret), ttl_seconds=settings.session_ttl_seconds,
                        cache_seconds=settings.keys_cache_seconds)
+        sessions = SessionStore(redis)
+        profiles = ProfileCache(redis)
+        profiles.writes = sessions.writes
         try:
             await keys.ensure_key()
             app.state.tessera = Tessera(
                 settings=settings, secret=secret, engine=engine, db_factory=db_factory,
-                redis=redis, sessions=SessionStore(redis), keys=keys,
+                redis=redis, sessions=sessions, keys=keys,
                 hasher=PasswordHasher(settings.bcrypt_rounds), usage=usage, metrics=metrics,
                 policy=PolicyCache(db_factory), csrf_key=derive_key(secret, b"csrf"),
                 token_key=derive_key(secret, b"token-hash"),
                 limiter=AttemptLimiter(redis, derive_key(secret, b"rate-limit")),
-                profiles=ProfileCache(redis), embedded_redis=embedded)
+                profiles=profiles, embedded_redis=embedded)
             # With OpenTelemetry configured when tessera starts, FastAPI traces every request:
             # the fast path steps aside so these two keep their spans and metrics.
             telemetry = getattr(app, "_native_telemetry", None)

@@ -14,6 +14,7 @@ from typing import Any
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tessera.domain import consents
+from tessera.stores.durability import WriteGate, is_write_refusal
 from tessera.stores.models import User
 from tessera.stores.redis import AnyRedis
 from tessera.timeutil import rfc3339
@@ -53,6 +54,7 @@ async def build_profile(db: AsyncSession, user: User) -> dict[str, Any]:
 class ProfileCache:
     def __init__(self, redis: AnyRedis) -> None:
         self.redis = redis
+        self.writes: WriteGate | None = None  # the session store's (main.py)
 
     @staticmethod
     def decode(raw: str | None) -> dict[str, Any] | None:
@@ -68,4 +70,10 @@ class ProfileCache:
         await self.redis.set(profile_key(user_id), json.dumps(profile), ex=PROFILE_TTL_SECONDS)
 
     async def invalidate(self, user_id: str) -> None:
-        await self.redis.delete(profile_key(user_id))
+        try:
+            await self.redis.delete(profile_key(user_id))
+        except Exception as exc:
+            # Redis refuses writes: a stale profile (an active flag) must not come back.
+            if self.writes is not None and is_write_refusal(exc):
+                self.writes.refused(exc, lambda: self.redis.delete(profile_key(user_id)))
+            raise
