@@ -119,7 +119,7 @@ def _serve(env: dict[str, str], timeout: float = 60) -> subprocess.Popen[str]:
 
 
 @pytest.mark.parametrize(("redis_args", "named"), [
-    (("--appendonly", "no", "--save", "60 1"), "appendonly no"),
+    (("--appendonly", "no", "--save", "60", "1"), "appendonly no"),
     (("--appendonly", "yes", "--appendfsync", "no", "--save", ""), "appendfsync no"),
     (("--appendonly", "yes", "--rename-command", "CONFIG", ""), "TESSERA_REDIS_DURABILITY=trusted"),
 ])
