@@ -136,6 +136,14 @@ async def _redis_reply_handler(request: Request, exc: Exception) -> JSONResponse
     return await _unhandled_handler(request, exc)
 
 
+async def _dbapi_handler(request: Request, exc: Exception) -> JSONResponse:
+    from tessera.stores.db import is_unavailable
+
+    if is_unavailable(exc):
+        return await _unavailable_handler(request, exc)
+    return await _unhandled_handler(request, exc)
+
+
 def install_unavailable_handlers(app: FastAPI) -> None:
     import redis.exceptions
     import sqlalchemy.exc
@@ -143,6 +151,8 @@ def install_unavailable_handlers(app: FastAPI) -> None:
     from tessera.stores.durability import WritesRefused
 
     app.add_exception_handler(redis.exceptions.ResponseError, _redis_reply_handler)
+    # A connection that a database restart terminated reaches here as a plain DBAPIError.
+    app.add_exception_handler(sqlalchemy.exc.DBAPIError, _dbapi_handler)
     app.add_exception_handler(WritesRefused, _unavailable_handler)
 
     for exc_type in (

@@ -41,7 +41,9 @@ Use **Authorize** with your email as the username to try authenticated endpoints
 
 def create_app(settings: Settings | None = None) -> TesseraApp:
     settings = settings or Settings()
-    engine = create_engine(settings.resolved_database_url)
+    engine = create_engine(settings.resolved_database_url,
+                           connect_timeout=settings.db_connect_timeout_seconds,
+                           statement_timeout=settings.db_statement_timeout_seconds)
     db_factory = session_factory(engine)
     metrics = Metrics()
     usage = UsageRecorder(db_factory, flush_events=settings.usage_flush_events,
