@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.conftest import assert_problem, bearer, client_for, login, registered_token, \
-    running_app
+from tests.conftest import assert_problem, bearer, client_for, login, registered_token, running_app
 from tests.servers import free_port
 from tests.test_live_server import count_usage
 
