@@ -24,6 +24,7 @@ from tessera.edge.privacy import PrivacyMiddleware
 from tessera.errors import install_error_handlers, install_unavailable_handlers
 from tessera.metrics import Metrics, MetricsMiddleware
 from tessera.ops.embedded import EmbeddedRedis
+from tessera.ops.lifeline import worker_dies_with_supervisor
 from tessera.security.passwords import PasswordHasher
 from tessera.security.secret import load_or_create_secret
 from tessera.services import Tessera
@@ -40,6 +41,7 @@ Use **Authorize** with your email as the username to try authenticated endpoints
 
 
 def create_app(settings: Settings | None = None) -> TesseraApp:
+    worker_dies_with_supervisor()  # a worker of `tessera serve --workers N`: see ops/lifeline.py
     settings = settings or Settings()
     engine = create_engine(settings.resolved_database_url,
                            connect_timeout=settings.db_connect_timeout_seconds,

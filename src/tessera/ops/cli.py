@@ -51,6 +51,10 @@ def serve(
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit through Python instead, so
     # the `finally` below stops the embedded redis-server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if workers > 1:  # the workers die with this supervisor, even on a kill -9 (ops/lifeline.py)
+        from tessera.ops.lifeline import SUPERVISOR_PID_ENV
+
+        os.environ[SUPERVISOR_PID_ENV] = str(os.getpid())
     try:
         # httptools with a bound on the request head's size and time (ops/http.py).
         uvicorn.run("tessera.main:create_app", factory=True, host=host, port=port, workers=workers,

@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+from tessera.ops.lifeline import preexec_die_with_parent
+
 
 def redis_server_binary() -> str:
     try:
@@ -50,6 +52,57 @@ def _answers(sock_path: Path) -> bool:
         return False
 
 
+def _server_pid(sock_path: Path) -> int | None:
+    """The pid of the redis-server answering on the socket (INFO server: process_id)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            s.connect(str(sock_path))
+            s.sendall(b"INFO server\r\n")
+            data = b""
+            while b"process_id:" not in data or not data.split(b"process_id:", 1)[1].count(b"\r\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    return None
+                data += chunk
+        return int(data.split(b"process_id:", 1)[1].split(b"\r\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] \
+        if Path(f"/proc/{pid}/stat").exists() else "X"
+    return state not in ("Z", "X")
+
+
+def _stop_pid(pid: int, timeout: float = 10.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                deadline += timeout
+            time.sleep(0.02)
+    except ProcessLookupError:
+        pass
+
+
 class EmbeddedRedis:
     """Starts redis-server on `<data_dir>/redis.sock`, or joins one already running there."""
 
@@ -57,6 +110,7 @@ class EmbeddedRedis:
         self.data_dir = Path(data_dir).resolve()
         self.socket_path = self.data_dir / "redis.sock"
         self.pid_path = self.data_dir / "redis.pid"
+        self.owner_path = self.data_dir / "redis.owner"  # the pid of the tessera that started it
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -110,8 +164,15 @@ class EmbeddedRedis:
 
     def _launch(self, timeout: float) -> str:
         if _answers(self.socket_path):
-            self._proc = None
-            return self.url  # another tessera process on this data folder started it
+            orphan = self._orphan()
+            if orphan is None:
+                self._proc = None
+                return self.url  # another running tessera on this data folder started it
+            # Left by a tessera that died without stopping it (a kill -9 before tessera
+            # tied its server's life to its own): stop it and start one of our own.
+            logging.getLogger("tessera.embedded").warning(
+                "stopping an orphaned embedded redis-server (pid %d) to start our own", orphan)
+            _stop_pid(orphan)
         self.socket_path.unlink(missing_ok=True)
         args = [
             redis_server_binary(),
@@ -130,9 +191,12 @@ class EmbeddedRedis:
             "--logfile", str(self.data_dir / "redis.log"),
             "--daemonize", "no",
         ]
+        # It dies with this process even on a kill -9 of tessera (ops/lifeline.py).
         self._proc = subprocess.Popen(  # noqa: S603 (our own binary, fixed arguments)
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
+            stderr=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=preexec_die_with_parent())  # noqa: PLW1509 (no imports in the child)
+        self.owner_path.write_text(str(os.getpid()))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if _answers(self.socket_path):
@@ -142,6 +206,19 @@ class EmbeddedRedis:
             time.sleep(0.02)
         self._terminate()
         raise RuntimeError(f"embedded redis-server did not start; see {self.data_dir}/redis.log")
+
+    def _orphan(self) -> int | None:
+        """The pid of the server on our socket if no running tessera owns it, else None."""
+        pid = _server_pid(self.socket_path)
+        if pid is None:
+            return None
+        try:
+            owner = int(self.owner_path.read_text().strip())
+        except (OSError, ValueError):
+            return pid  # started by a tessera before redis.owner: nobody stops it
+        if owner == os.getpid() or (_alive(owner) and _parent_of(pid) == owner):
+            return None
+        return pid
 
     def stop(self) -> None:
         self._stopping.set()
