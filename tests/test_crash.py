@@ -4,7 +4,6 @@ instead of joining it for good. Processes are killed, and looked for, by pid."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
