@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 import redis as sync_redis
 
-from tests.conftest import assert_problem, bearer, client_for, registered_token, running_app
+from tests.conftest import (
+    PASSWORD,
+    assert_problem,
+    bearer,
+    client_for,
+    registered_token,
+    running_app,
+)
 from tests.servers import RedisServer, redis_server
 
 
@@ -81,8 +88,9 @@ async def test_a_full_disk_never_lets_a_logged_out_token_work(
         _, logout_token = await registered_token(client)
         _, all_token = await registered_token(client)
         _, deactivate_token = await registered_token(client)
+        _, delete_token = await registered_token(client)
         _, bystander = await registered_token(client)
-        for token in (logout_token, all_token, deactivate_token, bystander):
+        for token in (logout_token, all_token, deactivate_token, delete_token, bystander):
             assert (await client.get("/me", headers=bearer(token))).status_code == 200
 
         disk.fill()
@@ -97,6 +105,8 @@ async def test_a_full_disk_never_lets_a_logged_out_token_work(
         for path in ("/auth/logout-all", "/me/deactivate"):
             token = all_token if path == "/auth/logout-all" else deactivate_token
             assert_problem(await client.post(path, headers=bearer(token)), 503, "unavailable")
+        assert_problem(await client.request("DELETE", "/me", json={"password": PASSWORD},
+                                            headers=bearer(delete_token)), 503, "unavailable")
         ready = await client.get("/readyz")
         body = assert_problem(ready, 503, "unavailable")
         assert body["checks"] == {"database": "ok", "redis": "down"}
@@ -110,8 +120,9 @@ async def test_a_full_disk_never_lets_a_logged_out_token_work(
         assert (await client.get("/readyz")).status_code == 200
         assert (await client.get("/me", headers=bearer(bystander))).status_code == 200
         # The logout that answered 503 was done before any token was accepted again.
-        assert_problem(await client.get("/me", headers=bearer(logout_token)), 401,
-                       "not_authenticated")
+        for token in (logout_token, all_token, deactivate_token):
+            assert_problem(await client.get("/me", headers=bearer(token)), 401,
+                           "not_authenticated")
 
 
 async def test_every_instance_stops_accepting_sessions_on_a_redis_refusing_writes(
@@ -137,7 +148,7 @@ def test_sigterm_on_a_redis_refusing_writes_keeps_the_usage_events(
         tmp_path: Path) -> None:
     import httpx
 
-    from tests.conftest import PASSWORD, new_email
+    from tests.conftest import new_email
     from tests.servers import session_server_env, tessera_server
     from tests.test_live_server import count_usage
 

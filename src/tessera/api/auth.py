@@ -7,7 +7,7 @@ import json
 from typing import Any
 from urllib.parse import parse_qs
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
@@ -29,6 +29,7 @@ from tessera.edge.privacy import forbid_tracking
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.security.passwords import normalise_password
 from tessera.services import Tessera
+from tessera.stores.durability import ends_sessions
 from tessera.timeutil import from_epoch
 
 router = APIRouter(
@@ -173,7 +174,8 @@ async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
     return response
 
 
-@router.post("/logout", status_code=204, response_class=Response)
+@router.post("/logout", status_code=204, response_class=Response,
+             dependencies=[Depends(ends_sessions)])
 async def logout(principal: OptionalSession, db: DbDep, t: TesseraDep) -> Response:
     response = Response(status_code=204, headers=NO_STORE)
     if principal is not None:
@@ -183,7 +185,8 @@ async def logout(principal: OptionalSession, db: DbDep, t: TesseraDep) -> Respon
     return response
 
 
-@router.post("/logout-all", status_code=204, response_class=Response)
+@router.post("/logout-all", status_code=204, response_class=Response,
+             dependencies=[Depends(ends_sessions)])
 async def logout_all(principal: CurrentSession, db: DbDep, t: TesseraDep) -> Response:
     await accounts.revoke_all_sessions(t, principal.user_id, "logout_all")
     await accounts.audit(db, "logout_all", user_id=principal.user_id)

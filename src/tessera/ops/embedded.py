@@ -11,6 +11,7 @@ server if it dies (`start(supervise=True)`).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -133,7 +134,7 @@ class EmbeddedRedis:
         with self._lock:
             self._stopping.clear()
             url = self._launch(timeout)
-        if supervise and self._proc is not None and self._supervisor is None:
+        if supervise and self._supervisor is None:
             self._supervisor = threading.Thread(target=self._supervise, daemon=True,
                                                 name="tessera-embedded-redis-supervisor")
             self._supervisor.start()
@@ -144,12 +145,18 @@ class EmbeddedRedis:
         while not self._stopping.is_set():
             proc = self._proc
             if proc is None:
-                return
-            code = proc.wait()
-            if self._stopping.is_set():
-                return
-            log.error("embedded redis-server (pid %d) exited with %s; starting it again",
-                      proc.pid, code)
+                # Joined the server of another tessera on this data folder: take over when
+                # it is gone (its owner stopped, or died and took it along).
+                if self._stopping.wait(0.5) or _answers(self.socket_path):
+                    continue
+                log.error("the embedded redis-server this process joined is gone; "
+                          "starting one")
+            else:
+                code = proc.wait()
+                if self._stopping.is_set():
+                    return
+                log.error("embedded redis-server (pid %d) exited with %s; starting it again",
+                          proc.pid, code)
             while not self._stopping.is_set():
                 try:
                     with self._lock:
@@ -163,6 +170,16 @@ class EmbeddedRedis:
                     self._stopping.wait(1.0)
 
     def _launch(self, timeout: float) -> str:
+        # One launch at a time per data folder, across processes (several instances may
+        # find the server gone at once).
+        with open(self.data_dir / "redis.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return self._launch_locked(timeout)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _launch_locked(self, timeout: float) -> str:
         if _answers(self.socket_path):
             orphan = self._orphan()
             if orphan is None:

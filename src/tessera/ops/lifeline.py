@@ -60,5 +60,5 @@ def preexec_die_with_parent() -> Callable[[], None] | None:
 def worker_dies_with_supervisor() -> None:
     """In a uvicorn worker of `tessera serve --workers N`: die with the supervisor."""
     supervisor = os.environ.get(SUPERVISOR_PID_ENV)
-    if supervisor and supervisor.isdigit() and int(supervisor) == os.getppid():
-        die_with_parent(int(supervisor))
+    if supervisor and supervisor.isdigit() and int(supervisor) != os.getpid():
+        die_with_parent(int(supervisor))  # already gone (died while we started): end now

@@ -86,5 +86,14 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 
 async def db_session(factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    async with factory() as db:
+    db = factory()
+    try:
         yield db
+    finally:
+        try:
+            await db.close()
+        except Exception as exc:
+            # The connection died under the request (a database restart), after its answer
+            # was sent: nothing to answer any more; the pool drops the connection.
+            if not is_unavailable(exc):
+                raise

@@ -19,7 +19,8 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import redis.exceptions
@@ -137,6 +138,22 @@ class WritesRefused(Exception):
 Replay = Callable[[], Awaitable[Any]]
 
 
+# Set for requests that end sessions (logout, logout-all, deactivate, DELETE /me): their
+# token is still checked while writes are refused, so that the deletion is attempted and,
+# refused, kept for the replay: a user can always end a session.
+_ENDING_SESSIONS: ContextVar[bool] = ContextVar("tessera_ending_sessions", default=False)
+
+
+async def ends_sessions() -> AsyncIterator[None]:
+    """A route dependency (`dependencies=[Depends(ends_sessions)]`) of the session-ending
+    routes, resolved before their token check."""
+    _ENDING_SESSIONS.set(True)
+    try:
+        yield
+    finally:  # an app called in its caller's task (tests' ASGI transport) must not keep it
+        _ENDING_SESSIONS.set(False)
+
+
 class WriteGate:
     """Fails closed while Redis refuses writes (MISCONF on a full disk, READONLY, OOM).
 
@@ -183,7 +200,7 @@ class WriteGate:
         if now - self._checked >= self.PROBE_SECONDS and self._probe is None:
             self._checked = now
             self._probe = asyncio.ensure_future(self._run_probe())
-        if self.failing:
+        if self.failing and not _ENDING_SESSIONS.get():
             raise WritesRefused(self.reason)
 
     async def _run_probe(self) -> None:
