@@ -93,6 +93,11 @@ def base_settings(data_dir: Path, database_url: str, redis_url: str) -> dict[str
         "webhook_allowed_hosts": ["127.0.0.1"],
         "webhook_backoff_base_seconds": 0.1,
         "webhook_backoff_max_seconds": 0.5,
+        # The machine's Redis (TESSERA_TEST_REDIS_URL) is not the tests' to configure: it may
+        # snapshot only. The embedded one, and every Redis a test starts, is durable.
+        "redis_durability": os.environ.get(
+            "TESSERA_TEST_REDIS_DURABILITY",
+            "off" if os.environ.get("TESSERA_TEST_REDIS_URL") else "require"),
     }
 
 

@@ -237,7 +237,8 @@ def redis_cluster(base_dir: Path, masters: int = 3, timeout: float = 30.0,
                 [binary, "--port", str(port), "--bind", LOOPBACK, "--cluster-enabled", "yes",
                  "--cluster-config-file", str(node_dir / "nodes.conf"),
                  "--cluster-node-timeout", "5000", "--dir", str(node_dir), "--save", "",
-                 "--appendonly", "no", "--protected-mode", "yes",
+                 # Durable as tessera requires (TESSERA_REDIS_DURABILITY=require).
+                 "--appendonly", "yes", "--appendfsync", "everysec", "--protected-mode", "yes",
                  "--logfile", str(node_dir / "redis.log"), "--daemonize", "no"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True)
@@ -280,7 +281,76 @@ def session_server_env(base_settings: dict[str, Any], data_dir: Path,
     """`tessera_env` on the test session's own database and Redis (conftest's settings)."""
     from tests.conftest import SERVICE_KEY
 
+    extra.setdefault("TESSERA_REDIS_DURABILITY", str(base_settings["redis_durability"]))
     return tessera_env(database_url=str(base_settings["database_url"]),
                        redis_url=str(base_settings["redis_url"]),
                        secret=shared_secret(base_settings["data_dir"]), data_dir=data_dir,
                        service_key=SERVICE_KEY, **extra)
+
+
+# --- a redis-server of the test's own ------------------------------------------------------
+
+
+@dataclass
+class RedisServer:
+    port: int
+    proc: subprocess.Popen[bytes]
+    dir: Path
+    args: tuple[str, ...]
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def client(self) -> sync_redis.Redis:
+        return sync_redis.Redis(host=LOOPBACK, port=self.port, socket_timeout=5,
+                                decode_responses=True)
+
+    def kill(self) -> None:
+        """SIGKILL by pid: a crash."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self, timeout: float = 10.0) -> None:
+        self.kill()
+        self.proc = _launch_redis(self.port, self.dir, self.args, timeout)
+
+
+def _launch_redis(port: int, directory: Path, args: tuple[str, ...],
+                  timeout: float) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--port", str(port), "--bind", LOOPBACK, "--dir", str(directory),
+         "--logfile", str(directory / "redis.log"), *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = sync_redis.Redis(host=LOOPBACK, port=port, socket_timeout=1)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return proc
+            except sync_redis.BusyLoadingError:
+                pass
+            except sync_redis.ConnectionError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited: {directory / 'redis.log'}") from None
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)
+    finally:
+        client.close()
+
+
+@contextmanager
+def redis_server(directory: Path, *args: str, timeout: float = 10.0) -> Iterator[RedisServer]:
+    """A redis-server of the test's own on a free loopback port, with extra `args` (its
+    persistence, say); killed by pid on exit."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = RedisServer(port, _launch_redis(port, directory, args, timeout), directory, args)
+    try:
+        yield server
+    finally:
+        _stop(server.proc, 10.0)

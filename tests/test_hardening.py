@@ -109,7 +109,7 @@ def test_settings_refuse_wildcard_origins_and_short_service_keys() -> None:
         "https://a.example", "http://127.0.0.1:8080"]
 
 
-def test_embedded_redis_snapshots_and_keeps_its_folder_private(tmp_path: Path) -> None:
+def test_embedded_redis_is_durable_and_keeps_its_folder_private(tmp_path: Path) -> None:
     import redis
 
     from tessera.ops.embedded import EmbeddedRedis
@@ -117,13 +117,15 @@ def test_embedded_redis_snapshots_and_keeps_its_folder_private(tmp_path: Path) -
     embedded = EmbeddedRedis(tmp_path / "data")
     try:
         client = redis.Redis.from_url(embedded.start(), decode_responses=True)
-        assert client.config_get("save")["save"] == "60 1"
+        # Every write is in the append-only file, fsynced, before Redis answers.
+        config = client.config_get("append*")
+        assert (config["appendonly"], config["appendfsync"]) == ("yes", "always")
         assert stat.S_IMODE(os.stat(tmp_path / "data").st_mode) == 0o700
         client.set("k", "v")
         client.close()
     finally:
         embedded.stop()
-    assert (tmp_path / "data" / "redis.rdb").exists()  # saved at shutdown
+    assert (tmp_path / "data" / "redis.aof").exists()
     again = EmbeddedRedis(tmp_path / "data")
     try:
         client = redis.Redis.from_url(again.start(), decode_responses=True)

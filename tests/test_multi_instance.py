@@ -34,7 +34,8 @@ def env(base_settings: dict[str, Any], tmp_path_factory: pytest.TempPathFactory,
                        redis_url=str(base_settings["redis_url"]),
                        secret=shared_secret(base_settings["data_dir"]),
                        data_dir=tmp_path_factory.mktemp("multi-instance"),
-                       service_key=SERVICE_KEY)
+                       service_key=SERVICE_KEY,
+                       TESSERA_REDIS_DURABILITY=str(base_settings["redis_durability"]))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -132,6 +132,26 @@ class Settings(BaseSettings):
                 raise ValueError("TESSERA_MAILING_VENDOR_SECRET is needed with "
                                  "TESSERA_MAILING_VENDOR_URL")
         return self
+
+    # --- Durability and HTTP limits (issue 12: faults, crashes, slow or huge headers) ---
+    # The request line and headers at the HTTP layer (`tessera serve`, before the app):
+    # past this size a 431, past this time from the connection (or from a next request's
+    # first byte) a 408; then the connection is closed (ops/http.py).
+    http_max_head_bytes: int = Field(65536, ge=4096)
+    http_head_timeout_seconds: float = Field(10.0, gt=0)
+    # Idle kept-alive connections close after this long.
+    http_keep_alive_seconds: int = Field(5, ge=1)
+    # Connections plus requests in flight per worker past which uvicorn answers 503.
+    http_max_connections: int = Field(4096, ge=16)
+    # Redis must keep a logout across its own crash: `require` (the default) refuses to start
+    # (and /readyz reports not ready) on a Redis without an fsynced append-only file;
+    # `trusted` skips the check (a managed Redis that refuses CONFIG but persists writes);
+    # `off` accepts a Redis that may forget logouts (development only).
+    redis_durability: Literal["require", "trusted", "off"] = "require"
+    # PostgreSQL: connecting, and each statement, give up after this long (a partition
+    # answers 503 within seconds instead of hanging for its whole length).
+    db_connect_timeout_seconds: float = Field(5.0, gt=0)
+    db_statement_timeout_seconds: float = Field(10.0, gt=0)
 
     @field_validator("service_keys", "cors_origins", mode="before")
     @classmethod

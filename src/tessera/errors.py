@@ -174,9 +174,11 @@ async def _unavailable_handler(request: Request, exc: Exception) -> JSONResponse
 
 def unavailable_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean a backing store is unreachable: answered 503 `unavailable`
-    by the FastAPI routes and the lean handlers alike."""
+    by the FastAPI routes and the lean handlers alike (see also `is_unavailable`)."""
     import redis.exceptions
     import sqlalchemy.exc
+
+    from tessera.stores.durability import WritesRefused
 
     return (
         redis.exceptions.ConnectionError,
@@ -188,7 +190,32 @@ def unavailable_errors() -> tuple[type[Exception], ...]:
         sqlalchemy.exc.TimeoutError,
         ConnectionError,
         TimeoutError,
+        WritesRefused,
     )
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether an error means a store cannot serve now: unreachable, a Redis that refuses
+    writes (MISCONF on a full disk, READONLY, OOM), a database connection a restart ended."""
+    import redis.exceptions
+    import sqlalchemy.exc
+
+    from tessera.stores.db import is_unavailable as database_unavailable
+    from tessera.stores.durability import is_write_refusal
+
+    if isinstance(exc, unavailable_errors()):
+        return True
+    if isinstance(exc, redis.exceptions.ResponseError):
+        return is_write_refusal(exc)
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        return database_unavailable(exc)
+    return False
+
+
+async def _maybe_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+    if is_unavailable(exc):
+        return await _unavailable_handler(request, exc)
+    return await _unhandled_handler(request, exc)
 
 
 def unavailable_response() -> JSONResponse:
@@ -197,8 +224,15 @@ def unavailable_response() -> JSONResponse:
 
 
 def install_unavailable_handlers(app: FastAPI) -> None:
+    import redis.exceptions
+    import sqlalchemy.exc
+
     for exc_type in unavailable_errors():
         app.add_exception_handler(exc_type, _unavailable_handler)
+    # MISCONF, READONLY, OOM replies; a connection a database restart terminated (it reaches
+    # here as a plain DBAPIError): 503 when they mean that, else the last-resort 500.
+    app.add_exception_handler(redis.exceptions.ResponseError, _maybe_unavailable_handler)
+    app.add_exception_handler(sqlalchemy.exc.DBAPIError, _maybe_unavailable_handler)
 
 
 PROBLEM_SCHEMA: dict[str, Any] = {

@@ -28,11 +28,13 @@ from tessera.edge.proxy import TrustedProxyMiddleware
 from tessera.errors import install_error_handlers, install_unavailable_handlers
 from tessera.metrics import Metrics
 from tessera.ops.embedded import EmbeddedRedis
+from tessera.ops.lifeline import worker_dies_with_supervisor
 from tessera.security.passwords import PasswordHasher
 from tessera.security.secret import load_or_create_secret
 from tessera.services import Tessera
 from tessera.stores.audit import AuditTrail
 from tessera.stores.db import create_engine, session_factory
+from tessera.stores.durability import require_durable_redis
 from tessera.stores.keys import KeyCipher, KeyRing, derive_key
 from tessera.stores.ratelimit import AttemptLimiter
 from tessera.stores.redis import create_redis
@@ -62,8 +64,11 @@ class TesseraApp(FastAPI):
 
 
 def create_app(settings: Settings | None = None) -> TesseraApp:
+    worker_dies_with_supervisor()  # a worker of `tessera serve --workers N`: see ops/lifeline.py
     settings = settings or Settings()
-    engine = create_engine(settings.resolved_database_url)
+    engine = create_engine(settings.resolved_database_url,
+                           connect_timeout=settings.db_connect_timeout_seconds,
+                           statement_timeout=settings.db_statement_timeout_seconds)
     db_factory = session_factory(engine)
     metrics = Metrics()
     usage = UsageRecorder(db_factory, flush_events=settings.usage_flush_events,
@@ -77,14 +82,17 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
         redis_url = settings.redis_url
         if not redis_url:
             embedded = EmbeddedRedis(settings.data_dir)
-            redis_url = embedded.start()
+            redis_url = embedded.start(supervise=True)
         redis = create_redis(redis_url)
+        if settings.redis_durability == "require":
+            await require_durable_redis(redis)
         keys = KeyRing(db_factory, KeyCipher(secret), ttl_seconds=settings.session_ttl_seconds,
                        cache_seconds=settings.keys_cache_seconds)
+        sessions = SessionStore(redis)
+        profiles = ProfileCache(redis)
+        profiles.writes = sessions.writes
         try:
             await keys.ensure_key()
-            sessions = SessionStore(redis)
-            profiles = ProfileCache(redis)
             token_key = derive_key(secret, b"token-hash")
             checker = TokenChecker(sessions, profiles, token_key, db_factory)
             app.state.tessera = Tessera(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
@@ -19,6 +19,7 @@ from tessera.edge.privacy import forbid_tracking
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.security.passwords import normalise_password
 from tessera.services import Tessera
+from tessera.stores.durability import ends_sessions
 from tessera.stores.models import User
 from tessera.timeutil import from_epoch
 
@@ -179,7 +180,8 @@ async def login_response(request: Request, t: Tessera, user: User,
     return response
 
 
-@router.post("/logout", status_code=204, response_class=Response)
+@router.post("/logout", status_code=204, response_class=Response,
+             dependencies=[Depends(ends_sessions)])
 async def logout(principal: OptionalSession, t: TesseraDep) -> Response:
     response = Response(status_code=204, headers=NO_STORE)
     if principal is not None:
@@ -190,7 +192,8 @@ async def logout(principal: OptionalSession, t: TesseraDep) -> Response:
     return response
 
 
-@router.post("/logout-all", status_code=204, response_class=Response)
+@router.post("/logout-all", status_code=204, response_class=Response,
+             dependencies=[Depends(ends_sessions)])
 async def logout_all(principal: CurrentSession, t: TesseraDep) -> Response:
     await accounts.revoke_all_sessions(t, principal.user_id, "logout_all")
     # session_id null: every session of the user.

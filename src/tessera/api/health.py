@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from tessera.api.deps import TesseraDep
 from tessera.errors import problem_body, problem_doc, problem_responses
+from tessera.stores.durability import persistence_problem, write_problem
 
 router = APIRouter(tags=["operations"], responses=problem_responses(503))
 
@@ -29,11 +30,26 @@ async def readyz(t: TesseraDep) -> Response:
         async with t.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
-    checks = {"database": await _check(db_ping()), "redis": await _check(t.redis.ping())}
+    reasons: dict[str, str] = {}
+
+    async def redis_check() -> None:
+        # A write, not a PING: a Redis that refuses writes (MISCONF on a full disk, READONLY,
+        # OOM) cannot end a session, so tessera is not ready on it.
+        problem = await write_problem(t.redis)
+        if problem is None and t.settings.redis_durability == "require":
+            problem = await persistence_problem(t.redis)
+        if problem is None:
+            t.sessions.writes.succeeded()
+        else:
+            reasons["redis"] = problem
+            raise RuntimeError(problem)
+
+    checks = {"database": await _check(db_ping()), "redis": await _check(redis_check())}
     if all(v == "ok" for v in checks.values()):
         return JSONResponse({"status": "ok", "checks": checks})
-    down = ", ".join(k for k, v in checks.items() if v != "ok")
-    return JSONResponse(problem_body(503, "unavailable", f"Not ready: {down} down.",
+    down = ", ".join(f"{k} down ({reasons[k]})" if k in reasons else f"{k} down"
+                     for k, v in checks.items() if v != "ok")
+    return JSONResponse(problem_body(503, "unavailable", f"Not ready: {down}.",
                                      checks=checks),
                         status_code=503, media_type="application/problem+json",
                         headers={"Cache-Control": "no-store"})

@@ -28,9 +28,9 @@ from tessera.errors import (
     PROBLEM_SCHEMA,
     BodyTooLarge,
     Problem,
+    is_unavailable,
     not_authenticated,
     problem_response,
-    unavailable_errors,
     unavailable_response,
 )
 from tessera.services import Tessera
@@ -184,10 +184,11 @@ class LeanRoutes:
                                     problem.headers, **problem.extra)
         except BodyTooLarge:  # a streamed body past the limit (the edge's receive)
             return problem_response(413, "payload_too_large", "The request body is too large.")
-        except unavailable_errors() as exc:
-            log.warning("backing store unavailable on %s: %s", scope["path"], type(exc).__name__)
-            return unavailable_response()
-        except Exception:
+        except Exception as exc:
+            if is_unavailable(exc):
+                log.warning("backing store unavailable on %s: %s", scope["path"],
+                            type(exc).__name__)
+                return unavailable_response()
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             return problem_response(500, "internal_error",
                                     "The server could not complete the request.")

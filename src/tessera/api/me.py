@@ -7,7 +7,7 @@ import logging
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StrictBool, field_validator
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -27,6 +27,7 @@ from tessera.edge.privacy import attribute_usage
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.security.passwords import normalise_password
 from tessera.services import Tessera
+from tessera.stores.durability import ends_sessions
 from tessera.stores.models import AuditEvent, PrivacyRequest, User
 from tessera.stores.usage import usage_log_of
 from tessera.timeutil import from_epoch, rfc3339
@@ -198,7 +199,8 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
 
 
 @router.delete("", status_code=204, response_class=Response,
-               responses=problem_doc({401: _FACTOR_DOC, 403: "invalid_credentials"}))
+               responses=problem_doc({401: _FACTOR_DOC, 403: "invalid_credentials"}),
+               dependencies=[Depends(ends_sessions)])
 async def delete_me(request: Request, body: PasswordConfirmIn, user: CurrentUserAnyPolicy,
                     db: DbDep, t: TesseraDep) -> Response:
     await confirm_attempt(t, user.id)
@@ -213,7 +215,8 @@ async def delete_me(request: Request, body: PasswordConfirmIn, user: CurrentUser
     return response
 
 
-@router.post("/deactivate", status_code=204, response_class=Response)
+@router.post("/deactivate", status_code=204, response_class=Response,
+             dependencies=[Depends(ends_sessions)])
 async def deactivate_me(user: CurrentUser, db: DbDep, t: TesseraDep) -> Response:
     await accounts.deactivate(t, db, user, actor_id=user.id)
     response = Response(status_code=204, headers=NO_STORE)

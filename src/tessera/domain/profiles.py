@@ -17,6 +17,7 @@ from typing import Any
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tessera.domain import consents
+from tessera.stores.durability import WriteGate, is_write_refusal
 from tessera.stores.models import User
 from tessera.stores.redis import AnyRedis
 from tessera.timeutil import rfc3339
@@ -97,6 +98,7 @@ class ProfileCache:
     def __init__(self, redis: AnyRedis) -> None:
         self.redis = redis
         self._store_if_current = redis.register_script(_STORE_IF_CURRENT)
+        self.writes: WriteGate | None = None  # the session store's (main.py)
 
     async def generation(self, user_id: str) -> str:
         """Read before the user's row: `store` then caches only what is still current."""
@@ -114,8 +116,17 @@ class ProfileCache:
         await self.redis.delete(generation_key(user_id), profile_key(user_id))
 
     async def invalidate(self, user_id: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(generation_key(user_id))
-            pipe.expire(generation_key(user_id), GENERATION_TTL_SECONDS)
-            pipe.delete(profile_key(user_id))
-            await pipe.execute()
+        async def drop() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.incr(generation_key(user_id))
+                pipe.expire(generation_key(user_id), GENERATION_TTL_SECONDS)
+                pipe.delete(profile_key(user_id))
+                await pipe.execute()
+
+        try:
+            await drop()
+        except Exception as exc:
+            # Redis refuses writes: a stale profile (an active flag) must not come back.
+            if self.writes is not None and is_write_refusal(exc):
+                self.writes.refused(exc, drop)
+            raise

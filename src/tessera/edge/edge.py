@@ -38,6 +38,7 @@ from tessera.edge.privacy import (
 )
 from tessera.errors import BodyTooLarge, problem_body
 from tessera.metrics import Metrics
+from tessera.stores.durability import ending_sessions, reset_ending_sessions
 from tessera.stores.usage import UsageRecorder
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -74,6 +75,8 @@ PRINCIPAL = "principal"
 PRINCIPAL_ERROR = "principal_error"
 
 _VARY = b"DNT, Sec-GPC"
+SESSION_ENDING = frozenset({("POST", "/auth/logout"), ("POST", "/auth/logout-all"),
+                            ("POST", "/me/deactivate"), ("DELETE", "/me")})
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -160,6 +163,9 @@ class Edge:
         # A refused oversized request is tracked never: its token was not looked at.
         tracked = not opted_out and not oversized and untracked_path(path) is False
         has_visitor = VISITOR_COOKIE.encode() in cookies
+        # The session-ending routes check their token even while Redis refuses writes, so
+        # that their deletion is tried and, refused, kept for replay (stores/durability.py).
+        ending = ending_sessions((scope["method"], path) in SESSION_ENDING)
         if not oversized:
             tracked = await self._authenticate(state, authorization, cookies) and tracked
         state[TRACKING] = tracked
@@ -200,6 +206,7 @@ class Edge:
                     await _problem(send_wrapper, 413, "payload_too_large",
                                    f"The request body exceeds {self.max_body} bytes.")
         finally:
+            reset_ending_sessions(ending)
             request_id_var.reset(rid_token)
             self._measure(scope, status or 500, start)
 

@@ -57,18 +57,44 @@ def serve(
     if settings.embedded_redis:
         # Started once here, so every worker shares one embedded Redis.
         embedded = EmbeddedRedis(settings.data_dir)
-        os.environ["TESSERA_REDIS_URL"] = embedded.start()
+        os.environ["TESSERA_REDIS_URL"] = embedded.start(supervise=True)
+    if settings.redis_durability == "require":
+        _require_durable_redis(os.environ["TESSERA_REDIS_URL"], embedded)
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit through Python instead, so
     # the `finally` below stops the embedded redis-server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if workers > 1:  # the workers die with this supervisor, even on a kill -9 (ops/lifeline.py)
+        from tessera.ops.lifeline import SUPERVISOR_PID_ENV
+
+        os.environ[SUPERVISOR_PID_ENV] = str(os.getpid())
     try:
+        # httptools with a bound on the request head's size and time (ops/http.py).
         uvicorn.run("tessera.main:create_app", factory=True, host=host, port=port, workers=workers,
-                    loop="uvloop", http="httptools", access_log=False, log_config=None,
-                    proxy_headers=False,
+                    loop="uvloop", http="tessera.ops.http:BoundedHttpToolsProtocol",
+                    access_log=False, log_config=None, proxy_headers=False,
+                    timeout_keep_alive=settings.http_keep_alive_seconds,
+                    limit_concurrency=settings.http_max_connections,
                     timeout_graceful_shutdown=20, server_header=False)
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def _require_durable_redis(url: str, embedded: object) -> None:
+    """One clear line and exit code 2 on a Redis that would forget logouts."""
+    import redis.exceptions
+
+    from tessera.stores.durability import durability_problem_sync
+
+    try:
+        problem = durability_problem_sync(url)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+        return  # down now: the server starts, answers 503, and /readyz checks again
+    if problem:
+        if embedded is not None:
+            embedded.stop()  # type: ignore[attr-defined]
+        typer.echo(f"tessera: refusing to start: {problem}", err=True)
+        raise typer.Exit(2)
 
 
 @cli.command()

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from redis.asyncio.cluster import RedisCluster
 
+from tessera.stores.durability import WriteGate, is_write_refusal
 from tessera.stores.redis import AnyRedis, ReadBatcher
 
 REVOCATION_CHANNEL = "tessera:revocations"
@@ -88,6 +89,8 @@ class SessionStore:
     def __init__(self, redis: AnyRedis) -> None:
         self.redis = redis
         self.reads = ReadBatcher(redis)
+        # Fails token checks closed while Redis refuses writes (stores/durability.py).
+        self.writes = WriteGate(redis)
         self._delete_listed = redis.register_script(_DELETE_LISTED)
 
     async def create(self, record: SessionRecord) -> None:
@@ -114,6 +117,7 @@ class SessionStore:
 
     async def check(self, user_id: str, sid: str, token_hash: str) -> SessionRecord | None:
         """The session if it exists and was issued with exactly this token."""
+        self.writes.check()
         record = await self.get(user_id, sid)
         if record is None or not hmac.compare_digest(record.token_hash, token_hash):
             return None
@@ -124,6 +128,7 @@ class SessionStore:
     async def check_with(self, user_id: str, sid: str, token_hash: str,
                          also: str) -> tuple[SessionRecord | None, str | None]:
         """`check`, reading one more key of the same user (same hash slot) in the same MGET."""
+        self.writes.check()
         raw, extra = await self.reads.mget([_session_key(user_id, sid), also])
         record = _decode(raw)
         if (record is None or not hmac.compare_digest(record.token_hash, token_hash)
@@ -140,6 +145,16 @@ class SessionStore:
         return sorted(records, key=lambda r: r.created_at)
 
     async def delete(self, user_id: str, sid: str) -> bool:
+        """Delete one session. If Redis refuses the write (503), token checks fail closed
+        until it is done (WriteGate)."""
+        try:
+            return await self._delete(user_id, sid)
+        except Exception as exc:
+            if is_write_refusal(exc):
+                self.writes.refused(exc, lambda: self._delete(user_id, sid))
+            raise
+
+    async def _delete(self, user_id: str, sid: str) -> bool:
         key = _session_key(user_id, sid)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.get(key)
@@ -153,6 +168,14 @@ class SessionStore:
 
     async def delete_all(self, user_id: str, *, keep_sid: str | None = None) -> int:
         """Delete every session of the user (but `keep_sid`), atomically against new logins."""
+        try:
+            return await self._delete_all(user_id, keep_sid)
+        except Exception as exc:
+            if is_write_refusal(exc):
+                self.writes.refused(exc, lambda: self._delete_all(user_id, keep_sid))
+            raise
+
+    async def _delete_all(self, user_id: str, keep_sid: str | None) -> int:
         index = _index_key(user_id)
         while True:
             sids = [s for s in map(str, await self.redis.zrange(index, 0, -1)) if s != keep_sid]

@@ -15,11 +15,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, delete, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tessera.stores.db import is_unavailable
 from tessera.stores.models import UsageSegment, User, utcnow
 from tessera.timeutil import as_utc, rfc3339
 
@@ -97,12 +98,14 @@ class UsageRecorder:
         self._lock = asyncio.Lock()
         self._forgotten: dict[str, float] = {}  # user id -> when forgotten (monotonic)
         self._stopping = False
+        self.accepted = 0  # events taken by record(), for the fault tests' bookkeeping
 
     def record(self, *, user_id: str, ip: str | None, method: str, path: str,
                host: str | None, status: int, nbytes: int) -> None:
         """Called on the request path: appends to memory only."""
         if user_id in self._forgotten:
             return
+        self.accepted += 1
         self._buffer.append((user_id, time.time_ns() // 1000, ip, method[:16], _clean(path, 512),
                              _clean(host, 255) if host else None, status, nbytes))
         if len(self._buffer) >= self._flush_events:
@@ -155,20 +158,30 @@ class UsageRecorder:
             if not batch:
                 return 0
             segments = segments_of(batch)
+            written: set[str] = set()  # users whose segment is committed
             try:
-                await self._insert(segments)
-            except IntegrityError:
-                # A user was deleted meanwhile (perhaps on another instance): drop their events.
-                segments = await self._only_existing_users(segments)
-                if segments:
-                    await self._insert_each(segments)
-            except (OperationalError, InterfaceError, OSError):
-                # The database is unreachable: keep everything for the next try.
-                self._buffer = (batch + self._buffer)[-MAX_BUFFERED:]
-                raise
-            except DBAPIError:
+                try:
+                    await self._insert(segments)
+                    return len(batch)
+                except Exception as exc:
+                    if is_unavailable(exc):
+                        raise
+                    if isinstance(exc, IntegrityError):
+                        # A user was deleted meanwhile (perhaps on another instance): drop
+                        # their events.
+                        segments = await self._only_existing_users(segments)
+                    elif not isinstance(exc, DBAPIError):
+                        raise
                 # Some row the database refuses: write the others, never block the log on one.
-                await self._insert_each(segments)
+                await self._insert_each(segments, written)
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
+                # The database is unreachable (down, restarting, partitioned): keep what is
+                # not written for the next try.
+                kept = [e for e in batch if e[0] not in written]
+                self._buffer = (kept + self._buffer)[-MAX_BUFFERED:]
+                raise
             return len(batch)
 
     async def _insert(self, segments: list[dict[str, Any]]) -> None:
@@ -176,15 +189,16 @@ class UsageRecorder:
             await db.exec(UsageSegment.__table__.insert(), params=segments)  # type: ignore[attr-defined]
             await db.commit()
 
-    async def _insert_each(self, segments: list[dict[str, Any]]) -> None:
+    async def _insert_each(self, segments: list[dict[str, Any]], written: set[str]) -> None:
         for segment in segments:
             try:
                 await self._insert([segment])
-            except (OperationalError, InterfaceError, OSError):
-                raise
-            except DBAPIError:
+            except DBAPIError as exc:
+                if is_unavailable(exc):
+                    raise
                 log.warning("%d usage events refused by the database and dropped",
                             segment["count"])
+            written.add(segment["user_id"])
 
     async def _only_existing_users(self, segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ids = {s["user_id"] for s in segments}

@@ -1,0 +1,172 @@
+"""A full disk: Redis refuses writes with real MISCONF replies (its snapshot failed on a full
+tmpfs). Logouts answer 503, not 500; no session is accepted while a logout cannot be done;
+/readyz tells the truth; once the disk has room, the refused logouts are done before any
+token is accepted again."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as sync_redis
+
+from tests.conftest import (
+    PASSWORD,
+    assert_problem,
+    bearer,
+    client_for,
+    registered_token,
+    running_app,
+)
+from tests.servers import RedisServer, redis_server
+
+
+class FullDisk:
+    """A 1 MiB tmpfs, filled; the test's redis-server snapshots into it and fails."""
+
+    def __init__(self, base: Path, redis: RedisServer) -> None:
+        self.mount = base / "full"
+        self.redis = redis
+        self.home = str(redis.dir)
+
+    def __enter__(self) -> FullDisk:
+        self.mount.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(self.mount)],
+                       check=True)
+        with open(self.mount / "fill", "wb") as f, pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        return self
+
+    def fill(self) -> None:
+        """Redis's next snapshot goes to the full disk and fails: MISCONF from then on."""
+        client = self.redis.client()
+        client.config_set("dir", str(self.mount))
+        client.bgsave()
+        deadline = time.monotonic() + 10
+        while client.info("persistence")["rdb_last_bgsave_status"] != "err":
+            assert time.monotonic() < deadline, "the snapshot did not fail"
+            time.sleep(0.05)
+        with pytest.raises(sync_redis.ResponseError, match="MISCONF"):
+            client.set("probe", "1")
+        client.close()
+
+    def free(self) -> None:
+        client = self.redis.client()
+        client.config_set("dir", self.home)
+        client.bgsave()
+        deadline = time.monotonic() + 10
+        while client.info("persistence")["rdb_last_bgsave_status"] != "ok":
+            assert time.monotonic() < deadline, "the snapshot did not succeed"
+            time.sleep(0.05)
+        client.close()
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["umount", "-l", str(self.mount)], check=False)
+
+
+@pytest.fixture
+def misconf_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, FullDisk]]:
+    # Snapshots as well as the append-only file: a failed snapshot stops writes (the default
+    # stop-writes-on-bgsave-error yes).
+    with redis_server(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always",
+                      "--save", "3600", "1") as redis, FullDisk(tmp_path, redis) as disk:
+        yield redis, disk
+
+
+async def test_a_full_disk_never_lets_a_logged_out_token_work(
+        base_settings: dict[str, Any], misconf_redis: tuple[RedisServer, FullDisk]) -> None:
+    redis, disk = misconf_redis
+    settings = {**base_settings, "redis_url": redis.url, "redis_durability": "require"}
+    async with running_app(**settings) as app, client_for(app) as client:
+        _, logout_token = await registered_token(client)
+        _, all_token = await registered_token(client)
+        _, deactivate_token = await registered_token(client)
+        _, delete_token = await registered_token(client)
+        _, bystander = await registered_token(client)
+        for token in (logout_token, all_token, deactivate_token, delete_token, bystander):
+            assert (await client.get("/me", headers=bearer(token))).status_code == 200
+
+        disk.fill()
+        assert_problem(await client.post("/auth/logout", headers=bearer(logout_token)),
+                       503, "unavailable")
+        # The logout could not be done: tessera accepts no session, this one least of all.
+        for token in (logout_token, bystander):
+            assert_problem(await client.get("/me", headers=bearer(token)), 503, "unavailable")
+            assert_problem(await client.post(
+                "/auth/introspect", data={"token": token},
+                headers=bearer(base_settings["service_keys"][0])), 503, "unavailable")
+        for path in ("/auth/logout-all", "/me/deactivate"):
+            token = all_token if path == "/auth/logout-all" else deactivate_token
+            assert_problem(await client.post(path, headers=bearer(token)), 503, "unavailable")
+        assert_problem(await client.request("DELETE", "/me", json={"password": PASSWORD},
+                                            headers=bearer(delete_token)), 503, "unavailable")
+        ready = await client.get("/readyz")
+        body = assert_problem(ready, 503, "unavailable")
+        assert body["checks"] == {"database": "ok", "redis": "down"}
+        assert "MISCONF" in body["detail"]
+
+        disk.free()
+        for _ in range(100):
+            if (await client.get("/me", headers=bearer(bystander))).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert (await client.get("/readyz")).status_code == 200
+        assert (await client.get("/me", headers=bearer(bystander))).status_code == 200
+        # The logout that answered 503 was done before any token was accepted again.
+        for token in (logout_token, all_token, deactivate_token):
+            assert_problem(await client.get("/me", headers=bearer(token)), 401,
+                           "not_authenticated")
+
+
+async def test_every_instance_stops_accepting_sessions_on_a_redis_refusing_writes(
+        base_settings: dict[str, Any], misconf_redis: tuple[RedisServer, FullDisk]) -> None:
+    redis, disk = misconf_redis
+    settings = {**base_settings, "redis_url": redis.url, "redis_durability": "require"}
+    async with running_app(**settings) as app, client_for(app) as client:
+        _, token = await registered_token(client)
+        assert (await client.get("/me", headers=bearer(token))).status_code == 200
+        disk.fill()
+        # No logout failed here: the probe write finds the refusal within about a second.
+        for _ in range(60):
+            if (await client.get("/me", headers=bearer(token))).status_code == 503:
+                break
+            await asyncio.sleep(0.05)
+        assert_problem(await client.get("/me", headers=bearer(token)), 503, "unavailable")
+        assert_problem(await client.post("/auth/logout", headers=bearer(token)), 503,
+                       "unavailable")
+
+
+def test_sigterm_on_a_redis_refusing_writes_keeps_the_usage_events(
+        base_settings: dict[str, Any], misconf_redis: tuple[RedisServer, FullDisk],
+        tmp_path: Path) -> None:
+    import httpx
+
+    from tests.conftest import new_email
+    from tests.servers import session_server_env, tessera_server
+    from tests.test_live_server import count_usage
+
+    redis, disk = misconf_redis
+    # The usage events wait in memory for the shutdown flush (the flusher waits 60 s).
+    env = session_server_env(base_settings, tmp_path, TESSERA_REDIS_URL=redis.url,
+                             TESSERA_REDIS_DURABILITY="require",
+                             TESSERA_USAGE_FLUSH_SECONDS="60")
+    with tessera_server(env, tmp_path / "logs") as server:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            email = new_email()
+            user = http.post("/auth/register", json={"email": email, "password": PASSWORD,
+                                                      "is_adult": True}).json()
+            token = http.post("/auth/login", json={"email": email, "password": PASSWORD}
+                              ).json()["access_token"]
+            for _ in range(5):
+                assert http.get("/me", headers=bearer(token)).status_code == 200
+            disk.fill()
+            assert http.post("/auth/logout", headers=bearer(token)).status_code == 503
+        assert server.stop() in (0, 143, -15)
+    assert count_usage(str(base_settings["database_url"]), user["id"]) >= 5
