@@ -420,9 +420,11 @@ def cmd_mint(a):
                         password=a.password, policy=policy))
             for user in users:
                 n = min(a.per_user, a.count - len(tokens))
+                epoch = await t.sessions.epoch(user.id)
                 issued = await asyncio.gather(*(
-                    accounts.open_session(t, user, "tessera-bench (minted)") for _ in range(n)))
-                tokens.extend(i.token for i in issued)
+                    accounts.open_session(t, user, "tessera-bench (minted)", epoch=epoch)
+                    for _ in range(n)))
+                tokens.extend(i.token for i in issued if i is not None)
         random.shuffle(tokens)
         return tokens
 

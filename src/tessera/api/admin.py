@@ -80,6 +80,8 @@ async def reactivate(user_id: UserId, admin: AdminUser, db: DbDep, t: TesseraDep
     await accounts.audit(db, "reactivated", user_id=user.id, actor_id=admin.id, commit=False)
     await db.commit()
     await t.profiles.invalidate(user.id)
+    # No session from before the deactivation comes back with the account (issue 12.1).
+    await accounts.revoke_all_sessions(t, user.id, "reactivated")
     return Response(status_code=204)
 
 

@@ -154,7 +154,7 @@ async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
             password = normalise_password(password)
         except ValueError:
             password = ""  # can match no stored hash; still costs one hash below
-        user = await accounts.authenticate(db, t.hasher, email, password)
+        user, epoch = await accounts.authenticate(t, db, email, password)
     except Problem as problem:
         t.metrics.logins.labels("inactive" if problem.code == "account_inactive"
                                 else "failed").inc()
@@ -163,7 +163,11 @@ async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
         forbid_tracking(request.scope)
     # Only failures count: a success clears the account and takes back this IP attempt.
     await t.limiter.forgive_success(account=("login-account", account), ip=("login-ip", ip))
-    issued = await accounts.open_session(t, user, request.headers.get("user-agent"))
+    issued = await accounts.open_session(t, user, request.headers.get("user-agent"),
+                                         epoch=epoch)
+    if issued is None:  # the password changed or the account ended while this one ran
+        t.metrics.logins.labels("failed").inc()
+        raise await accounts.superseded_login(db, user.id)
     t.metrics.logins.labels("ok").inc()
     csrf = csrf_token_for(t.csrf_key, issued.sid)
     body = TokenOut(access_token=issued.token, expires_in=issued.exp - issued.iat,

@@ -52,12 +52,20 @@ async def register_user(db: AsyncSession, hasher: PasswordHasher, *, email: str,
     return user
 
 
-async def authenticate(db: AsyncSession, hasher: PasswordHasher, email: str,
-                       password: str) -> User:
-    """The user for these credentials; an unknown email costs one hash, like a wrong password.
-    Every attempt is audited (by user id) here, where the user is already at hand."""
+async def authenticate(t: Tessera, db: AsyncSession, email: str,
+                       password: str) -> tuple[User, str]:
+    """The user for these credentials, and the user's auth epoch read before the row the
+    password is checked against (hand it to `open_session`). An unknown email costs one hash,
+    like a wrong password. Every attempt is audited (by user id) here, where the user is
+    already at hand."""
     user = await find_by_email(db, email)
-    ok, new_hash = await hasher.verify(password, user.password_hash if user else None)
+    epoch = "0"
+    if user is not None:
+        # The epoch first, then the row again: a change committed before it was bumped is
+        # seen in the row, one committed after it makes the session's creation fail.
+        epoch = await t.sessions.epoch(user.id)
+        user = await fresh_user(db, user.id)
+    ok, new_hash = await t.hasher.verify(password, user.password_hash if user else None)
     user_id = user.id if user else None
     if user is None or not ok:
         await audit(db, "login", user_id=user_id, outcome="failed")
@@ -69,7 +77,23 @@ async def authenticate(db: AsyncSession, hasher: PasswordHasher, email: str,
         await audit(db, "login", user_id=user_id, outcome="inactive")
         raise Problem(403, "account_inactive", "This account is deactivated.")
     await audit(db, "login", user_id=user_id, outcome="ok")  # commits the rehash too
-    return user
+    return user, epoch
+
+
+async def fresh_user(db: AsyncSession, user_id: str) -> User | None:
+    """The user's row as committed now (not as this unit of work last saw it)."""
+    query = select(User).where(User.id == user_id).execution_options(populate_existing=True)
+    return (await db.exec(query)).first()
+
+
+async def superseded_login(db: AsyncSession, user_id: str) -> Problem:
+    """What a login whose session was refused (the epoch moved) answers: as if it had come
+    after the change."""
+    await audit(db, "login", user_id=user_id, outcome="superseded")
+    user = await fresh_user(db, user_id)
+    if user is not None and user.password_hash is not None and not user.is_active:
+        return Problem(403, "account_inactive", "This account is deactivated.")
+    return invalid_credentials()
 
 
 async def verify_password(hasher: PasswordHasher, user: User, password: str) -> bool:
@@ -77,16 +101,21 @@ async def verify_password(hasher: PasswordHasher, user: User, password: str) -> 
     return ok
 
 
-async def open_session(t: Tessera, user: User, user_agent: str | None) -> IssuedToken:
+async def open_session(t: Tessera, user: User, user_agent: str | None,
+                       *, epoch: str) -> IssuedToken | None:
+    """A new session, if the user's auth epoch is still `epoch` (read before the credentials
+    were checked); None if a change that ends sessions happened meanwhile."""
     s = t.settings
     await t.keys.maybe_refresh()  # a rotation on another instance reaches this one
     issued = issue_token(t.keys, sub=user.id, sid=new_session_id(),
                          ttl_seconds=s.session_ttl_seconds, issuer=s.issuer,
                          audience=s.audience, now=int(time.time()))
-    await t.sessions.create(SessionRecord(
+    created = await t.sessions.create(SessionRecord(
         sid=issued.sid, user_id=user.id, token_hash=token_hash(t.token_key, issued.token),
         created_at=issued.iat, expires_at=issued.exp,
-        user_agent=(user_agent or "")[:256] or None))
+        user_agent=(user_agent or "")[:256] or None), epoch=epoch)
+    if not created:
+        return None
     t.metrics.sessions_issued.inc()
     return issued
 
