@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+import unicodedata
 
+from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -21,7 +23,26 @@ audit_log = logging.getLogger("tessera.audit")
 
 
 def email_key(email: str) -> str:
-    return email.strip().casefold()
+    """The one key an address is unique, found and limited by (registration, login, email
+    change, admin search; docs/security.md "Email keys"):
+
+    - the domain as IDNA 2008 / UTS 46 normalises it (email-validator), in ASCII (punycode)
+      and lower case: `B\u00dcCHER.de`, `xn--bcher-kva.de` and a fullwidth domain are one;
+      `stra\u00dfe.de` and `strasse.de` are two (distinct DNS names);
+    - the local part in NFC, then `str.lower()` (not `casefold()`, which folds `\u017f` to
+      `s` and `\u00df` to `ss`): `Alice` and `alice` are one, `\u017fam` and `sam`, `stra\u00dfe`
+      and `strasse` are two. NFD and NFC are one; compatibility forms (fullwidth `\uff41`)
+      are not folded (no NFKC): a mail server delivers them to another mailbox.
+
+    Input that is no valid address (a login's username can be anything) gets NFC + lower
+    case, which matches no stored key unless the same text was stored."""
+    text = unicodedata.normalize("NFC", email.strip())
+    try:
+        valid = validate_email(text, check_deliverability=False)
+    except (EmailNotValidError, UnicodeError, ValueError):
+        return unicodedata.normalize("NFC", text.lower())
+    local = unicodedata.normalize("NFC", unicodedata.normalize("NFC", valid.local_part).lower())
+    return f"{local}@{valid.ascii_domain.lower()}"
 
 
 def invalid_credentials() -> Problem:

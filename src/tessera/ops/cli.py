@@ -81,24 +81,42 @@ async def _with_db(fn: Callable[[Settings, AsyncSession], Awaitable[T]]) -> T:
 
 
 @cli.command("create-admin")
-def create_admin(email: str) -> None:
-    """Create an admin (password from TESSERA_ADMIN_PASSWORD or a prompt), or promote a user."""
+def create_admin(
+    email: str,
+    promote: Annotated[bool, typer.Option(
+        "--promote", help="Make the existing account with this email an admin (it keeps its "
+        "password), instead of creating one.")] = False,
+) -> None:
+    """Create an admin (password from TESSERA_ADMIN_PASSWORD or a prompt); with --promote,
+    make an existing account admin. An existing email without --promote is refused: the
+    account may be someone else's."""
     from tessera.domain import accounts
     from tessera.domain.policy import load_policy_state
     from tessera.ops import migrate as migrations
     from tessera.security.passwords import PasswordHasher, normalise_password
+    from tessera.timeutil import rfc3339
 
     settings = Settings()
     migrations.upgrade(settings)
 
+    def refuse(message: str) -> None:
+        typer.echo(message, err=True)
+        raise typer.Exit(1)
+
     async def run(settings: Settings, db: AsyncSession) -> str:
         user = await accounts.find_by_email(db, email)
         if user is not None:
+            shown = f"{user.id} <{user.email}> created {rfc3339(user.created_at)}"
+            if not promote:
+                refuse(f"an account with this email exists ({shown}); "
+                       f"pass --promote to make it admin")
             user.is_admin = True
             db.add(user)
             await accounts.audit(db, "admin_promoted", user_id=user.id, commit=False)
             await db.commit()
-            return f"promoted {user.id} to admin"
+            return f"promoted {shown} to admin"
+        if promote:
+            refuse("no account has this email to promote; leave out --promote to create one")
         raw = (settings.admin_password.get_secret_value() if settings.admin_password
                else typer.prompt("Password", hide_input=True, confirmation_prompt=True))
         try:
@@ -109,7 +127,7 @@ def create_admin(email: str) -> None:
                                             email=email, password=password,
                                             policy=await load_policy_state(db), is_admin=True)
         await accounts.audit(db, "admin_created", user_id=user.id)
-        return f"created admin {user.id}"
+        return f"created admin {user.id} <{user.email}>"
 
     from email_validator import EmailNotValidError, validate_email
 
