@@ -87,6 +87,9 @@ def base_settings(data_dir: Path, database_url: str, redis_url: str) -> dict[str
         "register_max_per_ip": 100_000,
         "login_max_failures_per_ip": 100_000,
         "login_max_failures_per_account": 100_000,
+        "password_work_max_per_ip_minute": 100_000,
+        "password_work_max_per_account_minute": 100_000,
+        "email_change_max_per_user": 100_000,
         "usage_flush_seconds": 0.2,
     }
 

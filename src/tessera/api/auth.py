@@ -29,6 +29,7 @@ from tessera.edge.privacy import forbid_tracking
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.security.passwords import normalise_password
 from tessera.services import Tessera
+from tessera.stores.ratelimit import ip_bucket
 from tessera.timeutil import from_epoch
 
 router = APIRouter(
@@ -55,9 +56,10 @@ def check_origin(request: Request, t: Tessera) -> None:
     raise Problem(403, "csrf_failed", "Cross-site login and registration are refused.")
 
 
-def _client_key(request: Request) -> str:
+def client_key(request: Request) -> str:
+    """What per-IP limits count this request under (IPv6: its /64)."""
     client = request.scope.get("client")
-    return client[0] if client else "unknown"
+    return ip_bucket(client[0]) if client else "unknown"
 
 
 @router.post("/register", status_code=201, response_model=UserOut,
@@ -74,7 +76,7 @@ async def register(body: RegisterIn, request: Request, response: Response, db: D
                       extra={"current_version": policy.current.version})
     s = t.settings
     check_origin(request, t)
-    await t.limiter.attempt([("register-ip", _client_key(request), s.register_max_per_ip)],
+    await t.limiter.attempt([("register-ip", client_key(request), s.register_max_per_ip)],
                             s.register_window_seconds)
     user = await accounts.register_user(db, t.hasher, email=str(body.email),
                                         password=body.password, policy=policy)
@@ -145,9 +147,10 @@ async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
     check_origin(request, t)
     email, password = await _read_credentials(request)
     s = t.settings
-    account, ip = accounts.email_key(email), _client_key(request)
+    account, ip = accounts.email_key(email), client_key(request)
     await t.limiter.attempt([("login-account", account, s.login_max_failures_per_account),
-                             ("login-ip", ip, s.login_max_failures_per_ip)],
+                             ("login-ip", ip, s.login_max_failures_per_ip),
+                             *accounts.password_work_limits(s, account, ip)],
                             s.login_failure_window_seconds)
     try:
         try:

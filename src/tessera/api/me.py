@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, EmailStr, Field, StrictBool, field_v
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tessera.api.auth import client_key
 from tessera.api.cookies import clear_login_cookies
 from tessera.api.deps import (
     CurrentSession,
@@ -90,12 +91,14 @@ class PrivacyRequestIn(_Body):
         return privacy_requests.normalise_region(value)
 
 
-async def confirm_attempt(t: Tessera, user_id: str) -> None:
+async def confirm_attempt(t: Tessera, user: User, request: Request) -> None:
     """A stolen token must not buy unlimited password guesses: confirmations are limited
-    like logins."""
+    like logins, and count as password work like them (whatever the outcome)."""
     s = t.settings
-    await t.limiter.attempt([("password-confirm", user_id, s.login_max_failures_per_account)],
-                            s.login_failure_window_seconds)
+    await t.limiter.attempt(
+        [("password-confirm", user.id, s.login_max_failures_per_account),
+         *accounts.password_work_limits(s, accounts.account_of(user), client_key(request))],
+        s.login_failure_window_seconds)
 
 
 def _password_text(raw: str) -> str:
@@ -133,6 +136,9 @@ async def get_me(profile: ProfileAnyPolicy) -> Response:
 @router.patch("", responses=problem_doc({409: "email_taken"}))
 async def update_me(body: EmailIn, user: CurrentUser, db: DbDep, t: TesseraDep,
                     response: Response) -> dict[str, Any]:
+    s = t.settings  # 409 email_taken tells whether an address has an account: limit it
+    await t.limiter.attempt([("email-change", user.id, s.email_change_max_per_user)],
+                            s.email_change_window_seconds)
     user = await accounts.change_email(db, user, str(body.email))
     await accounts.audit(db, "email_changed", user_id=user.id)
     response.headers.update(NO_STORE)
@@ -141,9 +147,9 @@ async def update_me(body: EmailIn, user: CurrentUser, db: DbDep, t: TesseraDep,
 
 @router.post("/password", status_code=204, response_class=Response,
              responses=problem_doc({403: "invalid_credentials"}))
-async def change_password(body: PasswordChangeIn, user: CurrentUser, principal: CurrentSession,
-                          db: DbDep, t: TesseraDep) -> Response:
-    await confirm_attempt(t, user.id)
+async def change_password(request: Request, body: PasswordChangeIn, user: CurrentUser,
+                          principal: CurrentSession, db: DbDep, t: TesseraDep) -> Response:
+    await confirm_attempt(t, user, request)
     await accounts.change_password(t, db, user, _password_text(body.current_password),
                                    body.new_password, keep_sid=principal.sid)
     await t.limiter.forgive("password-confirm", user.id, all_of_them=True)
@@ -194,7 +200,7 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
                responses=problem_doc({403: "invalid_credentials"}))
 async def delete_me(request: Request, body: PasswordConfirmIn, user: CurrentUserAnyPolicy,
                     db: DbDep, t: TesseraDep) -> Response:
-    await confirm_attempt(t, user.id)
+    await confirm_attempt(t, user, request)
     if not await accounts.verify_password(t.hasher, user, _password_text(body.password)):
         raise Problem(403, "invalid_credentials", "The password is wrong.")
     await accounts.delete_account(t, db, user)

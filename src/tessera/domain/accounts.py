@@ -11,12 +11,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tessera.config import Settings
 from tessera.domain.policy import PolicyState
 from tessera.errors import Problem
 from tessera.security.passwords import PasswordHasher
 from tessera.security.tokens import IssuedToken, issue_token, new_session_id, token_hash
 from tessera.services import Tessera
 from tessera.stores.models import AuditEvent, User, utcnow
+from tessera.stores.ratelimit import Limit
 from tessera.stores.sessions import SessionRecord
 
 audit_log = logging.getLogger("tessera.audit")
@@ -43,6 +45,19 @@ def email_key(email: str) -> str:
         return unicodedata.normalize("NFC", text.lower())
     local = unicodedata.normalize("NFC", unicodedata.normalize("NFC", valid.local_part).lower())
     return f"{local}@{valid.ascii_domain.lower()}"
+
+
+def password_work_limits(settings: Settings, account: str, ip: str) -> list[Limit]:
+    """The counters every bcrypt verify takes, whatever its outcome (issue 12.3): per account
+    (email key) and per client IP bucket, one minute each."""
+    return [("password-work-account", account, settings.password_work_max_per_account_minute,
+             60),
+            ("password-work-ip", ip, settings.password_work_max_per_ip_minute, 60)]
+
+
+def account_of(user: User) -> str:
+    """The account a user's password work is counted and queued under: its email key."""
+    return user.email_key or user.id
 
 
 def invalid_credentials() -> Problem:
@@ -86,7 +101,8 @@ async def authenticate(t: Tessera, db: AsyncSession, email: str,
         # seen in the row, one committed after it makes the session's creation fail.
         epoch = await t.sessions.epoch(user.id)
         user = await fresh_user(db, user.id)
-    ok, new_hash = await t.hasher.verify(password, user.password_hash if user else None)
+    ok, new_hash = await t.hasher.verify(password, user.password_hash if user else None,
+                                         account=email_key(email))
     user_id = user.id if user else None
     if user is None or not ok:
         await audit(db, "login", user_id=user_id, outcome="failed")
@@ -118,7 +134,7 @@ async def superseded_login(db: AsyncSession, user_id: str) -> Problem:
 
 
 async def verify_password(hasher: PasswordHasher, user: User, password: str) -> bool:
-    ok, _ = await hasher.verify(password, user.password_hash)
+    ok, _ = await hasher.verify(password, user.password_hash, account=account_of(user))
     return ok
 
 
@@ -189,7 +205,7 @@ async def change_password(t: Tessera, db: AsyncSession, user: User, current: str
                           keep_sid: str) -> None:
     if not await verify_password(t.hasher, user, current):
         raise Problem(403, "invalid_credentials", "The current password is wrong.")
-    user.password_hash = await t.hasher.hash(new)
+    user.password_hash = await t.hasher.hash(new, account=account_of(user))
     user.updated_at = utcnow()
     db.add(user)
     await audit(db, "password_changed", user_id=user.id, commit=False)
