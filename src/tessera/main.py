@@ -64,7 +64,8 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
                 redis=redis, sessions=SessionStore(redis), keys=keys,
                 hasher=PasswordHasher(
                     settings.bcrypt_rounds,
-                    per_account=settings.password_work_concurrency_per_account), usage=usage, metrics=metrics,
+                    per_account=settings.password_work_concurrency_per_account),
+                usage=usage, metrics=metrics,
                 policy=PolicyCache(db_factory), csrf_key=derive_key(secret, b"csrf"),
                 token_key=derive_key(secret, b"token-hash"),
                 limiter=AttemptLimiter(redis, derive_key(secret, b"rate-limit")),
