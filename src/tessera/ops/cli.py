@@ -31,7 +31,8 @@ def serve(
                                                 "--forwarded-allow-ips.")] = False,
     forwarded_allow_ips: Annotated[str, typer.Option()] = "127.0.0.1",
 ) -> None:
-    """Apply pending migrations, then serve (uvloop, httptools, no access log)."""
+    """Apply pending migrations, then serve (uvloop, httptools, no access log, no
+    WebSocket)."""
     import uvicorn
 
     from tessera.ops import migrate
@@ -52,6 +53,10 @@ def serve(
     try:
         uvicorn.run("tessera.main:create_app", factory=True, host=host, port=port, workers=workers,
                     loop="uvloop", http="httptools", access_log=False, log_config=None,
+                    # Nothing in tessera speaks WebSocket: an upgrade attempt is plain HTTP
+                    # (refused by the app like any request), and uvicorn's WebSocket
+                    # protocol, which logs the client's address and path, never runs.
+                    ws="none",
                     proxy_headers=proxy_headers, forwarded_allow_ips=forwarded_allow_ips,
                     timeout_graceful_shutdown=20, server_header=False)
     finally:
