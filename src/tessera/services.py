@@ -16,6 +16,7 @@ from tessera.security.passwords import PasswordHasher
 from tessera.stores.keys import KeyRing
 from tessera.stores.ratelimit import AttemptLimiter
 from tessera.stores.redis import AnyRedis
+from tessera.stores.scrub import SnapshotScrubber
 from tessera.stores.sessions import SessionStore
 from tessera.stores.usage import UsageRecorder
 
@@ -38,3 +39,11 @@ class Tessera:
     limiter: AttemptLimiter
     profiles: ProfileCache
     embedded_redis: EmbeddedRedis | None = field(default=None)
+    _scrubber: SnapshotScrubber | None = field(default=None, repr=False)
+
+    @property
+    def scrubber(self) -> SnapshotScrubber:
+        """Rewrites Redis's files after an erasure (stores/scrub.py)."""
+        if self._scrubber is None:
+            self._scrubber = SnapshotScrubber(self.redis)
+        return self._scrubber

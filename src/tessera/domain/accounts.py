@@ -19,6 +19,7 @@ from tessera.security.tokens import IssuedToken, issue_token, new_session_id, to
 from tessera.services import Tessera
 from tessera.stores.models import AuditEvent, User, utcnow
 from tessera.stores.ratelimit import Limit
+from tessera.stores.scrub import checkpoint_sqlite
 from tessera.stores.sessions import SessionRecord
 
 audit_log = logging.getLogger("tessera.audit")
@@ -248,6 +249,13 @@ async def delete_account(t: Tessera, db: AsyncSession, user: User) -> None:
     await db.commit()
     await t.profiles.invalidate(user_id)
     await revoke_all_sessions(t, user_id, "account_deleted")  # any login that raced the delete
+    await scrub_traces(t)
+
+
+async def scrub_traces(t: Tessera) -> None:
+    """The deleted data off the disk too: the SQLite WAL, Redis's snapshot and AOF."""
+    await checkpoint_sqlite(t.engine)
+    t.scrubber.request()
 
 
 async def erase_minor(t: Tessera, db: AsyncSession, user: User, *, actor_id: str) -> None:
@@ -263,3 +271,4 @@ async def erase_minor(t: Tessera, db: AsyncSession, user: User, *, actor_id: str
     await db.commit()
     await t.profiles.invalidate(user.id)
     await revoke_all_sessions(t, user.id, "minor_erased")
+    await scrub_traces(t)
