@@ -154,7 +154,7 @@ async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
                             s.login_failure_window_seconds)
     try:
         try:
-            password = normalise_password(password)
+            password = normalise_password(password, new=False)
         except ValueError:
             password = ""  # can match no stored hash; still costs one hash below
         user, epoch = await accounts.authenticate(t, db, email, password)

@@ -103,7 +103,7 @@ async def confirm_attempt(t: Tessera, user: User, request: Request) -> None:
 
 def _password_text(raw: str) -> str:
     try:
-        return normalise_password(raw)
+        return normalise_password(raw, new=False)
     except ValueError:
         return ""  # cannot match any stored hash
 

@@ -42,12 +42,17 @@ def _hash_threads() -> int:
     return max(4, 2 * cores)  # CPU-bound: more would only take turns
 
 
-def normalise_password(raw: str) -> str:
-    """NFKC, then the contract's rules. Raises ValueError with a message safe to show."""
+def normalise_password(raw: str, *, new: bool = True) -> str:
+    """NFKC, then the contract's rules. Raises ValueError with a message safe to show.
+
+    The minimum holds for the code points typed and for the normalised text both: one code
+    point that NFKC expands (U+FDFA becomes 18 characters) is one character, not 18. A
+    password presented to be checked (`new=False`) is held to the normalised length only, so
+    an account whose password was set before that rule still logs in."""
     if any(unicodedata.category(ch) == "Cc" for ch in raw):
         raise ValueError("password must not contain control characters")
     password = unicodedata.normalize("NFKC", raw)
-    if len(password) < MIN_LENGTH:
+    if (new and len(raw) < MIN_LENGTH) or len(password) < MIN_LENGTH:
         raise ValueError(f"password must be at least {MIN_LENGTH} characters")
     if len(password) > MAX_LENGTH:
         raise ValueError(f"password must be at most {MAX_LENGTH} characters")
