@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tessera.api.cookies import read_cookie
 from tessera.domain.policy import must_consent
 from tessera.domain.profiles import ProfileCache, build_profile, profile_key
 from tessera.edge.privacy import attribute_usage, forbid_tracking
@@ -72,13 +73,13 @@ def _presented_token(request: Request, t: Tessera) -> tuple[str | None, bool]:
         if scheme.lower() == "bearer" and value.strip():
             return value.strip(), False
         return None, False
-    cookie = request.cookies.get(t.settings.session_cookie)
+    cookie = read_cookie(request.headers, t.settings.session_cookie)
     return (cookie, True) if cookie else (None, False)
 
 
 def check_csrf(request: Request, t: Tessera, sid: str) -> None:
     header = request.headers.get("x-csrf-token", "")
-    cookie = request.cookies.get(t.settings.csrf_cookie, "")
+    cookie = read_cookie(request.headers, t.settings.csrf_cookie) or ""
     expected = csrf_token_for(t.csrf_key, sid)
     if not (header and hmac.compare_digest(header.encode(), cookie.encode())
             and hmac.compare_digest(header.encode(), expected.encode())):
