@@ -417,7 +417,7 @@ def cmd_mint(a):
                 async with t.db_factory() as db:
                     users.append(await accounts.register_user(
                         db, OneHash(), email=f"bench-mint-{tag}-{i}@example.com",  # type: ignore[arg-type]
-                        password=a.password, policy=policy))
+                        password=a.password, policy=policy, accepted_policy=True))
             for user in users:
                 n = min(a.per_user, a.count - len(tokens))
                 epoch = await t.sessions.epoch(user.id)

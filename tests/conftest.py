@@ -125,6 +125,12 @@ def new_email(prefix: str = "user") -> str:
 
 async def register(client: httpx.AsyncClient, email: str | None = None,
                    password: str = PASSWORD, **extra: Any) -> dict[str, Any]:
+    """A new account that accepted the current policy (pass policy_version=None to send
+    none: then no acceptance is recorded)."""
+    if "policy_version" not in extra:
+        extra["policy_version"] = (await client.get("/policy")).json()["version"]
+    elif extra["policy_version"] is None:
+        del extra["policy_version"]
     body = {"email": email or new_email(), "password": password, "is_adult": True, **extra}
     response = await client.post("/auth/register", json=body)
     assert response.status_code == 201, response.text

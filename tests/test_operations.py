@@ -153,6 +153,12 @@ async def test_admin_created_by_cli_can_use_the_admin_api(base_settings: dict[st
                email)
     assert done.returncode == 0, done.stderr
     token = (await login(client, email)).json()["access_token"]
+    # No policy acceptance is inferred, the admin's neither: it accepts first (P10).
+    gated = await client.get("/admin/users", headers=bearer(token))
+    assert gated.status_code == 403 and gated.json()["code"] == "policy_consent_required"
+    version = (await client.get("/policy")).json()["version"]
+    assert (await client.post("/me/policy-consent", json={"version": version},
+                              headers=bearer(token))).status_code == 204
     found = await client.get("/admin/users", params={"email": email}, headers=bearer(token))
     assert found.status_code == 200 and found.json()[0]["is_admin"] is True
 

@@ -79,7 +79,8 @@ async def register(body: RegisterIn, request: Request, response: Response, db: D
     await t.limiter.attempt([("register-ip", client_key(request), s.register_max_per_ip)],
                             s.register_window_seconds)
     user = await accounts.register_user(db, t.hasher, email=str(body.email),
-                                        password=body.password, policy=policy)
+                                        password=body.password, policy=policy,
+                                        accepted_policy=body.policy_version is not None)
     await accounts.audit(db, "register", user_id=user.id, outcome="ok")
     response.headers.update(NO_STORE)
     assert user.email is not None

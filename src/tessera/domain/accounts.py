@@ -12,7 +12,7 @@ from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tessera.config import Settings
-from tessera.domain.policy import PolicyState
+from tessera.domain.policy import NEVER_ACCEPTED, PolicyState
 from tessera.errors import Problem
 from tessera.security.passwords import PasswordHasher
 from tessera.security.tokens import IssuedToken, issue_token, new_session_id, token_hash
@@ -71,14 +71,20 @@ async def find_by_email(db: AsyncSession, email: str) -> User | None:
 
 
 async def register_user(db: AsyncSession, hasher: PasswordHasher, *, email: str, password: str,
-                        policy: PolicyState, is_admin: bool = False) -> User:
+                        policy: PolicyState, accepted_policy: bool,
+                        is_admin: bool = False) -> User:
+    """A new account; `accepted_policy` only if the person accepted the current version
+    (sent it): otherwise none is recorded and the policy gate asks first."""
     if await find_by_email(db, email) is not None:
         raise Problem(409, "email_taken", "An account with this email exists.")
     now = utcnow()
     user = User(email=email, email_key=email_key(email), password_hash=await hasher.hash(password),
-                is_admin=is_admin, created_at=now, updated_at=now,
-                policy_version=policy.current.version, policy_seq=policy.current.seq or 0,
-                policy_accepted_at=now)
+                is_admin=is_admin, created_at=now, updated_at=now)
+    if accepted_policy:
+        user.policy_version, user.policy_seq = policy.current.version, policy.current.seq or 0
+        user.policy_accepted_at = now
+    else:
+        user.policy_seq = NEVER_ACCEPTED
     db.add(user)
     try:
         await db.commit()

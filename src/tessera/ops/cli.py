@@ -130,9 +130,11 @@ def create_admin(
             raise typer.BadParameter(str(exc)) from None
         user = await accounts.register_user(db, PasswordHasher(settings.bcrypt_rounds),
                                             email=email, password=password,
-                                            policy=await load_policy_state(db), is_admin=True)
+                                            policy=await load_policy_state(db),
+                                            accepted_policy=False, is_admin=True)
         await accounts.audit(db, "admin_created", user_id=user.id)
-        return f"created admin {user.id} <{user.email}>"
+        return (f"created admin {user.id} <{user.email}>; it accepts the policy at its "
+                f"first login (POST /me/policy-consent)")
 
     from email_validator import EmailNotValidError, validate_email
 
