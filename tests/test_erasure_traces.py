@@ -110,3 +110,41 @@ async def test_sqlite_connections_delete_securely(app: FastAPI) -> None:
         pytest.skip("SQLite only")
     async with engine.connect() as conn:
         assert (await conn.exec_driver_sql("PRAGMA secure_delete")).scalar() == 1
+
+
+async def test_the_append_only_file_keeps_no_email_after_deletion(
+        app: FastAPI, client: httpx.AsyncClient) -> None:
+    """With AOF on, the deletion is followed by a BGREWRITEAOF: the file no longer holds the
+    commands that wrote the user's data."""
+    t = app.state.tessera
+    if t.settings.redis_url and "redis.sock" not in t.settings.redis_url:
+        pytest.skip("reads the files of the embedded redis-server the tests started")
+    redis = t.redis
+    directory = Path((await redis.config_get("dir"))["dir"])
+    name = (await redis.config_get("appendfilename"))["appendfilename"]
+    if (await redis.config_get("appenddirname")).get("appenddirname"):
+        pytest.skip("Redis 7 multi-part AOF: the embedded server is 6.2")
+    await redis.config_set("rdbcompression", "no")
+    await redis.config_set("appendonly", "yes")
+    try:
+        async def rewrites_done() -> None:
+            for _ in range(1200):
+                info = await redis.info("persistence")
+                if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+                    return
+                await asyncio.sleep(0.05)
+
+        await rewrites_done()  # turning AOF on starts with a rewrite
+        marker = secrets.token_hex(8)
+        user, token = await make_traced_user(client, marker)
+        await asyncio.sleep(1.2)  # appendfsync everysec
+        assert holds(directory / name, marker.encode())
+        deleted = await client.request("DELETE", "/me", json={"password": PASSWORD},
+                                       headers=bearer(token))
+        assert deleted.status_code == 204
+        await t.scrubber.idle()
+        await rewrites_done()
+        assert not holds(directory / name, marker.encode())
+    finally:
+        await redis.config_set("appendonly", "no")
+        await redis.config_set("rdbcompression", "yes")
