@@ -538,12 +538,14 @@ def cmd_mint(a):
                 async with t.db_factory() as db:
                     users.append(await accounts.register_user(
                         db, OneHash(), email=f"bench-mint-{tag}-{i}@example.com",  # type: ignore[arg-type]
-                        password=a.password, policy=policy))
+                        password=a.password, policy=policy, accepted_policy=True))
             for user in users:
                 n = min(a.per_user, a.count - len(tokens))
+                epoch = await t.sessions.epoch(user.id)
                 issued = await asyncio.gather(*(
-                    accounts.open_session(t, user, "tessera-bench (minted)") for _ in range(n)))
-                tokens.extend(i.token for i in issued)
+                    accounts.open_session(t, user, "tessera-bench (minted)", epoch=epoch)
+                    for _ in range(n)))
+                tokens.extend(i.token for i in issued if i is not None)
         random.shuffle(tokens)
         return tokens
 

@@ -113,6 +113,12 @@ export TESSERA_BCRYPT_ROUNDS=12
 export TESSERA_REGISTER_MAX_PER_IP=1000000000
 export TESSERA_LOGIN_MAX_FAILURES_PER_ACCOUNT=1000000000
 export TESSERA_LOGIN_MAX_FAILURES_PER_IP=1000000000
+# Every bcrypt verify counts per account and per IP whatever the outcome (issue 12.3): a login
+# flood from one IP needs these raised too. TODO(bench, issue 12.3): a "login-flood" scenario,
+# one account looping on a correct login (with the default limits, 30/min per account) while
+# other users log in; the figure is the other users' login p50/p99 against the bcrypt time.
+export TESSERA_PASSWORD_WORK_MAX_PER_ACCOUNT_MINUTE=1000000000
+export TESSERA_PASSWORD_WORK_MAX_PER_IP_MINUTE=1000000000
 if [ -n "$BENCH_DATABASE_URL" ]; then
   bt pg-reset "$BENCH_DATABASE_URL"
   export TESSERA_DATABASE_URL="$BENCH_DATABASE_URL"

@@ -87,6 +87,9 @@ def base_settings(data_dir: Path, database_url: str, redis_url: str) -> dict[str
         "register_max_per_ip": 100_000,
         "login_max_failures_per_ip": 100_000,
         "login_max_failures_per_account": 100_000,
+        "password_work_max_per_ip_minute": 100_000,
+        "password_work_max_per_account_minute": 100_000,
+        "email_change_max_per_user": 100_000,
         "usage_flush_seconds": 0.2,
         # Tests drive the event worker by hand (EventWorker.run_once); receivers on loopback.
         "events_worker": False,
@@ -132,6 +135,12 @@ def new_email(prefix: str = "user") -> str:
 
 async def register(client: httpx.AsyncClient, email: str | None = None,
                    password: str = PASSWORD, **extra: Any) -> dict[str, Any]:
+    """A new account that accepted the current policy (pass policy_version=None to send
+    none: then no acceptance is recorded)."""
+    if "policy_version" not in extra:
+        extra["policy_version"] = (await client.get("/policy")).json()["version"]
+    elif extra["policy_version"] is None:
+        del extra["policy_version"]
     body = {"email": email or new_email(), "password": password, "is_adult": True, **extra}
     response = await client.post("/auth/register", json=body)
     assert response.status_code == 201, response.text

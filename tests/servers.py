@@ -82,6 +82,9 @@ def tessera_env(*, database_url: str, redis_url: str, secret: str, data_dir: Pat
         "TESSERA_REGISTER_MAX_PER_IP": "100000",
         "TESSERA_LOGIN_MAX_FAILURES_PER_IP": "100000",
         "TESSERA_LOGIN_MAX_FAILURES_PER_ACCOUNT": "100000",
+        "TESSERA_PASSWORD_WORK_MAX_PER_ACCOUNT_MINUTE": "100000",
+        "TESSERA_PASSWORD_WORK_MAX_PER_IP_MINUTE": "100000",
+        "TESSERA_EMAIL_CHANGE_MAX_PER_USER": "100000",
         "TESSERA_LOG_LEVEL": "warning",
         # Webhook receivers in tests listen on loopback; retries come fast.
         "TESSERA_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",

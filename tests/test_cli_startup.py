@@ -69,7 +69,7 @@ async def test_a_promotion_by_the_cli_shows_in_get_me_at_once(base_settings: dic
     before = await client.get("/me", headers=bearer(token))
     assert before.json()["is_admin"] is False  # cached now
     done = run({**cli_env(base_settings), "TESSERA_ADMIN_PASSWORD": PASSWORD},
-               "create-admin", user["email"])
+               "create-admin", "--promote", user["email"])
     assert done.returncode == 0, done.stderr
     after = await client.get("/me", headers=bearer(token))
     assert after.json()["is_admin"] is True

@@ -25,6 +25,7 @@ from tessera.stores.sessions import (
     REVOCATION_CHANNEL,
     SessionRecord,
     SessionStore,
+    _epoch_key,
     _index_key,
     _session_key,
 )
@@ -109,6 +110,11 @@ def subscribers_for(store: SessionStore, cluster_ports: list[int] | None, redis_
             for p in cluster_ports]
 
 
+async def create(store: SessionStore, rec: SessionRecord) -> None:
+    """A login's create: the epoch read just before."""
+    assert await store.create(rec, epoch=await store.epoch(rec.user_id)) is True
+
+
 async def test_session_store_operations(store: SessionStore, request: pytest.FixtureRequest,
                                         redis_url: str) -> None:
     ports = request.getfixturevalue("cluster").ports if isinstance(
@@ -116,8 +122,8 @@ async def test_session_store_operations(store: SessionStore, request: pytest.Fix
     alice, bob = new_user(), new_user()
     now = int(time.time())
     for i in range(3):
-        await store.create(record(alice, f"a{i}", created=now - 10 + i))
-    await store.create(record(bob, "b0"))
+        await create(store, record(alice, f"a{i}", created=now - 10 + i))
+    await create(store, record(bob, "b0"))
 
     assert await store.get(alice, "a1") == record(alice, "a1", created=now - 9)
     assert await store.check(alice, "a1", "hash-a1") is not None
@@ -137,7 +143,7 @@ async def test_session_store_operations(store: SessionStore, request: pytest.Fix
         for s in subscribers:  # on a cluster, every node relays the revocation
             assert await s.sids(1) == {"a0"}
 
-        await store.create(record(alice, "a3"))
+        await create(store, record(alice, "a3"))
         assert await store.delete_all(alice, keep_sid="a3") == 2
         for s in subscribers:
             assert await s.sids(2) == {"a1", "a2"}
@@ -147,6 +153,14 @@ async def test_session_store_operations(store: SessionStore, request: pytest.Fix
         for s in subscribers:
             assert await s.sids(1) == {"a3"}
         assert await store.list(alice) == [] and await store.delete_all(alice) == 0
+        # A login that read the epoch before a delete_all gets no session (issue 12.1).
+        before = await store.epoch(alice)
+        await store.delete_all(alice)
+        assert await store.create(record(alice, "late"), epoch=before) is False
+        assert await store.get(alice, "late") is None
+        assert await store.redis.zcard(_index_key(alice)) == 0
+        assert await store.create(record(alice, "a4"), epoch=await store.epoch(alice)) is True
+        assert await store.delete_all(alice) == 1
         assert await store.redis.zcard(_index_key(alice)) == 0
         assert [r.sid for r in await store.list(bob)] == ["b0"]  # untouched
     finally:
@@ -157,16 +171,17 @@ async def test_session_store_operations(store: SessionStore, request: pytest.Fix
 async def test_delete_all_retries_when_a_login_races_it(store: SessionStore) -> None:
     """The check-and-delete refuses a stale list of sessions; delete_all reads again."""
     user = new_user()
-    await store.create(record(user, "s1"))
-    await store.create(record(user, "s2"))
+    await create(store, record(user, "s1"))
+    await create(store, record(user, "s2"))
     stale = await store._delete_listed(
-        keys=[_index_key(user), _session_key(user, "s1")], args=["", "s1"])
+        keys=[_index_key(user), _epoch_key(user), _session_key(user, "s1")],
+        args=["", 60, "s1"])
     assert stale is None  # s2 arrived after the list was read: nothing deleted
     assert {r.sid for r in await store.list(user)} == {"s1", "s2"}
 
     async def logins() -> None:
-        for i in range(20):
-            await store.create(record(user, f"late{i}"))
+        for i in range(20):  # refused (False) if the delete_all came between epoch and create
+            await store.create(record(user, f"late{i}"), epoch=await store.epoch(user))
 
     await asyncio.gather(logins(), store.delete_all(user))
     # Whatever interleaving: every session left is both indexed and stored, none half-deleted.
@@ -186,7 +201,8 @@ async def test_users_spread_over_the_cluster_one_slot_each(cluster: RedisCluster
         owners = set()
         for _ in range(30):
             user = new_user()
-            slots = {client.keyslot(_index_key(user)), client.keyslot(_session_key(user, "x"))}
+            slots = {client.keyslot(_index_key(user)), client.keyslot(_session_key(user, "x")),
+                     client.keyslot(_epoch_key(user))}
             assert len(slots) == 1  # the hash tag keeps one user's keys together
             owners.add(client.nodes_manager.get_node_from_slot(slots.pop()).port)
         assert owners == set(cluster.ports)  # and the users are spread over every master
@@ -202,7 +218,7 @@ async def test_revocation_hub_fans_out_from_a_cluster(cluster: RedisClusterProce
         feed_clients = [await hub.join(), await hub.join()]
         assert hub.listening and hub.client_count == 2
         user = new_user()
-        await store.create(record(user, "s1"))
+        await create(store, record(user, "s1"))
         await store.delete(user, "s1")
         for feed in feed_clients:
             event = json.loads(await asyncio.wait_for(feed.queue.get(), 5))  # type: ignore[arg-type]

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import PASSWORD, assert_problem, bearer, login, new_email, register
+from tests.conftest import (
+    PASSWORD,
+    assert_problem,
+    bearer,
+    login,
+    new_email,
+    register,
+    registered_token,
+)
 
 
 @pytest.mark.parametrize("is_adult", [False, "true", 1, None, "yes", [True]])
@@ -42,6 +50,11 @@ async def test_outdated_policy_version_is_refused(client) -> None:
     ({"email": "a@b.example", "password": "nul\x00inside-password", "is_adult": True}, "password"),
     ({"email": "a@b.example", "password": "bell\x07inside-password", "is_adult": True}, "password"),
     ({"email": "a@b.example", "password": 12345678, "is_adult": True}, "password"),
+    # Issue 12.7: counted before NFKC too: one code point that expands to 18 characters,
+    # four ligatures that expand to eight.
+    ({"email": "a@b.example", "password": "\ufdfa", "is_adult": True}, "password"),
+    ({"email": "a@b.example", "password": "\ufb00\ufb00\ufb00\ufb00", "is_adult": True},
+     "password"),
     ({"email": ("x" * 300) + "@example.com", "password": PASSWORD, "is_adult": True}, "email"),
 ])
 async def test_register_validation_errors(client, body, field) -> None:
@@ -58,6 +71,34 @@ async def test_password_is_nfkc_normalised(client) -> None:
     # U+FB01 (the "fi" ligature) normalises to "fi" under NFKC.
     user = await register(client, password="\ufb01ne password here")
     assert (await login(client, user["email"], "fine password here")).status_code == 200
+
+
+async def test_a_new_password_counts_code_points_before_and_after_nfkc(client) -> None:
+    user, token = await registered_token(client)
+    short = await client.post("/me/password", headers=bearer(token), json={
+        "current_password": PASSWORD, "new_password": "\ufdfa"})
+    assert_problem(short, 422, "validation_error")
+    # eight code points that expand under NFKC pass (and log in by their expanded form)
+    changed = await client.post("/me/password", headers=bearer(token), json={
+        "current_password": PASSWORD, "new_password": "\ufb01" * 8})
+    assert changed.status_code == 204
+    assert (await login(client, user["email"], "fi" * 8)).status_code == 200
+
+
+async def test_a_password_set_before_the_code_point_rule_still_logs_in(app, client) -> None:
+    import unicodedata
+
+    from sqlmodel import update
+
+    from tessera.stores.models import User
+
+    user = await register(client)
+    t = app.state.tessera
+    legacy = await t.hasher.hash(unicodedata.normalize("NFKC", "\ufdfa"))
+    async with t.db_factory() as db:
+        await db.exec(update(User).where(User.id == user["id"]).values(password_hash=legacy))
+        await db.commit()
+    assert (await login(client, user["email"], "\ufdfa")).status_code == 200
 
 
 async def test_passwords_sharing_72_bytes_are_different(client) -> None:

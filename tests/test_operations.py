@@ -103,8 +103,39 @@ def test_cli_create_admin_then_promote(base_settings: dict[str, Any]) -> None:
     created = cli({**env, "TESSERA_ADMIN_PASSWORD": PASSWORD}, "create-admin", email)
     assert created.returncode == 0, created.stderr
     assert "created admin" in created.stdout
-    again = cli(env, "create-admin", email.upper())
+    again = cli(env, "create-admin", email.upper(), "--promote")
     assert again.returncode == 0 and "promoted" in again.stdout
+
+
+async def test_cli_create_admin_promotes_an_existing_account_only_when_told(
+        base_settings: dict[str, Any], client) -> None:
+    """Issue 12.2: an account someone registered is not silently made admin; --promote says
+    which account (id, email, created_at) it promoted."""
+    env = {**cli_env(base_settings), "TESSERA_ADMIN_PASSWORD": PASSWORD}
+    user = await register(client)
+    refused = cli(env, "create-admin", user["email"])
+    assert refused.returncode != 0
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--promote" in lines[0], refused.stderr
+    token = (await login(client, user["email"])).json()["access_token"]
+    assert (await client.get("/admin/users", headers=bearer(token))).status_code == 403
+
+    promoted = cli(env, "create-admin", user["email"], "--promote")
+    assert promoted.returncode == 0, promoted.stderr
+    assert user["id"] in promoted.stdout and user["email"] in promoted.stdout
+    assert user["created_at"][:19] in promoted.stdout.replace(" ", "T")
+    assert (await client.get("/admin/users", headers=bearer(token))).status_code == 200
+
+    # A look-alike (long s) is another account: create-admin creates a new admin, it does
+    # not promote the look-alike.
+    local, domain = new_email("sam").split("@")
+    lookalike = await register(client, local.replace("s", "\u017f", 1) + "@" + domain)
+    created = cli(env, "create-admin", f"{local}@{domain}")
+    assert created.returncode == 0, created.stderr
+    assert "created admin" in created.stdout and lookalike["id"] not in created.stdout
+    lookalike_token = (await login(client, lookalike["email"])).json()["access_token"]
+    assert (await client.get("/admin/users",
+                             headers=bearer(lookalike_token))).status_code == 403
 
 
 def test_cli_migrate_and_purge(base_settings: dict[str, Any]) -> None:
@@ -122,6 +153,12 @@ async def test_admin_created_by_cli_can_use_the_admin_api(base_settings: dict[st
                email)
     assert done.returncode == 0, done.stderr
     token = (await login(client, email)).json()["access_token"]
+    # No policy acceptance is inferred, the admin's neither: it accepts first (P10).
+    gated = await client.get("/admin/users", headers=bearer(token))
+    assert gated.status_code == 403 and gated.json()["code"] == "policy_consent_required"
+    version = (await client.get("/policy")).json()["version"]
+    assert (await client.post("/me/policy-consent", json={"version": version},
+                              headers=bearer(token))).status_code == 204
     found = await client.get("/admin/users", params={"email": email}, headers=bearer(token))
     assert found.status_code == 200 and found.json()[0]["is_admin"] is True
 

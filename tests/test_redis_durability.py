@@ -62,7 +62,7 @@ async def test_deleted_sessions_stay_deleted_after_a_kill_9_of_the_embedded_redi
     records = [SessionRecord(sid=f"s{i}", user_id="u1", token_hash="h", created_at=now,
                              expires_at=now + 3600) for i in range(5)]
     for record in records:
-        await store.create(record)
+        assert await store.create(record, epoch=await store.epoch(record.user_id))
     await store.redis.save()  # a snapshot, as the old `--save 60 1` took now and then
     for record in records:
         assert await store.delete(record.user_id, record.sid)

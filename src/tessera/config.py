@@ -153,6 +153,18 @@ class Settings(BaseSettings):
     db_connect_timeout_seconds: float = Field(5.0, gt=0)
     db_statement_timeout_seconds: float = Field(10.0, gt=0)
 
+    # --- Issue 12 (security): bounded password work and PATCH /me throttling -------------
+    # Every bcrypt verify (login, password change, DELETE /me) counts, whatever its outcome,
+    # per account and per client IP (IPv6 by /64) in a 60 s window; past the max: 429.
+    password_work_max_per_account_minute: int = Field(30, ge=1)
+    password_work_max_per_ip_minute: int = Field(300, ge=1)
+    # At most this many hashes of one account at a time per process; more wait their turn
+    # without holding a hashing thread, so one account's flood leaves the pool to others.
+    password_work_concurrency_per_account: int = Field(2, ge=1)
+    # PATCH /me (its 409 email_taken tells whether an address has an account), per user.
+    email_change_max_per_user: int = Field(10, ge=1)
+    email_change_window_seconds: int = Field(3600, ge=1)
+
     @field_validator("service_keys", "cors_origins", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:

@@ -98,7 +98,10 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
             app.state.tessera = Tessera(
                 settings=settings, secret=secret, engine=engine, db_factory=db_factory,
                 redis=redis, sessions=sessions, keys=keys,
-                hasher=PasswordHasher(settings.bcrypt_rounds), usage=usage, metrics=metrics,
+                hasher=PasswordHasher(
+                    settings.bcrypt_rounds,
+                    per_account=settings.password_work_concurrency_per_account),
+                usage=usage, metrics=metrics,
                 policy=PolicyCache(db_factory), csrf_key=derive_key(secret, b"csrf"),
                 token_key=token_key,
                 limiter=AttemptLimiter(redis, derive_key(secret, b"rate-limit")),

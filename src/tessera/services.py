@@ -19,6 +19,7 @@ from tessera.stores.audit import AuditTrail
 from tessera.stores.keys import KeyRing
 from tessera.stores.ratelimit import AttemptLimiter
 from tessera.stores.redis import AnyRedis
+from tessera.stores.scrub import SnapshotScrubber
 from tessera.stores.sessions import SessionStore
 from tessera.stores.usage import UsageRecorder
 
@@ -43,3 +44,11 @@ class Tessera:
     auth: TokenChecker
     audit_trail: AuditTrail
     embedded_redis: EmbeddedRedis | None = field(default=None)
+    _scrubber: SnapshotScrubber | None = field(default=None, repr=False)
+
+    @property
+    def scrubber(self) -> SnapshotScrubber:
+        """Rewrites Redis's files after an erasure (stores/scrub.py)."""
+        if self._scrubber is None:
+            self._scrubber = SnapshotScrubber(self.redis)
+        return self._scrubber

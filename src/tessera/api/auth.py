@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ValidationError
+from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.responses import JSONResponse
 
 from tessera.api.cookies import clear_login_cookies, set_login_cookies
@@ -21,6 +22,7 @@ from tessera.security.passwords import normalise_password
 from tessera.services import Tessera
 from tessera.stores.durability import ends_sessions
 from tessera.stores.models import User
+from tessera.stores.ratelimit import ip_bucket
 from tessera.timeutil import from_epoch
 
 router = APIRouter(
@@ -47,9 +49,10 @@ def check_origin(request: Request, t: Tessera) -> None:
     raise Problem("csrf_failed", "Cross-site login and registration are refused.")
 
 
-def _client_key(request: Request) -> str:
+def client_key(request: Request) -> str:
+    """What per-IP limits count this request under (IPv6: its /64)."""
     client = request.scope.get("client")
-    return client[0] if client else "unknown"
+    return ip_bucket(client[0]) if client else "unknown"
 
 
 @router.post("/register", status_code=201, response_model=UserOut,
@@ -66,10 +69,11 @@ async def register(body: RegisterIn, request: Request, response: Response, db: D
                       extra={"current_version": policy.current.version})
     s = t.settings
     check_origin(request, t)
-    await t.limiter.attempt([("register-ip", _client_key(request), s.register_max_per_ip)],
+    await t.limiter.attempt([("register-ip", client_key(request), s.register_max_per_ip)],
                             s.register_window_seconds)
     user = await accounts.register_user(db, t.hasher, email=str(body.email),
-                                        password=body.password, policy=policy)
+                                        password=body.password, policy=policy,
+                                        accepted_policy=body.policy_version is not None)
     await accounts.audit(db, "register", user_id=user.id, outcome="ok")
     response.headers.update(NO_STORE)
     assert user.email is not None
@@ -139,16 +143,17 @@ async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
     check_origin(request, t)
     email, password = await _read_credentials(request)
     s = t.settings
-    account, ip = accounts.email_key(email), _client_key(request)
+    account, ip = accounts.email_key(email), client_key(request)
     await t.limiter.attempt([("login-account", account, s.login_max_failures_per_account),
-                             ("login-ip", ip, s.login_max_failures_per_ip)],
+                             ("login-ip", ip, s.login_max_failures_per_ip),
+                             *accounts.password_work_limits(s, account, ip)],
                             s.login_failure_window_seconds)
     try:
         try:
-            password = normalise_password(password)
+            password = normalise_password(password, new=False)
         except ValueError:
             password = ""  # can match no stored hash; still costs one hash below
-        user = await accounts.authenticate(db, t.hasher, email, password)
+        user, epoch = await accounts.authenticate(t, db, email, password)
     except Problem as problem:
         t.metrics.logins.labels("inactive" if problem.code == "account_inactive"
                                 else "failed").inc()
@@ -161,16 +166,23 @@ async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
     if factors.any:  # the password was right; the second step needs the mfa_token
         t.metrics.logins.labels("mfa_required").inc()
         raise await mfa.mfa_required(t, user, ["pwd"], factors)
-    return await login_response(request, t, user, ["pwd"])
+    return await login_response(request, t, db, user, ["pwd"], epoch=epoch)
 
 
-async def login_response(request: Request, t: Tessera, user: User,
-                         amr: list[str]) -> JSONResponse:
+async def login_response(request: Request, t: Tessera, db: AsyncSession, user: User,
+                         amr: list[str], *, epoch: str | None = None) -> JSONResponse:
     """The one way a login ends (password, second step, passkey): a session, its token in
-    the body, and the `session` and `csrf` cookies."""
+    the body, and the `session` and `csrf` cookies. `epoch`: the user's auth epoch as read
+    before the credentials were checked (read now when the caller had none)."""
     if user.restrict_processing or user.object_to_processing:
         forbid_tracking(request.scope)
-    issued = await accounts.open_session(t, user, request.headers.get("user-agent"), amr=amr)
+    if epoch is None:
+        epoch = await t.sessions.epoch(user.id)
+    issued = await accounts.open_session(t, user, request.headers.get("user-agent"),
+                                         epoch=epoch, amr=amr)
+    if issued is None:  # the password changed or the account ended while this one ran
+        t.metrics.logins.labels("failed").inc()
+        raise await accounts.superseded_login(db, user.id)
     t.metrics.logins.labels("ok").inc()
     csrf = csrf_token_for(t.csrf_key, issued.sid)
     body = TokenOut(access_token=issued.token, expires_in=issued.exp - issued.iat,

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, EmailStr, Field, StrictBool, field_v
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tessera.api.auth import client_key
 from tessera.api.cookies import clear_login_cookies
 from tessera.api.deps import (
     CurrentSession,
@@ -89,17 +90,19 @@ class PrivacyRequestIn(_Body):
         return privacy_requests.normalise_region(value)
 
 
-async def confirm_attempt(t: Tessera, user_id: str) -> None:
+async def confirm_attempt(t: Tessera, user: User, request: Request) -> None:
     """A stolen token must not buy unlimited password guesses: confirmations are limited
-    like logins."""
+    like logins, and count as password work like them (whatever the outcome)."""
     s = t.settings
-    await t.limiter.attempt([("password-confirm", user_id, s.login_max_failures_per_account)],
-                            s.login_failure_window_seconds)
+    await t.limiter.attempt(
+        [("password-confirm", user.id, s.login_max_failures_per_account),
+         *accounts.password_work_limits(s, accounts.account_of(user), client_key(request))],
+        s.login_failure_window_seconds)
 
 
 def password_text(raw: str) -> str:
     try:
-        return normalise_password(raw)
+        return normalise_password(raw, new=False)
     except ValueError:
         return ""  # cannot match any stored hash
 
@@ -125,6 +128,9 @@ def privacy_request_view(row: PrivacyRequest) -> dict[str, Any]:
 @router.patch("", responses=problem_doc({409: "email_taken"}))
 async def update_me(body: EmailIn, user: CurrentUser, db: DbDep, t: TesseraDep,
                     response: Response) -> dict[str, Any]:
+    s = t.settings  # 409 email_taken tells whether an address has an account: limit it
+    await t.limiter.attempt([("email-change", user.id, s.email_change_max_per_user)],
+                            s.email_change_window_seconds)
     user = await accounts.change_email(t, db, user, str(body.email))
     await accounts.audit(db, "email_changed", user_id=user.id)
     response.headers.update(NO_STORE)
@@ -138,9 +144,9 @@ _FACTOR_DOC = ("mfa_required (a second factor is enrolled and none came: send `c
 
 @router.post("/password", status_code=204, response_class=Response,
              responses=problem_doc({401: _FACTOR_DOC, 403: "invalid_credentials"}))
-async def change_password(body: PasswordChangeIn, user: CurrentUser, principal: CurrentSession,
-                          db: DbDep, t: TesseraDep) -> Response:
-    await confirm_attempt(t, user.id)
+async def change_password(request: Request, body: PasswordChangeIn, user: CurrentUser,
+                          principal: CurrentSession, db: DbDep, t: TesseraDep) -> Response:
+    await confirm_attempt(t, user, request)
 
     async def second_factor() -> None:
         await mfa.require_second_factor(t, db, user, code=body.code,
@@ -203,7 +209,7 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
                dependencies=[Depends(ends_sessions)])
 async def delete_me(request: Request, body: PasswordConfirmIn, user: CurrentUserAnyPolicy,
                     db: DbDep, t: TesseraDep) -> Response:
-    await confirm_attempt(t, user.id)
+    await confirm_attempt(t, user, request)
     if not await accounts.verify_password(t.hasher, user, password_text(body.password)):
         raise Problem("wrong_password", "The password is wrong.")
     await mfa.require_second_factor(t, db, user, code=body.code,

@@ -71,8 +71,8 @@ def _json(body: dict[str, Any], status: int = 200) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=NO_STORE)
 
 
-async def _check_password(t: Tessera, user: User, password: str) -> None:
-    await confirm_attempt(t, user.id)
+async def _check_password(t: Tessera, user: User, password: str, request: Request) -> None:
+    await confirm_attempt(t, user, request)
     if not await accounts.verify_password(t.hasher, user, password_text(password)):
         raise Problem("wrong_password", "The current password is wrong.")
     await t.limiter.forgive("password-confirm", user.id, all_of_them=True)
@@ -95,11 +95,11 @@ async def get_mfa(user: CurrentUser, db: DbDep) -> JSONResponse:
 @router.post("/me/mfa/totp", status_code=201, responses=problem_doc({
     401: "mfa_required / invalid_code: a passkey is enrolled, so " + _CODE_DOC,
     403: "invalid_credentials", 409: "totp_already_enabled"}))
-async def start_totp(body: PasswordAndFactorIn, user: CurrentUser, db: DbDep,
+async def start_totp(request: Request, body: PasswordAndFactorIn, user: CurrentUser, db: DbDep,
                      t: TesseraDep) -> JSONResponse:
     """Enrol an authenticator app: `{secret, otpauth_uri}` (RFC 6238: SHA-1, 6 digits, 30 s).
     Not active until confirmed with a first code."""
-    await _check_password(t, user, body.current_password)
+    await _check_password(t, user, body.current_password, request)
     if (await mfa.enrolled(db, user.id)).totp:
         raise Problem("totp_already_enabled",
                       "TOTP is already active; disable it first to enrol a new authenticator.")
@@ -122,10 +122,10 @@ async def confirm_totp(body: CodeIn, user: CurrentUser, db: DbDep,
 @router.delete("/me/mfa/totp", status_code=204, response_class=Response,
                responses=problem_doc({401: "mfa_required or invalid_code: " + _CODE_DOC,
                                       403: "invalid_credentials", 404: "not_found"}))
-async def disable_totp(body: PasswordAndFactorIn, user: CurrentUser, db: DbDep,
+async def disable_totp(request: Request, body: PasswordAndFactorIn, user: CurrentUser, db: DbDep,
                        t: TesseraDep) -> Response:
     """Remove the authenticator app (and the recovery codes): password and a code."""
-    await _check_password(t, user, body.current_password)
+    await _check_password(t, user, body.current_password, request)
     if not (await mfa.enrolled(db, user.id)).totp:
         raise Problem("not_found", "TOTP is not enabled.")
     await _check_factor(t, db, user, body)
@@ -137,10 +137,10 @@ async def disable_totp(body: PasswordAndFactorIn, user: CurrentUser, db: DbDep,
 @router.post("/me/mfa/recovery-codes", responses=problem_doc({
     401: "mfa_required or invalid_code: " + _CODE_DOC, 403: "invalid_credentials",
     409: "mfa_not_enabled"}))
-async def new_recovery_codes(body: PasswordAndFactorIn, user: CurrentUser, db: DbDep,
-                             t: TesseraDep) -> JSONResponse:
+async def new_recovery_codes(request: Request, body: PasswordAndFactorIn, user: CurrentUser,
+                             db: DbDep, t: TesseraDep) -> JSONResponse:
     """A new set of 10 recovery codes; the old set stops working."""
-    await _check_password(t, user, body.current_password)
+    await _check_password(t, user, body.current_password, request)
     if not (await mfa.enrolled(db, user.id)).any:
         raise Problem("mfa_not_enabled", "Enrol TOTP or a passkey first.")
     await _check_factor(t, db, user, body)
@@ -164,11 +164,11 @@ async def passkey_creation_options(user: CurrentUser, db: DbDep,
     400: "invalid_credential", 403: "invalid_credentials",
     401: "mfa_required or invalid_code, where a factor is enrolled: `code`, or "
          "`assertion_challenge_id` + `assertion`"}))
-async def add_passkey(body: PasskeyIn, user: CurrentUser, db: DbDep,
+async def add_passkey(request: Request, body: PasskeyIn, user: CurrentUser, db: DbDep,
                       t: TesseraDep) -> JSONResponse:
     """Needs the current password and, where a factor is enrolled, a second factor: a
     stolen session alone must not add a factor (it would pass for two factors later)."""
-    await _check_password(t, user, body.current_password)
+    await _check_password(t, user, body.current_password, request)
     await mfa.require_second_factor(t, db, user, code=body.code,
                                     challenge_id=body.assertion_challenge_id,
                                     credential=body.assertion)
@@ -181,12 +181,12 @@ async def add_passkey(body: PasskeyIn, user: CurrentUser, db: DbDep,
 @router.delete("/me/passkeys/{passkey_id}", status_code=204, response_class=Response,
                responses=problem_doc({401: "mfa_required or invalid_code: " + _CODE_DOC,
                                       403: "invalid_credentials", 404: "not_found"}))
-async def remove_passkey(passkey_id: Annotated[str, Path(max_length=64)],
+async def remove_passkey(request: Request, passkey_id: Annotated[str, Path(max_length=64)],
                          body: PasswordAndFactorIn, user: CurrentUser, db: DbDep,
                          t: TesseraDep) -> Response:
     """Needs the password and, as every factor change, a second factor (a code, or an
     assertion, which may come from this very passkey)."""
-    await _check_password(t, user, body.current_password)
+    await _check_password(t, user, body.current_password, request)
     if not any(k["id"] == passkey_id for k in (await mfa.mfa_view(db, user.id))["passkeys"]):
         raise Problem("not_found", "No such passkey of yours.")
     await _check_factor(t, db, user, body)
@@ -239,7 +239,7 @@ async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep,
         raise Problem("account_inactive", "This account is deactivated.")
     await mfa.forgive_attempts(t, user_id)
     await accounts.audit(db, "login_mfa", user_id=user_id, outcome="ok")
-    return await login_response(request, t, user, mfa.full_amr(list(state["amr"]), earned))
+    return await login_response(request, t, db, user, mfa.full_amr(list(state["amr"]), earned))
 
 
 @router.post("/auth/passkey/options", tags=["auth"])
@@ -276,4 +276,4 @@ async def passkey_login(body: AssertionIn, request: Request, db: DbDep,
         factors = await mfa.enrolled(db, user.id)
         if factors.totp:  # one factor here; the account asks for two: a code next
             raise await mfa.mfa_required(t, user, amr, factors, other_than="passkey")
-    return await login_response(request, t, user, amr)
+    return await login_response(request, t, db, user, amr)

@@ -4,27 +4,64 @@ from __future__ import annotations
 
 import logging
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tessera.config import Settings
 from tessera.domain import events
-from tessera.domain.policy import PolicyState
+from tessera.domain.policy import NEVER_ACCEPTED, PolicyState
 from tessera.errors import Problem
 from tessera.security.passwords import PasswordHasher
 from tessera.security.tokens import IssuedToken, issue_token, new_session_id, token_hash
 from tessera.services import Tessera
 from tessera.stores.models import AuditEvent, User, utcnow
+from tessera.stores.ratelimit import Limit
+from tessera.stores.scrub import checkpoint_sqlite
 from tessera.stores.sessions import SessionRecord
 
 audit_log = logging.getLogger("tessera.audit")
 
 
 def email_key(email: str) -> str:
-    return email.strip().casefold()
+    """The one key an address is unique, found and limited by (registration, login, email
+    change, admin search; docs/security.md "Email keys"):
+
+    - the domain as IDNA 2008 / UTS 46 normalises it (email-validator), in ASCII (punycode)
+      and lower case: `B\u00dcCHER.de`, `xn--bcher-kva.de` and a fullwidth domain are one;
+      `stra\u00dfe.de` and `strasse.de` are two (distinct DNS names);
+    - the local part in NFC, then `str.lower()` (not `casefold()`, which folds `\u017f` to
+      `s` and `\u00df` to `ss`): `Alice` and `alice` are one, `\u017fam` and `sam`, `stra\u00dfe`
+      and `strasse` are two. NFD and NFC are one; compatibility forms (fullwidth `\uff41`)
+      are not folded (no NFKC): a mail server delivers them to another mailbox.
+
+    Input that is no valid address (a login's username can be anything) gets NFC + lower
+    case, which matches no stored key unless the same text was stored."""
+    text = unicodedata.normalize("NFC", email.strip())
+    try:
+        valid = validate_email(text, check_deliverability=False)
+    except (EmailNotValidError, UnicodeError, ValueError):
+        return unicodedata.normalize("NFC", text.lower())
+    local = unicodedata.normalize("NFC", unicodedata.normalize("NFC", valid.local_part).lower())
+    return f"{local}@{valid.ascii_domain.lower()}"
+
+
+def password_work_limits(settings: Settings, account: str, ip: str) -> list[Limit]:
+    """The counters every bcrypt verify takes, whatever its outcome (issue 12.3): per account
+    (email key) and per client IP bucket, one minute each."""
+    return [("password-work-account", account, settings.password_work_max_per_account_minute,
+             60),
+            ("password-work-ip", ip, settings.password_work_max_per_ip_minute, 60)]
+
+
+def account_of(user: User) -> str:
+    """The account a user's password work is counted and queued under: its email key."""
+    return user.email_key or user.id
 
 
 def invalid_credentials() -> Problem:
@@ -37,14 +74,20 @@ async def find_by_email(db: AsyncSession, email: str) -> User | None:
 
 
 async def register_user(db: AsyncSession, hasher: PasswordHasher, *, email: str, password: str,
-                        policy: PolicyState, is_admin: bool = False) -> User:
+                        policy: PolicyState, accepted_policy: bool,
+                        is_admin: bool = False) -> User:
+    """A new account; `accepted_policy` only if the person accepted the current version
+    (sent it): otherwise none is recorded and the policy gate asks first."""
     if await find_by_email(db, email) is not None:
         raise Problem("email_taken", "An account with this email exists.")
     now = utcnow()
     user = User(email=email, email_key=email_key(email), password_hash=await hasher.hash(password),
-                is_admin=is_admin, created_at=now, updated_at=now,
-                policy_version=policy.current.version, policy_seq=policy.current.seq or 0,
-                policy_accepted_at=now)
+                is_admin=is_admin, created_at=now, updated_at=now)
+    if accepted_policy:
+        user.policy_version, user.policy_seq = policy.current.version, policy.current.seq or 0
+        user.policy_accepted_at = now
+    else:
+        user.policy_seq = NEVER_ACCEPTED
     db.add(user)
     events.emit(db, "user.created", {"user_id": user.id})
     try:
@@ -56,12 +99,21 @@ async def register_user(db: AsyncSession, hasher: PasswordHasher, *, email: str,
     return user
 
 
-async def authenticate(db: AsyncSession, hasher: PasswordHasher, email: str,
-                       password: str) -> User:
-    """The user for these credentials; an unknown email costs one hash, like a wrong password.
-    Every attempt is audited (by user id) here, where the user is already at hand."""
+async def authenticate(t: Tessera, db: AsyncSession, email: str,
+                       password: str) -> tuple[User, str]:
+    """The user for these credentials, and the user's auth epoch read before the row the
+    password is checked against (hand it to `open_session`). An unknown email costs one hash,
+    like a wrong password. Every attempt is audited (by user id) here, where the user is
+    already at hand."""
     user = await find_by_email(db, email)
-    ok, new_hash = await hasher.verify(password, user.password_hash if user else None)
+    epoch = "0"
+    if user is not None:
+        # The epoch first, then the row again: a change committed before it was bumped is
+        # seen in the row, one committed after it makes the session's creation fail.
+        epoch = await t.sessions.epoch(user.id)
+        user = await fresh_user(db, user.id)
+    ok, new_hash = await t.hasher.verify(password, user.password_hash if user else None,
+                                         account=email_key(email))
     user_id = user.id if user else None
     if user is None or not ok:
         await audit(db, "login", user_id=user_id, outcome="failed")
@@ -73,18 +125,36 @@ async def authenticate(db: AsyncSession, hasher: PasswordHasher, email: str,
         await audit(db, "login", user_id=user_id, outcome="inactive")
         raise Problem("account_inactive", "This account is deactivated.")
     await audit(db, "login", user_id=user_id, outcome="ok")  # commits the rehash too
-    return user
+    return user, epoch
+
+
+async def fresh_user(db: AsyncSession, user_id: str) -> User | None:
+    """The user's row as committed now (not as this unit of work last saw it)."""
+    query = select(User).where(User.id == user_id).execution_options(populate_existing=True)
+    return (await db.exec(query)).first()
+
+
+async def superseded_login(db: AsyncSession, user_id: str) -> Problem:
+    """What a login whose session was refused (the epoch moved) answers: as if it had come
+    after the change."""
+    await audit(db, "login", user_id=user_id, outcome="superseded")
+    user = await fresh_user(db, user_id)
+    if user is not None and user.password_hash is not None and not user.is_active:
+        return Problem("account_inactive", "This account is deactivated.")
+    return invalid_credentials()
 
 
 async def verify_password(hasher: PasswordHasher, user: User, password: str) -> bool:
-    ok, _ = await hasher.verify(password, user.password_hash)
+    ok, _ = await hasher.verify(password, user.password_hash, account=account_of(user))
     return ok
 
 
-async def open_session(t: Tessera, user: User, user_agent: str | None, *,
+async def open_session(t: Tessera, user: User, user_agent: str | None, *, epoch: str,
                        amr: list[str] | None = None,
-                       auth_time: int | None = None) -> IssuedToken:
-    """`amr`: how the user authenticated (RFC 8176; a password alone by default)."""
+                       auth_time: int | None = None) -> IssuedToken | None:
+    """A new session, if the user's auth epoch is still `epoch` (read before the credentials
+    were checked); None if a change that ends sessions happened meanwhile. `amr`: how the
+    user authenticated (RFC 8176; a password alone by default)."""
     s = t.settings
     await t.keys.maybe_refresh()  # a rotation on another instance reaches this one
     now = int(time.time())
@@ -93,10 +163,13 @@ async def open_session(t: Tessera, user: User, user_agent: str | None, *,
     issued = issue_token(t.keys, sub=user.id, sid=new_session_id(),
                          ttl_seconds=s.session_ttl_seconds, issuer=s.issuer,
                          audience=s.audience, now=now, amr=amr, auth_time=auth_time)
-    await t.sessions.create(SessionRecord(
+    created = await t.sessions.create(SessionRecord(
         sid=issued.sid, user_id=user.id, token_hash=token_hash(t.token_key, issued.token),
         created_at=issued.iat, expires_at=issued.exp,
-        user_agent=(user_agent or "")[:256] or None, amr=amr, auth_time=auth_time))
+        user_agent=(user_agent or "")[:256] or None, amr=amr, auth_time=auth_time),
+        epoch=epoch)
+    if not created:
+        return None
     t.metrics.sessions_issued.inc()
     return issued
 
@@ -143,6 +216,16 @@ async def audit(db: AsyncSession, event: str, *, user_id: str | None = None,
                       detail=detail))
     if commit:
         await db.commit()
+
+
+async def promote_to_admin(db: AsyncSession, user: User) -> None:
+    """The admin role for an existing account (`tessera create-admin --promote`); the caller
+    drops the cached profile (the CLI has no running services)."""
+    user.is_admin = True
+    user.updated_at = utcnow()
+    db.add(user)
+    await audit(db, "admin_promoted", user_id=user.id, commit=False)
+    await db.commit()
 
 
 async def user_changed(t: Tessera, user_id: str) -> None:
@@ -195,6 +278,8 @@ async def reactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str)
     events.emit(db, "user.reactivated", {"user_id": user.id})
     await db.commit()
     await user_changed(t, user.id)
+    # No session from before the deactivation comes back with the account (issue 12.1).
+    await revoke_all_sessions(t, user.id, "reactivated")
 
 
 async def change_email(t: Tessera, db: AsyncSession, user: User, email: str) -> User:
@@ -233,7 +318,7 @@ async def change_password(t: Tessera, db: AsyncSession, user: User, current: str
         raise Problem("wrong_password", "The current password is wrong.")
     if check_factor is not None:
         await check_factor()
-    user.password_hash = await t.hasher.hash(new)
+    user.password_hash = await t.hasher.hash(new, account=account_of(user))
     user.updated_at = utcnow()
     db.add(user)
     await audit(db, "password_changed", user_id=user.id, commit=False)
@@ -297,6 +382,13 @@ async def delete_account(t: Tessera, db: AsyncSession, user: User) -> None:
     await db.commit()
     await t.profiles.forget(user_id)
     await revoke_all_sessions(t, user_id, "account_deleted")  # any login that raced the delete
+    await scrub_traces(t)
+
+
+async def scrub_traces(t: Tessera) -> None:
+    """The deleted data off the disk too: the SQLite WAL, Redis's snapshot and AOF."""
+    await checkpoint_sqlite(t.engine)
+    t.scrubber.request()
 
 
 async def erase_minor(t: Tessera, db: AsyncSession, user: User, *, actor_id: str) -> None:
@@ -315,3 +407,4 @@ async def erase_minor(t: Tessera, db: AsyncSession, user: User, *, actor_id: str
     await db.commit()
     await user_changed(t, user.id)
     await revoke_all_sessions(t, user.id, "minor_erased")
+    await scrub_traces(t)

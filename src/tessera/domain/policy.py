@@ -14,6 +14,11 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from tessera.errors import Problem
 from tessera.stores.models import PolicyVersion, User, utcnow
 
+# The `policy_seq` of an account that has accepted no policy version yet (registered without
+# `policy_version`): below every required seq, so the gate asks for consent (P10: consent is
+# never inferred).
+NEVER_ACCEPTED = -1
+
 
 @dataclass(frozen=True)
 class PolicyState:

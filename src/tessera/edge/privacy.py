@@ -53,17 +53,17 @@ def opts_out(name: bytes, value: bytes) -> bool:
 
 
 def parse_cookies(header: bytes, wanted: frozenset[bytes], found: dict[bytes, bytes]) -> None:
-    """Strict Cookie parsing for tessera's own cookies: a name matches only exactly (no
-    stripping of tabs, NBSP or NEL, which `http.cookies` would treat as space), and the first
-    occurrence of a name wins. Values are taken as sent (tessera's values need no unquoting).
-    """
+    """Strict Cookie parsing for tessera's own cookies (the one parser; issue 12.7): pairs
+    trimmed of spaces (0x20) only, so a name matches only exactly (no stripping of tabs, NBSP
+    or NEL, which `http.cookies` would treat as space); a name sent more than once (in one
+    header or across several: call this for each) counts as absent (b""), since which one a
+    browser sends first depends on paths and ages an attacker may control (cookie tossing).
+    Values are taken as sent (tessera's values need no unquoting)."""
     for part in header.split(b";"):
-        name, sep, value = part.partition(b"=")
-        if not sep:
+        name, sep, value = part.strip(b" ").partition(b"=")
+        if not sep or name not in wanted:
             continue
-        name = name.strip(b" ")
-        if name in wanted and name not in found:
-            found[name] = value.strip(b" ")
+        found[name] = b"" if name in found else value.strip(b" ")
 
 
 class _VisitorIds:

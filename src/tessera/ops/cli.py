@@ -36,7 +36,8 @@ def serve(
         help="Comma-separated trusted proxy addresses or networks, * for any "
              "(default: TESSERA_FORWARDED_ALLOW_IPS, 127.0.0.1).")] = None,
 ) -> None:
-    """Apply pending migrations, then serve (uvloop, httptools, no access log)."""
+    """Apply pending migrations, then serve (uvloop, httptools, no access log, no
+    WebSocket)."""
     import uvicorn
 
     from tessera.ops.embedded import EmbeddedRedis
@@ -71,6 +72,10 @@ def serve(
         # httptools with a bound on the request head's size and time (ops/http.py).
         uvicorn.run("tessera.main:create_app", factory=True, host=host, port=port, workers=workers,
                     loop="uvloop", http="tessera.ops.http:BoundedHttpToolsProtocol",
+                    # Nothing in tessera speaks WebSocket: an upgrade attempt is plain HTTP
+                    # (refused by the app like any request), and uvicorn's WebSocket
+                    # protocol, which logs the client's address and path, never runs.
+                    ws="none",
                     access_log=False, log_config=None, proxy_headers=False,
                     timeout_keep_alive=settings.http_keep_alive_seconds,
                     limit_concurrency=settings.http_max_connections,
@@ -150,21 +155,36 @@ async def _forget_cached_profile(settings: Settings, user_id: str) -> None:
 
 
 @cli.command("create-admin")
-def create_admin(email: str) -> None:
-    """Create an admin (password from TESSERA_ADMIN_PASSWORD or a prompt), or promote a user."""
+def create_admin(
+    email: str,
+    promote: Annotated[bool, typer.Option(
+        "--promote", help="Make the existing account with this email an admin (it keeps its "
+        "password), instead of creating one.")] = False,
+) -> None:
+    """Create an admin (password from TESSERA_ADMIN_PASSWORD or a prompt); with --promote,
+    make an existing account admin. An existing email without --promote is refused: the
+    account may be someone else's."""
     from tessera.domain import accounts
     from tessera.domain.policy import load_policy_state
     from tessera.security.passwords import PasswordHasher, normalise_password
+    from tessera.timeutil import rfc3339
+
+    def refuse(message: str) -> None:
+        typer.echo(message, err=True)
+        raise typer.Exit(1)
 
     async def run(settings: Settings, db: AsyncSession) -> str:
         user = await accounts.find_by_email(db, email)
         if user is not None:
-            user.is_admin = True
-            db.add(user)
-            await accounts.audit(db, "admin_promoted", user_id=user.id, commit=False)
-            await db.commit()
+            shown = f"{user.id} <{user.email}> created {rfc3339(user.created_at)}"
+            if not promote:
+                refuse(f"an account with this email exists ({shown}); "
+                       f"pass --promote to make it admin")
+            await accounts.promote_to_admin(db, user)
             await _forget_cached_profile(settings, user.id)
-            return f"promoted {user.id} to admin"
+            return f"promoted {shown} to admin"
+        if promote:
+            refuse("no account has this email to promote; leave out --promote to create one")
         raw = (settings.admin_password.get_secret_value() if settings.admin_password
                else typer.prompt("Password", hide_input=True, confirmation_prompt=True))
         try:
@@ -173,9 +193,11 @@ def create_admin(email: str) -> None:
             raise typer.BadParameter(str(exc)) from None
         user = await accounts.register_user(db, PasswordHasher(settings.bcrypt_rounds),
                                             email=email, password=password,
-                                            policy=await load_policy_state(db), is_admin=True)
+                                            policy=await load_policy_state(db),
+                                            accepted_policy=False, is_admin=True)
         await accounts.audit(db, "admin_created", user_id=user.id)
-        return f"created admin {user.id}"
+        return (f"created admin {user.id} <{user.email}>; it accepts the policy at its "
+                f"first login (POST /me/policy-consent)")
 
     from email_validator import EmailNotValidError, validate_email
 

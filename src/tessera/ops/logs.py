@@ -31,9 +31,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def _not_the_websocket_hint(record: logging.LogRecord) -> bool:
+    # With ws="none" (tessera serve), uvicorn suggests installing a WebSocket library on
+    # every upgrade attempt: misleading, since refusing WebSocket is the point.
+    return not str(record.msg).startswith("No supported WebSocket library")
+
+
 def configure_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(_not_the_websocket_hint)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

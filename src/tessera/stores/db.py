@@ -41,6 +41,8 @@ def create_engine(url: str, *, connect_timeout: float = 5.0,
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
+            # Deleted rows are overwritten with zeros, not left in free pages (issue 12.7).
+            cursor.execute("PRAGMA secure_delete=ON")
             cursor.close()
 
     return engine

@@ -9,11 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 
 from tessera.errors import Problem
 from tessera.stores.redis import AnyRedis
 
-Limit = tuple[str, str, int]  # (kind, value, max attempts in the window)
+# (kind, value, max attempts in the window) or (kind, value, max, own window in seconds)
+Limit = tuple[str, str, int] | tuple[str, str, int, int]
+
+
+def ip_bucket(address: str) -> str:
+    """What a per-IP limit counts: an IPv4 address, or an IPv6 address's /64 (one customer
+    usually holds a whole /64, so counting its addresses one by one would not limit it).
+    An IPv4-mapped IPv6 address counts as its IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class AttemptLimiter:
@@ -28,14 +45,16 @@ class AttemptLimiter:
 
     async def attempt(self, limits: list[Limit], window: int) -> None:
         """Count one attempt on every counter; 429 `too_many_attempts` if any is past its max."""
-        names = [self._name(kind, value) for kind, value, _ in limits]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.set(name, 0, ex=window, nx=True)  # the window starts at the first attempt
+            for limit in limits:
+                name = self._name(limit[0], limit[1])
+                # the window starts at the first attempt
+                pipe.set(name, 0, ex=limit[3] if len(limit) == 4 else window, nx=True)
                 pipe.incr(name)
                 pipe.ttl(name)
             results = await pipe.execute()
-        for i, (_, _, maximum) in enumerate(limits):
+        for i, limit in enumerate(limits):
+            maximum = limit[2]
             count, ttl = results[3 * i + 1], results[3 * i + 2]
             if int(count) > maximum:
                 raise Problem("too_many_attempts", "Too many attempts; try again later.",

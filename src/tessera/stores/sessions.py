@@ -5,6 +5,14 @@ Redis Cluster slot and multi-key updates can be atomic):
 
     tessera:{<uid>}:s:<sid>     JSON session record, TTL = the token's remaining life
     tessera:{<uid>}:sessions    sorted set sid -> exp, the user's index
+    tessera:{<uid>}:epoch       the user's auth epoch: bumped by every change that ends
+                                sessions (password, deactivation, deletion, erasure, ...)
+
+A login reads the epoch before it reads the user and verifies the password, and its session
+is written only if the epoch is still the same (one Lua script): a change that commits and
+then ends the user's sessions (bumping the epoch in the same script) either deletes the new
+session or makes its creation fail. So no session outlives the credentials or the account
+state it was issued for (issue 12.1).
 
 Every deleted session is published on `tessera:revocations` as {sid, sub, exp}.
 
@@ -29,13 +37,18 @@ REVOCATION_CHANNEL = "tessera:revocations"
 # The oldest sessions of a user past this many are ended at the next login.
 MAX_SESSIONS_PER_USER = 100
 
-# Deletes the sessions KEYS[2..] (sids ARGV[2..]) if the index KEYS[1] still holds exactly
-# them besides ARGV[1] (the kept sid), and returns their records; else returns nil and the
-# caller reads the index again. An optimistic check-and-delete that, unlike WATCH/MULTI,
-# also runs on a Redis Cluster (all keys share the user's hash tag, so one slot).
+# The epoch outlives any login in flight by far; it needs no longer life (an expired epoch
+# reads as "0", and a bump since a login read it still makes the epochs differ for a day).
+EPOCH_TTL_SECONDS = 86400
+
+# Deletes the sessions KEYS[3..] (sids ARGV[3..]) if the index KEYS[1] still holds exactly
+# them besides ARGV[1] (the kept sid), bumps the epoch KEYS[2] (TTL ARGV[2]) and returns
+# their records; else returns nil and the caller reads the index again. An optimistic
+# check-and-delete that, unlike WATCH/MULTI, also runs on a Redis Cluster (all keys share the
+# user's hash tag, so one slot).
 _DELETE_LISTED = """
 local expected = {}
-for i = 2, #ARGV do expected[ARGV[i]] = true end
+for i = 3, #ARGV do expected[ARGV[i]] = true end
 local others = 0
 for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if sid ~= ARGV[1] then
@@ -43,14 +56,36 @@ for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     others = others + 1
   end
 end
-if others ~= #ARGV - 1 then return nil end
+if others ~= #ARGV - 2 then return nil end
+redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
 local records = {}
-for i = 2, #KEYS do
-  records[i - 1] = redis.call('GET', KEYS[i]) or false
+for i = 3, #KEYS do
+  records[i - 2] = redis.call('GET', KEYS[i]) or false
   redis.call('DEL', KEYS[i])
   redis.call('ZREM', KEYS[1], ARGV[i])
 end
 return records
+"""
+
+# Writes the session KEYS[2] (record ARGV[2], TTL ARGV[3]) and indexes it in KEYS[3] (sid
+# ARGV[4], score ARGV[5]) only if the epoch KEYS[1] is still ARGV[1]; returns the number of
+# the user's live sessions, or -1 (nothing written) if the epoch moved.
+_CREATE = """
+if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return -1 end
+local now = tonumber(ARGV[6])
+local ttl = tonumber(ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl)
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+local longest = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
+local index_ttl = ttl
+if longest[2] then
+  local rest = math.floor(tonumber(longest[2])) - now
+  if rest > index_ttl then index_ttl = rest end
+end
+redis.call('EXPIRE', KEYS[3], index_ttl)
+return redis.call('ZCARD', KEYS[3])
 """
 
 
@@ -76,6 +111,10 @@ def _index_key(user_id: str) -> str:
     return f"tessera:{{{user_id}}}:sessions"
 
 
+def _epoch_key(user_id: str) -> str:
+    return f"tessera:{{{user_id}}}:epoch"
+
+
 def _decode(raw: str | bytes | None) -> SessionRecord | None:
     if raw is None:
         return None
@@ -92,25 +131,30 @@ class SessionStore:
         # Fails token checks closed while Redis refuses writes (stores/durability.py).
         self.writes = WriteGate(redis)
         self._delete_listed = redis.register_script(_DELETE_LISTED)
+        self._create = redis.register_script(_CREATE)
 
-    async def create(self, record: SessionRecord) -> None:
+    async def epoch(self, user_id: str) -> str:
+        """The user's auth epoch: read before the credentials are checked, handed to `create`."""
+        raw = await self.redis.get(_epoch_key(user_id))
+        return str(raw) if raw is not None else "0"
+
+    async def create(self, record: SessionRecord, *, epoch: str) -> bool:
+        """Write the session if the user's epoch is still `epoch`; False (nothing written) if a
+        change that ends sessions happened since it was read."""
         now = int(time.time())
         ttl = max(1, record.expires_at - now)
         index = _index_key(record.user_id)
-        # The index lives as long as the user's longest session (EXPIRE GT needs Redis 7).
-        longest = await self.redis.zrange(index, -1, -1, withscores=True)
-        index_ttl = max(ttl, int(longest[0][1]) - now if longest else 0)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(_session_key(record.user_id, record.sid), json.dumps(asdict(record)), ex=ttl)
-            # Score: the expiry, with the sub-second of creation so the oldest sorts first.
-            pipe.zadd(index, {record.sid: record.expires_at + time.time() % 1})
-            pipe.zremrangebyscore(index, "-inf", now)
-            pipe.expire(index, index_ttl)
-            pipe.zcard(index)
-            *_, count = await pipe.execute()
+        # Score: the expiry, with the sub-second of creation so the oldest sorts first.
+        count = int(await self._create(
+            keys=[_epoch_key(record.user_id), _session_key(record.user_id, record.sid), index],
+            args=[epoch, json.dumps(asdict(record)), ttl, record.sid,
+                  repr(record.expires_at + time.time() % 1), now]))
+        if count < 0:
+            return False
         if count > MAX_SESSIONS_PER_USER:  # a login loop must not grow a user's sessions forever
             for sid in await self.redis.zrange(index, 0, count - MAX_SESSIONS_PER_USER - 1):
                 await self.delete(record.user_id, str(sid))
+        return True
 
     async def get(self, user_id: str, sid: str) -> SessionRecord | None:
         return _decode(await self.redis.get(_session_key(user_id, sid)))
@@ -167,7 +211,8 @@ class SessionStore:
         return bool(deleted)
 
     async def delete_all(self, user_id: str, *, keep_sid: str | None = None) -> int:
-        """Delete every session of the user (but `keep_sid`), atomically against new logins."""
+        """Delete every session of the user (but `keep_sid`) and bump the user's epoch, in one
+        script: a login in flight since before this call gets no session (see `create`)."""
         try:
             return await self._delete_all(user_id, keep_sid)
         except Exception as exc:
@@ -179,11 +224,9 @@ class SessionStore:
         index = _index_key(user_id)
         while True:
             sids = [s for s in map(str, await self.redis.zrange(index, 0, -1)) if s != keep_sid]
-            if not sids:
-                return 0
             raws = await self._delete_listed(
-                keys=[index, *(_session_key(user_id, s) for s in sids)],
-                args=[keep_sid or "", *sids])
+                keys=[index, _epoch_key(user_id), *(_session_key(user_id, s) for s in sids)],
+                args=[keep_sid or "", EPOCH_TTL_SECONDS, *sids])
             if raws is None:
                 continue  # a login or logout changed the index meanwhile
             records = [r for r in (_decode(raw) for raw in raws) if r is not None]
