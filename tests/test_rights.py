@@ -39,15 +39,22 @@ async def flush_usage(app: FastAPI) -> None:
 
 # --- P5: access, rectify, password, deactivate ------------------------------------------
 
-async def test_patch_me_changes_email_and_refuses_a_taken_one(client) -> None:
+async def test_patch_me_changes_email_and_refuses_a_taken_one(client, smtp) -> None:
     user, token = await registered_token(client)
     other = await register(client)
     new = new_email("renamed")
-    changed = await client.patch("/me", json={"email": new}, headers=bearer(token))
+    asked = await client.patch("/me", json={"email": new, "current_password": PASSWORD},
+                               headers=bearer(token))
+    assert asked.status_code == 202 and asked.json()["email"] == user["email"]
+    assert asked.json()["pending_email"] == new
+    confirm = (await smtp.wait_for(new, "email_change"))[0]
+    changed = await client.post("/me/email/confirm", json={"token": confirm.token})
     assert changed.status_code == 200 and changed.json()["email"] == new
-    same = await client.patch("/me", json={"email": new.upper()}, headers=bearer(token))
-    assert same.status_code == 200
-    assert_problem(await client.patch("/me", json={"email": other["email"]},
+    same = await client.patch("/me", json={"email": new.upper(), "current_password": PASSWORD},
+                              headers=bearer(token))
+    assert same.status_code == 200 and same.json()["email"] == new
+    assert_problem(await client.patch("/me", json={"email": other["email"],
+                                                   "current_password": PASSWORD},
                                       headers=bearer(token)), 409, "email_taken")
     assert (await login(client, new)).status_code == 200
     assert_problem(await login(client, user["email"]), 401, "invalid_credentials")
@@ -279,7 +286,8 @@ async def test_substantial_policy_change_needs_fresh_consent(app: FastAPI, clien
     assert (await client.get("/policy")).json()["version"] == version
     for method, path in (("GET", "/me/consents"), ("GET", "/auth/sessions"),
                          ("PATCH", "/me"), ("GET", "/admin/users")):
-        kwargs: dict[str, Any] = {"json": {"email": new_email()}} if method == "PATCH" else {}
+        kwargs: dict[str, Any] = ({"json": {"email": new_email(), "current_password": PASSWORD}}
+                                  if method == "PATCH" else {})
         gated = await client.request(method, path, headers=bearer(admin if "admin" in path
                                                                    else token), **kwargs)
         assert_problem(gated, 403, "policy_consent_required")

@@ -11,6 +11,7 @@ from tessera import __version__
 from tessera.api import admin, auth, health, me, revocations, wellknown
 from tessera.api.openapi import install_openapi
 from tessera.config import Settings
+from tessera.domain.mail import MailWorker
 from tessera.domain.policy import PolicyCache
 from tessera.domain.profiles import ProfileCache
 from tessera.edge.fastpath import FastPath, TesseraApp
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
     metrics = Metrics()
     usage = UsageRecorder(db_factory, flush_events=settings.usage_flush_events,
                           flush_seconds=settings.usage_flush_seconds)
+    mail = MailWorker(db_factory, settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: TesseraApp) -> AsyncIterator[None]:
@@ -66,13 +68,14 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
                 policy=PolicyCache(db_factory), csrf_key=derive_key(secret, b"csrf"),
                 token_key=derive_key(secret, b"token-hash"),
                 limiter=AttemptLimiter(redis, derive_key(secret, b"rate-limit")),
-                profiles=ProfileCache(redis), embedded_redis=embedded)
+                profiles=ProfileCache(redis), mail=mail, embedded_redis=embedded)
             # With OpenTelemetry configured when tessera starts, FastAPI traces every request:
             # the fast path steps aside so these two keep their spans and metrics.
             telemetry = getattr(app, "_native_telemetry", None)
             if settings.fast_path and not (telemetry is not None and telemetry.enabled()):
                 app.fast_path = FastPath(app.state.tessera)
             usage.start()
+            mail.start()
             yield
         finally:
             app.fast_path = None
@@ -81,6 +84,7 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
                 started.hasher.close()
             await revocations.close_revocation_hub(app)  # end open feeds and the subscription
             await usage.stop()
+            await mail.stop()
             await redis.aclose()
             await engine.dispose()
             if embedded is not None:

@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tessera.config import Settings
+from tessera.domain.mail import MailWorker
 from tessera.domain.policy import PolicyCache
 from tessera.domain.profiles import ProfileCache
 from tessera.metrics import Metrics
@@ -37,4 +38,5 @@ class Tessera:
     token_key: bytes
     limiter: AttemptLimiter
     profiles: ProfileCache
+    mail: MailWorker
     embedded_redis: EmbeddedRedis | None = field(default=None)

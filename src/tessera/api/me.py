@@ -11,6 +11,7 @@ from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StrictBool, field_validator
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.responses import JSONResponse
 
 from tessera.api.cookies import clear_login_cookies
 from tessera.api.deps import (
@@ -22,13 +23,14 @@ from tessera.api.deps import (
     TesseraDep,
 )
 from tessera.api.schemas import SafeStr
-from tessera.domain import accounts, consents, privacy_requests
+from tessera.domain import accounts, consents, privacy_requests, recovery
 from tessera.domain.policy import accept_policy
 from tessera.domain.profiles import account_view
 from tessera.edge.privacy import attribute_usage
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.security.passwords import normalise_password
 from tessera.services import Tessera
+from tessera.stores.mail import mails_of
 from tessera.stores.models import AuditEvent, PrivacyRequest, User
 from tessera.stores.usage import usage_log_of
 from tessera.timeutil import from_epoch, rfc3339
@@ -47,8 +49,13 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", str_max_length=4096)
 
 
-class EmailIn(_Body):
+class EmailChangeIn(_Body):
     email: EmailStr = Field(max_length=254)
+    current_password: str = Field(max_length=1024)
+
+
+class EmailTokenIn(_Body):
+    token: str = Field(min_length=1, max_length=512)
 
 
 class PasswordChangeIn(_Body):
@@ -130,13 +137,31 @@ async def get_me(profile: ProfileAnyPolicy) -> Response:
     return Response(json.dumps(profile["me"]), media_type="application/json", headers=NO_STORE)
 
 
-@router.patch("", responses=problem_doc({409: "email_taken"}))
-async def update_me(body: EmailIn, user: CurrentUser, db: DbDep, t: TesseraDep,
-                    response: Response) -> dict[str, Any]:
-    user = await accounts.change_email(db, user, str(body.email))
-    await accounts.audit(db, "email_changed", user_id=user.id)
+@router.patch("", status_code=202,
+              responses={200: {"description": "the same address as now: nothing changes"},
+                         **problem_doc({403: "invalid_credentials", 409: "email_taken"})})
+async def update_me(body: EmailChangeIn, user: CurrentUser, db: DbDep, t: TesseraDep
+                    ) -> JSONResponse:
+    """Ask to change the email: 202 with `pending_email`, a confirmation mail to the new
+    address (POST /me/email/confirm) and a notice to the old one; the email changes only
+    once the new address is confirmed."""
+    await confirm_attempt(t, user.id)
+    requested = await recovery.request_email_change(t, db, user, str(body.email),
+                                                    _password_text(body.current_password))
+    await t.limiter.forgive("password-confirm", user.id, all_of_them=True)
+    return JSONResponse(await fresh_view(t, db, user), status_code=202 if requested else 200,
+                        headers=NO_STORE)
+
+
+@router.post("/email/confirm", responses=problem_doc({400: "invalid_token",
+                                                       409: "email_taken"}))
+async def confirm_email(body: EmailTokenIn, db: DbDep, t: TesseraDep,
+                        response: Response) -> dict[str, Any]:
+    """The token from the mail sent to the new address (no login needed): the email changes
+    and is verified."""
+    user = await recovery.confirm_email_change(t, db, body.token)
     response.headers.update(NO_STORE)
-    return await fresh_view(t, db, user)
+    return account_view(user, await consents.current_consents(db, user.id))
 
 
 @router.post("/password", status_code=204, response_class=Response,
@@ -179,6 +204,8 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
         "usage_log": usage,
         "privacy_requests": [privacy_request_view(r) for r in
                              await privacy_requests.user_requests(db, user.id)],
+        "mails": [{"at": rfc3339(m.sent_at or m.created_at), "kind": m.kind, "to": m.to_addr,
+                   "status": m.status} for m in await mails_of(db, user.id)],
         "security_events": [{"at": rfc3339(a.at), "event": a.event, "outcome": a.outcome}
                             for a in audit_rows],
     }

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tessera.domain import mail
 from tessera.domain.policy import PolicyState
 from tessera.errors import Problem
 from tessera.security.passwords import PasswordHasher
 from tessera.security.tokens import IssuedToken, issue_token, new_session_id, token_hash
 from tessera.services import Tessera
+from tessera.stores import mail as mail_store
 from tessera.stores.models import AuditEvent, User, utcnow
 from tessera.stores.sessions import SessionRecord
 
@@ -34,7 +37,9 @@ async def find_by_email(db: AsyncSession, email: str) -> User | None:
 
 
 async def register_user(db: AsyncSession, hasher: PasswordHasher, *, email: str, password: str,
-                        policy: PolicyState, is_admin: bool = False) -> User:
+                        policy: PolicyState, is_admin: bool = False,
+                        on_create: Callable[[AsyncSession, User], None] | None = None) -> User:
+    """`on_create` adds rows to the registration's own transaction (the verification mail)."""
     if await find_by_email(db, email) is not None:
         raise Problem(409, "email_taken", "An account with this email exists.")
     now = utcnow()
@@ -44,6 +49,9 @@ async def register_user(db: AsyncSession, hasher: PasswordHasher, *, email: str,
                 policy_accepted_at=now)
     db.add(user)
     try:
+        if on_create is not None:
+            await db.flush()  # the user row first: the rows added next refer to it
+            on_create(db, user)
         await db.commit()
     except IntegrityError:  # a concurrent registration won the race
         await db.rollback()
@@ -118,23 +126,6 @@ async def audit(db: AsyncSession, event: str, *, user_id: str | None = None,
         await db.commit()
 
 
-async def change_email(db: AsyncSession, user: User, email: str) -> User:
-    key = email_key(email)
-    if key != user.email_key:
-        other = await find_by_email(db, email)
-        if other is not None:
-            raise Problem(409, "email_taken", "An account with this email exists.")
-    user.email, user.email_key, user.updated_at = email, key, utcnow()
-    db.add(user)
-    try:
-        await db.commit()
-    except IntegrityError:
-        await db.rollback()
-        raise Problem(409, "email_taken", "An account with this email exists.") from None
-    await db.refresh(user)
-    return user
-
-
 async def change_password(t: Tessera, db: AsyncSession, user: User, current: str, new: str,
                           keep_sid: str) -> None:
     if not await verify_password(t.hasher, user, current):
@@ -142,9 +133,26 @@ async def change_password(t: Tessera, db: AsyncSession, user: User, current: str
     user.password_hash = await t.hasher.hash(new)
     user.updated_at = utcnow()
     db.add(user)
+    await mail_store.end_tokens(db, user.id, "reset")  # any password change ends reset links
+    mail.queue_password_changed(db, t.settings, user, "with the current password")
     await audit(db, "password_changed", user_id=user.id, commit=False)
     await db.commit()
+    t.mail.wake()
     await revoke_all_sessions(t, user.id, "password_changed", keep_sid=keep_sid)
+
+
+async def has_second_factor(db: AsyncSession, user: User) -> bool:
+    """Hook for second factors (issue 14): True when the account has a second factor
+    enrolled (TOTP, passkey), so that a password reset also asks for a `code`
+    (`POST /auth/password-reset/confirm` answers 401 `mfa_required` without a valid one).
+    No second factors exist yet: always False."""
+    return False
+
+
+async def check_second_factor(db: AsyncSession, user: User, code: str | None) -> bool:
+    """Hook for second factors (issue 14): whether `code` (a TOTP or recovery code) is a
+    valid second factor of the account. Only asked when `has_second_factor` is True."""
+    return False
 
 
 async def deactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str | None) -> None:
@@ -164,6 +172,7 @@ async def _erase_personal_rows(db: AsyncSession, user_id: str) -> None:
 
     for table in (UsageSegment, ConsentEvent, PrivacyRequest):
         await db.exec(delete(table).where(col(table.user_id) == user_id))
+    await mail_store.erase_mail_rows(db, user_id)  # outbox rows and tokens (P9)
     # The audit trail keeps what happened, anonymised: no link back to the person.
     await db.exec(update(AuditEvent).where(col(AuditEvent.user_id) == user_id)
                   .values(user_id=None))
@@ -177,9 +186,12 @@ async def delete_account(t: Tessera, db: AsyncSession, user: User) -> None:
     await t.usage.forget(user_id)
     await revoke_all_sessions(t, user_id, "account_deleted")
     await _erase_personal_rows(db, user_id)
+    if user.email is not None:  # the notice outlives the account until it is sent
+        mail.queue_account_deleted(db, t.settings, user.email)
     await db.delete(user)
     await audit(db, "account_deleted", commit=False)
     await db.commit()
+    t.mail.wake()
     await t.profiles.invalidate(user_id)
     await revoke_all_sessions(t, user_id, "account_deleted")  # any login that raced the delete
 

@@ -194,6 +194,7 @@ class FastPath:
             "iat": raw.get("iat"), "iss": raw.get("iss"), "aud": raw.get("aud"),
             "jti": raw.get("jti"), "token_type": "Bearer",
             "policy_accepted": not must_consent(profile["policy_seq"], await self.t.policy.get()),
+            "email_verified": bool(profile["me"].get("email_verified")),
         }
 
     def _service_key_ok(self, presented: str | None) -> bool:

@@ -20,6 +20,8 @@ cli = typer.Typer(help="tessera: auth and sessions that enforce a privacy policy
                   no_args_is_help=True, add_completion=False)
 keys_cli = typer.Typer(help="Signing keys.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
+mail_cli = typer.Typer(help="Transactional mail.", no_args_is_help=True)
+cli.add_typer(mail_cli, name="mail")
 
 
 @cli.command()
@@ -137,16 +139,65 @@ def rotate() -> None:
 
 @cli.command()
 def purge() -> None:
-    """Delete usage events past retention, and signing keys past their last token."""
+    """Delete usage events past retention, signing keys past their last token, and sent mails
+    past TESSERA_MAIL_RETENTION_DAYS (with used or expired mail tokens)."""
     from tessera.stores.keys import purge_expired_keys
+    from tessera.stores.mail import purge_mail
     from tessera.stores.usage import purge_usage
 
     async def run(settings: Settings, db: AsyncSession) -> str:
         events = await purge_usage(db, settings.usage_retention_days)
         keys = await purge_expired_keys(db)
-        return f"purged {events} usage events and {keys} expired signing keys"
+        mails = await purge_mail(db, settings.mail_retention_days)
+        return (f"purged {events} usage events, {keys} expired signing keys and {mails} "
+                "mail records")
 
     typer.echo(asyncio.run(_with_db(run)))
+
+
+@mail_cli.command("test")
+def mail_test(address: str) -> None:
+    """Send a test mail to ADDRESS now, through the configured transport (TESSERA_SMTP_URL,
+    or an .eml file in <data>/outbox/), by way of the outbox like every mail."""
+    from email_validator import EmailNotValidError, validate_email
+
+    from tessera.domain.mail import MailWorker, queue_mail
+    from tessera.metrics import Metrics
+    from tessera.ops.logs import configure_logging
+    from tessera.stores.db import create_engine, session_factory
+    from tessera.stores.mail import OutboxMail
+
+    try:
+        validate_email(address, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+    async def run() -> tuple[bool, str]:
+        settings = Settings()
+        engine = create_engine(settings.resolved_database_url)
+        factory = session_factory(engine)
+        worker = MailWorker(factory, settings, Metrics())
+        try:
+            async with factory() as db:
+                row = queue_mail(db, settings, user_id=None, to=address, kind="test",
+                                 context={})
+                await db.commit()
+                mail_id = row.id
+            await worker.run_once()  # a running instance may have sent it already: fine
+            async with factory() as db:
+                left = await db.get(OutboxMail, mail_id)
+            if left is None:
+                return True, worker.transport.description
+            return False, f"{worker.transport.description}: {left.last_error or 'queued'}"
+        finally:
+            await engine.dispose()
+
+    configure_logging("warning")
+    sent, where = asyncio.run(run())
+    if not sent:
+        typer.echo(f"test mail not sent yet ({where}); it stays queued for retries", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"test mail sent through {where}")
 
 
 def main() -> None:
