@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
@@ -183,12 +184,18 @@ def mail_test(address: str) -> None:
                                  context={})
                 await db.commit()
                 mail_id = row.id
-            await worker.run_once()  # a running instance may have sent it already: fine
-            async with factory() as db:
-                left = await db.get(OutboxMail, mail_id)
-            if left is None:
-                return True, worker.transport.description
-            return False, f"{worker.transport.description}: {left.last_error or 'queued'}"
+            # A running instance may claim it first: then wait for that one's attempt.
+            deadline = time.monotonic() + settings.mail_smtp_timeout_seconds + 5
+            while True:
+                await worker.run_once()
+                async with factory() as db:
+                    left = await db.get(OutboxMail, mail_id)
+                if left is None:
+                    return True, worker.transport.description
+                if left.attempts > 0 or time.monotonic() > deadline:
+                    return False, (f"{worker.transport.description}: "
+                                   f"{left.last_error or 'still queued'}")
+                await asyncio.sleep(0.2)
         finally:
             await engine.dispose()
 

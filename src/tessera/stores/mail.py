@@ -102,7 +102,7 @@ async def use_token(db: AsyncSession, row: MailToken) -> bool:
         .where(col(MailToken.id) == row.id, col(MailToken.used_at).is_(None),
                col(MailToken.expires_at) > utcnow())
         .values(used_at=utcnow()).execution_options(synchronize_session=False))
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    return bool(result.rowcount == 1)
 
 
 async def end_tokens(db: AsyncSession, user_id: str, purpose: str) -> None:
@@ -134,7 +134,7 @@ async def claim(db: AsyncSession, lease_seconds: float, limit: int) -> list[Outb
                    sa.or_(col(OutboxMail.claimed_until).is_(None),
                           col(OutboxMail.claimed_until) < now))
             .values(claimed_until=until).execution_options(synchronize_session=False))
-        if result.rowcount == 1:  # type: ignore[attr-defined]
+        if result.rowcount == 1:
             claimed.append(mail_id)  # type: ignore[arg-type]
     await db.commit()
     if not claimed:
@@ -195,4 +195,4 @@ async def purge_mail(db: AsyncSession, retention_days: int) -> int:
     tokens = await db.exec(delete(MailToken).where(
         sa.or_(col(MailToken.expires_at) < utcnow(), col(MailToken.used_at).is_not(None))))
     await db.commit()
-    return int(mails.rowcount or 0) + int(tokens.rowcount or 0)  # type: ignore[attr-defined]
+    return int(mails.rowcount or 0) + int(tokens.rowcount or 0)
