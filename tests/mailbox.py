@@ -7,10 +7,12 @@ import asyncio
 import email
 import email.policy
 import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
@@ -65,9 +67,14 @@ class SmtpServer:
     """aiosmtpd in its own thread; `stop()` and `start()` again on the same port model an
     outage. With `credentials`, AUTH is required (over plain text: loopback only)."""
 
-    def __init__(self, port: int, credentials: tuple[str, str] | None = None) -> None:
+    def __init__(self, port: int, credentials: tuple[str, str] | None = None, *,
+                 tls: str | None = None, cert: tuple[Path, Path] | None = None) -> None:
+        """`tls`: None (plain), "starttls" (offered and required) or "implicit" (SMTPS),
+        with `cert` = (certificate file, key file)."""
         self.port = port
         self.credentials = credentials
+        self.tls = tls
+        self.cert = cert
         self.received: list[Received] = []
         self.lock = threading.Lock()
         self._controller: Controller | None = None
@@ -82,7 +89,16 @@ class SmtpServer:
         kw: dict[str, Any] = {}
         if self.credentials is not None:
             kw = {"authenticator": self._authenticate, "auth_required": True,
-                  "auth_require_tls": False}
+                  # aiosmtpd counts only STARTTLS as TLS: on SMTPS it would hide AUTH.
+                  "auth_require_tls": self.tls == "starttls"}
+        if self.tls is not None:
+            assert self.cert is not None
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*self.cert)
+            if self.tls == "starttls":
+                kw.update(tls_context=context, require_starttls=True)
+            else:
+                kw["ssl_context"] = context
         self._controller = Controller(_Collect(self), hostname="127.0.0.1", port=self.port,
                                       ready_timeout=10, **kw)
         self._controller.start()
@@ -94,10 +110,11 @@ class SmtpServer:
 
     @property
     def url(self) -> str:
+        scheme = "smtps" if self.tls == "implicit" else "smtp"
         if self.credentials:
             user, password = self.credentials
-            return f"smtp://{user}:{password}@127.0.0.1:{self.port}"
-        return f"smtp://127.0.0.1:{self.port}"
+            return f"{scheme}://{user}:{password}@127.0.0.1:{self.port}"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def to(self, address: str, kind: str | None = None) -> list[Received]:
         with self.lock:
@@ -113,3 +130,32 @@ class SmtpServer:
                 assert len(found) >= count, f"{len(found)} {kind} mails to {address}, not {count}"
                 return found
             await asyncio.sleep(0.05)
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA): (certificate file, key file)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "smtp-cert.pem", folder / "smtp-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file

@@ -8,6 +8,7 @@ import asyncio
 import email
 import email.policy
 import logging
+import ssl
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from tests.conftest import (
     registered_token,
     running_app,
 )
-from tests.mailbox import TOKEN_IN_LINK, SmtpServer
+from tests.mailbox import TOKEN_IN_LINK, SmtpServer, self_signed_certificate
 from tests.servers import free_port
 
 NEW_PASSWORD = "a brand new passphrase"
@@ -409,6 +410,36 @@ async def test_smtp_transport_authenticates_with_the_url_credentials(base_settin
         server.stop()
 
 
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+async def test_smtp_transport_speaks_tls_with_a_verified_certificate(
+        tls: str, base_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cert = self_signed_certificate(tmp_path)
+    server = SmtpServer(free_port(), credentials=("mailer", "pw"), tls=tls, cert=cert)
+    server.start()
+    try:
+        settings = Settings(**{**base_settings, "smtp_url": server.url})
+        row = queue_mail(_Collector(), settings, user_id=None, to="tls@example.com",
+                         kind="test", context={})
+        row.id, row.created_at = 1, utcnow()
+        url = server.url
+
+        untrusted = SmtpTransport(url, 10)  # the certificate is checked: not trusted yet
+        with pytest.raises((aiosmtplib.SMTPException, ssl.SSLError)):
+            await untrusted.open()
+            await untrusted.send(build_message(settings, row), "x.eml")
+        await untrusted.close()
+
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert[0]))  # now the system trusts its CA
+        transport = SmtpTransport(url, 10)
+        await transport.open()
+        await transport.send(build_message(settings, row), "x.eml")
+        await transport.close()
+        assert len(await server.wait_for("tls@example.com", "test")) == 1
+    finally:
+        server.stop()
+
+
 class _Collector:
     """Stands in for a db session's `add` (queue_mail only adds the row)."""
 
@@ -435,3 +466,55 @@ async def test_user_rows_are_untouched_by_unknown_reset_requests(app, client) ->
         after = await db.get(User, user["id"])
     assert before is not None and after is not None
     assert before.updated_at == after.updated_at and before.password_hash == after.password_hash
+
+
+# --- migration 0003 ----------------------------------------------------------------------------
+
+def test_migration_0003_round_trips_and_matches_the_models(tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlmodel import SQLModel
+
+    from tessera.ops.migrate import alembic_config
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'migrate.db'}"
+
+    async def run(*statements: str) -> list[Any]:
+        engine = create_async_engine(url)
+        try:
+            async with engine.begin() as conn:
+                out: list[Any] = []
+                for statement in statements:
+                    result = await conn.execute(text(statement))
+                    out = list(result.all()) if result.returns_rows else []
+                return out
+        finally:
+            await engine.dispose()
+
+    async def diff() -> list[Any]:
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as conn:
+                return await conn.run_sync(lambda c: compare_metadata(
+                    MigrationContext.configure(c), SQLModel.metadata))
+        finally:
+            await engine.dispose()
+
+    cfg = alembic_config(url)
+    command.upgrade(cfg, "0002")
+    asyncio.run(run("INSERT INTO users (id, email, email_key, is_active, is_admin, created_at, "
+                    "updated_at, policy_seq, restrict_processing, object_to_processing) VALUES "
+                    "('u1', 'a@example.com', 'a@example.com', 1, 0, '2026-01-01', '2026-01-01', "
+                    "0, 0, 0)"))
+    command.upgrade(cfg, "head")
+    assert asyncio.run(run("SELECT email_verified, pending_email FROM users")) == [(0, None)]
+    mine = ("mail_outbox", "mail_tokens", "email_verified", "pending_email")
+    assert [d for d in asyncio.run(diff()) if any(name in repr(d) for name in mine)] == []
+    command.downgrade(cfg, "0002")
+    tables = {r[0] for r in asyncio.run(run("SELECT name FROM sqlite_master WHERE type='table'"))}
+    assert not {"mail_outbox", "mail_tokens"} & tables
+    assert asyncio.run(run("SELECT email FROM users")) == [("a@example.com",)]
+    command.upgrade(cfg, "head")
