@@ -383,3 +383,37 @@ async def test_verify_forget_and_reset_the_password_from_the_mails(
     assert {await r.header_value("referrer-policy") for r in traffic.responses} == {"no-referrer"}
     assert traffic.errors == []
     await context.close()
+
+
+async def test_tesseras_own_reset_page_takes_the_token_from_the_link(
+        browser: Browser, servers: Servers, mailbox: SmtpServer) -> None:
+    import httpx
+
+    email = "noor@example.com"
+    async with httpx.AsyncClient(base_url=servers.api) as api:
+        registered = await api.post("/auth/register", json={
+            "email": email, "password": PASSWORD, "is_adult": True})
+        assert registered.status_code == 201
+        assert (await api.post("/auth/password-reset", json={"email": email})).status_code == 202
+        reset = (await mailbox.wait_for(email, "reset"))[0]
+
+        context = await browser.new_context(locale="en-US", timezone_id="UTC")
+        page = await context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        opened = await page.goto(f"{servers.api}/reset-password#token={reset.token}")
+        assert opened is not None and await opened.header_value("referrer-policy") == "no-referrer"
+        await expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        await expect(page.locator("#reset-token")).to_have_value(reset.token)
+        assert reset.token not in page.url
+        await page.locator("#reset-new-password").fill("short")
+        await page.get_by_role("button", name="Set the new password").click()
+        await expect(page.locator("#status")).to_contain_text("validation_error")
+        await page.locator("#reset-new-password").fill("another long passphrase")
+        await page.get_by_role("button", name="Set the new password").click()
+        await expect(page.locator("#status")).to_contain_text("every session has ended")
+        assert errors == []
+        await context.close()
+        logged_in = await api.post("/auth/login", json={
+            "email": email, "password": "another long passphrase"})
+        assert logged_in.status_code == 200

@@ -518,3 +518,15 @@ def test_migration_0003_round_trips_and_matches_the_models(tmp_path: Path) -> No
     assert not {"mail_outbox", "mail_tokens"} & tables
     assert asyncio.run(run("SELECT email FROM users")) == [("a@example.com",)]
     command.upgrade(cfg, "head")
+
+
+async def test_the_pages_for_mailed_links_send_no_referrer(client) -> None:
+    for path in ("/verify-email", "/reset-password", "/confirm-email"):
+        page = await client.get(path)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert page.headers["referrer-policy"] == "no-referrer"
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert '<meta name="referrer" content="no-referrer">' in page.text
+    script = await client.get("/_mail/recover.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert "/auth/password-reset/confirm" in script.text

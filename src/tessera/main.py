@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from starlette.middleware.cors import CORSMiddleware
 
 from tessera import __version__
-from tessera.api import admin, auth, health, me, revocations, wellknown
+from tessera.api import admin, auth, health, me, pages, revocations, wellknown
 from tessera.api.openapi import install_openapi
 from tessera.config import Settings
 from tessera.domain.mail import MailWorker
@@ -96,7 +96,7 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
     install_openapi(app)
     install_error_handlers(app)
     install_unavailable_handlers(app)
-    for module in (health, wellknown, auth, revocations, me, admin):
+    for module in (health, wellknown, auth, revocations, me, admin, pages):
         app.include_router(module.router)
 
     # Added innermost first: a request meets them in the reverse order.
