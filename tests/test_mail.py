@@ -530,3 +530,21 @@ async def test_the_pages_for_mailed_links_send_no_referrer(client) -> None:
     script = await client.get("/_mail/recover.js")
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
     assert "/auth/password-reset/confirm" in script.text
+
+
+async def test_an_eml_file_reads_as_plain_text_with_the_link_intact(base_settings) -> None:
+    settings = Settings(**base_settings)
+    row = queue_mail(_Collector(), settings, user_id=None, to="plain@example.com", kind="reset",
+                     context={"email": "plain@example.com", "token": "T0ken_-x" * 5,
+                              "link": "http://127.0.0.1:8000/reset-password#token=" + "T0ken_-x" * 5,
+                              "ttl_minutes": 60})
+    row.id, row.created_at = 7, utcnow()
+    raw = build_message(settings, row).as_bytes().decode()
+    assert "#token=" + "T0ken_-x" * 5 + "\n" in raw.replace("\r\n", "\n")
+    non_ascii = queue_mail(_Collector(), settings, user_id=None, to="plain@example.com",
+                           kind="email_change_notice",
+                           context={"email": "plain@example.com", "new_email": "zoë@example.com"})
+    non_ascii.id, non_ascii.created_at = 8, utcnow()
+    parsed = email.message_from_bytes(build_message(settings, non_ascii).as_bytes(),
+                                      policy=email.policy.default)
+    assert "zoë@example.com" in parsed.get_body(("plain",)).get_content()  # type: ignore[union-attr]

@@ -267,9 +267,18 @@ def build_message(settings: Settings, mail: OutboxMail) -> EmailMessage:
     message["Message-ID"] = f"<tessera.{mail.id}.{int(created.timestamp())}@{domain}>"
     message["Auto-Submitted"] = "auto-generated"
     message["X-Tessera-Kind"] = mail.kind
-    message.set_content(mail.text_body)
-    message.add_alternative(mail.html_body, subtype="html")
+    message.set_content(mail.text_body, cte=_transfer_encoding(mail.text_body))
+    message.add_alternative(mail.html_body, subtype="html",
+                            cte=_transfer_encoding(mail.html_body))
     return message
+
+
+def _transfer_encoding(body: str) -> str:
+    """7bit where the body allows (an .eml file then reads as plain text, links and codes
+    intact for a person copying them); quoted-printable otherwise."""
+    if body.isascii() and all(len(line) <= 900 for line in body.splitlines()):
+        return "7bit"
+    return "quoted-printable"
 
 
 def eml_name(mail: OutboxMail) -> str:
