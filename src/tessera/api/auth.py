@@ -145,7 +145,8 @@ async def _read_credentials(request: Request) -> tuple[str, str]:
 
 
 @router.post("/login", response_model=TokenOut, openapi_extra=_LOGIN_BODY,
-             responses=problem_doc({401: "invalid_credentials", 403: "account_inactive",
+             responses=problem_doc({401: "invalid_credentials",
+                                    403: "account_inactive or email_not_verified",
                                     429: "too_many_attempts"}))
 async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
     check_origin(request, t)
@@ -165,14 +166,14 @@ async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
         t.metrics.logins.labels("inactive" if problem.code == "account_inactive"
                                 else "failed").inc()
         raise
-    if s.require_verified_email and not user.email_verified:
-        t.metrics.logins.labels("unverified").inc()
-        raise Problem(403, "email_not_verified", "Confirm your email address first "
-                      "(POST /auth/verify-email/resend sends a new link).")
     if user.restrict_processing or user.object_to_processing:
         forbid_tracking(request.scope)
     # Only failures count: a success clears the account and takes back this IP attempt.
     await t.limiter.forgive_success(account=("login-account", account), ip=("login-ip", ip))
+    if s.require_verified_email and not user.email_verified:  # the password was right
+        t.metrics.logins.labels("unverified").inc()
+        raise Problem(403, "email_not_verified", "Confirm your email address first "
+                      "(POST /auth/verify-email/resend sends a new link).")
     issued = await accounts.open_session(t, user, request.headers.get("user-agent"))
     t.metrics.logins.labels("ok").inc()
     csrf = csrf_token_for(t.csrf_key, issued.sid)
