@@ -181,6 +181,26 @@ async def test_reset_sets_the_password_ends_every_session_and_every_reset_token(
                if t.purpose == "reset")
 
 
+async def test_a_reset_accepted_just_before_shutdown_is_still_queued(base_settings) -> None:
+    async with running_app(**base_settings) as stopping, client_for(stopping) as client:
+        user = await register(client)
+        assert (await client.post("/auth/password-reset", json={"email": user["email"]})
+                ).status_code == 202
+    # The app has stopped: the work after the 202 finished first, token and mail committed.
+    from tessera.stores.db import create_engine, session_factory
+
+    engine = create_engine(base_settings["database_url"])
+    try:
+        async with session_factory(engine)() as db:
+            tokens = (await db.exec(select(MailToken).where(
+                MailToken.user_id == user["id"], MailToken.purpose == "reset"))).all()
+            mails = (await db.exec(select(OutboxMail).where(
+                OutboxMail.user_id == user["id"], OutboxMail.kind == "reset"))).all()
+    finally:
+        await engine.dispose()
+    assert len(tokens) == 1 and len(mails) == 1
+
+
 async def test_an_expired_reset_token_is_invalid(app, client, smtp) -> None:
     user = await register(client)
     token = await _reset_mail(client, smtp, user["email"])

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
 
-from fastapi import APIRouter, BackgroundTasks, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, ValidationError, field_validator
 from starlette.responses import JSONResponse
 
@@ -240,25 +240,24 @@ async def verify_email(body: TokenIn, db: DbDep, t: TesseraDep) -> Response:
 
 @router.post("/verify-email/resend", status_code=202, response_model=AcceptedOut,
              responses=problem_doc({429: "too_many_attempts"}))
-async def resend_verification(body: AddressIn, request: Request, background: BackgroundTasks,
-                              t: TesseraDep) -> JSONResponse:
+async def resend_verification(body: AddressIn, request: Request, t: TesseraDep) -> JSONResponse:
     """202 whatever the address: a new mail only for an active, unverified account. The
-    lookup runs after the answer, so its time says nothing about the address."""
+    lookup runs apart from the request, so no timing says anything about the address."""
     email = str(body.email)
     await _mail_attempt(t, request, "verify-resend", email)
-    background.add_task(_quietly, recovery.resend_verification, t, email)
+    t.mail.detach(_quietly(recovery.resend_verification, t, email))
     return _accepted()
 
 
 @router.post("/password-reset", status_code=202, response_model=AcceptedOut,
              responses=problem_doc({429: "too_many_attempts"}))
-async def password_reset(body: AddressIn, request: Request, background: BackgroundTasks,
-                         t: TesseraDep) -> JSONResponse:
+async def password_reset(body: AddressIn, request: Request, t: TesseraDep) -> JSONResponse:
     """202, the same body and time for any address (no hashing either way): a known active
-    account gets a mail with a single-use link, the work done after the answer."""
+    account gets a mail with a single-use link, the lookup and the mail done apart from the
+    request."""
     email = str(body.email)
     await _mail_attempt(t, request, "reset", email)
-    background.add_task(_quietly, recovery.request_reset, t, email)
+    t.mail.detach(_quietly(recovery.request_reset, t, email))
     return _accepted()
 
 

@@ -18,6 +18,7 @@ import os
 import random
 import secrets
 import string
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from email.message import EmailMessage
@@ -301,13 +302,24 @@ class MailWorker:
         self.transport = transport or transport_for(settings)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._detached: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         if self._task is None:
             log.info("mail: sending through %s", self.transport.description)
             self._task = asyncio.create_task(self._run(), name="tessera-mail-worker")
 
+    def detach(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` (queueing a mail after a 202) apart from the request: neither the
+        answer nor the next request on its connection waits for it, so its time tells
+        nothing. Finished before the worker stops."""
+        task = asyncio.create_task(work)
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
+
     async def stop(self) -> None:
+        if self._detached:
+            await asyncio.wait(set(self._detached), timeout=10)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
