@@ -86,7 +86,7 @@ async def _with_db(fn: Callable[[Settings, AsyncSession], Awaitable[T]]) -> T:
 @cli.command("create-admin")
 def create_admin(email: str) -> None:
     """Create an admin (password from TESSERA_ADMIN_PASSWORD or a prompt), or promote a user."""
-    from tessera.domain import accounts
+    from tessera.domain import accounts, mail
     from tessera.domain.policy import load_policy_state
     from tessera.ops import migrate as migrations
     from tessera.security.passwords import PasswordHasher, normalise_password
@@ -108,11 +108,14 @@ def create_admin(email: str) -> None:
             password = normalise_password(raw)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
-        user = await accounts.register_user(db, PasswordHasher(settings.bcrypt_rounds),
-                                            email=email, password=password,
-                                            policy=await load_policy_state(db), is_admin=True)
+        # Like a registration, the address gets a verification mail (sent by a running
+        # instance's outbox worker).
+        user = await accounts.register_user(
+            db, PasswordHasher(settings.bcrypt_rounds), email=email, password=password,
+            policy=await load_policy_state(db), is_admin=True,
+            on_create=lambda db, user: mail.queue_verification(db, settings, user))
         await accounts.audit(db, "admin_created", user_id=user.id)
-        return f"created admin {user.id}"
+        return f"created admin {user.id} (a verification mail is queued)"
 
     from email_validator import EmailNotValidError, validate_email
 
