@@ -74,9 +74,11 @@ async def test_registration_mails_a_link_and_a_code_that_verify_the_address(
                    400, "invalid_token")
     assert_problem(await client.post("/auth/verify-email", json={"token": "nope"}),
                    400, "invalid_token")
-    # Only the hash of a token is stored.
+    # Only the hash of a token is stored, and the sent mail's body is not kept.
     tokens = await _rows(app, MailToken, user["id"])
     assert tokens and all(token not in (t.token_hash, t.email) for t in tokens)
+    sent = await _rows(app, OutboxMail, user["id"])
+    assert [(m.status, m.text_body, m.html_body) for m in sent] == [("sent", "", "")]
 
 
 async def test_resend_answers_the_same_202_for_any_address_and_is_limited(app, smtp) -> None:
@@ -568,3 +570,21 @@ async def test_an_eml_file_reads_as_plain_text_with_the_link_intact(base_setting
     parsed = email.message_from_bytes(build_message(settings, non_ascii).as_bytes(),
                                       policy=email.policy.default)
     assert "zoë@example.com" in parsed.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+
+
+def test_an_operator_can_override_a_template(tmp_path: Path, base_settings) -> None:
+    from tessera.domain.mail import render
+
+    (tmp_path / "reset.txt").write_text("Subject: Acme: new password\n\nGo to $link now.\n")
+    settings = Settings(**{**base_settings, "mail_templates_dir": tmp_path,
+                           "public_url": "https://acme.example/account/"})
+    subject, text, page = render(settings, "reset", {
+        "email": "a@example.com", "token": "tok", "ttl_minutes": 60,
+        "link": "https://acme.example/account/reset-password#token=tok", "to": "a@example.com"})
+    assert subject == "Acme: new password"
+    assert text == "Go to https://acme.example/account/reset-password#token=tok now.\n"
+    assert "Choose a new password" in page  # no reset.html there: the shipped one
+    assert settings.public_url == "https://acme.example/account"
+    _, _, escaped = render(settings, "email_change_notice", {
+        "email": "a@example.com", "new_email": "<b>x</b>@example.com", "to": "a@example.com"})
+    assert "<b>x</b>" not in escaped and "&lt;b&gt;x&lt;/b&gt;" in escaped
