@@ -24,6 +24,7 @@ install: $(STAMP)
 # Local development is plain HTTP, so cookies are not Secure here (set TESSERA_COOKIE_SECURE=true
 # behind TLS). Open http://$(HOST):$(PORT)/docs to try it.
 run: install
+	@if [ -z "$${TESSERA_SMTP_URL}" ]; then echo "mail: no TESSERA_SMTP_URL set; mails are written as .eml files to $${TESSERA_DATA_DIR:-./data}/outbox/ (open them with any mail reader)"; fi
 	TESSERA_COOKIE_SECURE=$${TESSERA_COOKIE_SECURE:-false} $(BIN)/tessera serve --host $(HOST) --port $(PORT)
 
 test: install
@@ -38,6 +39,7 @@ demo: install
 	trap 'kill $$page 2>/dev/null' EXIT INT TERM; \
 	TESSERA_COOKIE_SECURE=$${TESSERA_COOKIE_SECURE:-false} \
 	TESSERA_CORS_ORIGINS=$${TESSERA_CORS_ORIGINS:-http://$(HOST):$(DEMO_PORT)} \
+	TESSERA_PUBLIC_URL=$${TESSERA_PUBLIC_URL:-http://$(HOST):$(DEMO_PORT)} \
 	$(BIN)/tessera serve --host $(HOST) --port $(PORT)
 
 lint: install

@@ -32,7 +32,7 @@ MEM_STEPS="${MEM_STEPS:-50000,100000}"   # VmRSS read after this many GET /me re
 HALF_DELAY_MS="${HALF_DELAY_MS:-20}"     # mean think time per connection, half-peak run
 PROFILE_SECS="${PROFILE_SECS:-20}"       # py-spy sampling time (0: no profile)
 PROFILE_RATE="${PROFILE_RATE:-50}"       # samples/s: py-spy pauses the worker per sample
-SCENARIOS="${SCENARIOS:-all}"            # or a subset: mem me check introspect register login login-mfa logout mixed half profile
+SCENARIOS="${SCENARIOS:-all}"            # or a subset: mem me check introspect register login login-mfa logout mixed half mail profile
 SCENARIOS="${SCENARIOS//,/ }"            # (commas or spaces between names)
 SHARED="${SHARED:-1}"                    # 1: run ../shared/bench/run.sh too (side by side)
 SHARED_BENCH="${SHARED_BENCH:-$ROOT/../shared/bench}"
@@ -340,6 +340,21 @@ bt paced "${W[@]}" --scenario me-half-dnt --request "GET /me, DNT: 1, at ~half p
   --peak "$ME_PEAK" --mean-delay-ms "$HALF_DELAY_MS" --runs "$RUNS" --duration "$DURATION" \
   "$T/me" -- "$TOKEN" "DNT: 1"
 settle
+fi
+
+if want mail; then
+say "mail: GET /me (-c$CONNS) while 100 mails/s are queued into the outbox (issue 13)"
+bt background --label mail --results "$RESULTS" --cpu "$SERVER_CPU"
+SECS="$("$PY" -c "import re; m=re.fullmatch(r'(\d+(?:\.\d+)?)(ms|s|m)?','$DURATION'); print(float(m.group(1))*{'ms':.001,'s':1,'m':60,None:1}[m.group(2)])")"
+for i in $(seq 1 "$RUNS"); do
+  $PIN_L "$PY" "$HERE/benchtool.py" mailflood --rate 100 --seconds "$("$PY" -c "print($SECS + 2)")" &
+  FLOOD=$!
+  sleep 1   # the flood and the worker's sending are under way when GET /me starts
+  bt wrk "${W[@]}" --scenario me-mail --request "GET /me while 100 mails/s are queued" \
+    --run "$i" --conns "$CONNS" --script get.lua --duration "$DURATION" "$T/me" -- "$TOKEN"
+  wait "$FLOOD"
+  settle
+done
 fi
 
 SHARED_RESULTS=""

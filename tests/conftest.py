@@ -24,6 +24,7 @@ from tessera.config import Settings
 from tessera.main import create_app
 from tessera.ops import migrate
 from tessera.ops.embedded import EmbeddedRedis
+from tests.mailbox import SmtpServer
 
 PASSWORD = "correct horse battery staple"
 SERVICE_KEY = "test-service-key-" + "x" * 24
@@ -76,8 +77,24 @@ def database_url(data_dir: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def base_settings(data_dir: Path, database_url: str, redis_url: str) -> dict[str, Any]:
+def smtp() -> Iterator[SmtpServer]:
+    """The session's real SMTP server (aiosmtpd on loopback): every test app delivers here."""
+    from tests.servers import free_port
+
+    server = SmtpServer(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def base_settings(data_dir: Path, database_url: str, redis_url: str,
+                  smtp: SmtpServer) -> dict[str, Any]:
     return {
+        "smtp_url": smtp.url,
+        "mail_poll_seconds": 0.2,
+        "mail_retry_base_seconds": 0.2,
+        "mail_retry_max_seconds": 1.0,
         "data_dir": data_dir,
         "database_url": database_url,
         "redis_url": redis_url,

@@ -288,7 +288,8 @@ def session_server_env(base_settings: dict[str, Any], data_dir: Path,
     return tessera_env(database_url=str(base_settings["database_url"]),
                        redis_url=str(base_settings["redis_url"]),
                        secret=shared_secret(base_settings["data_dir"]), data_dir=data_dir,
-                       service_key=SERVICE_KEY, **extra)
+                       service_key=SERVICE_KEY,
+                       **{"TESSERA_SMTP_URL": str(base_settings.get("smtp_url", "")), **extra})
 
 
 # --- a redis-server of the test's own ------------------------------------------------------

@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from tests.mailbox import SmtpServer
+
 playwright_api = pytest.importorskip(
     "playwright.async_api", reason="the playwright package is not installed (pip install playwright)")
 Browser = playwright_api.Browser
@@ -103,7 +105,17 @@ def chromium_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory, chromium_path: str) -> Iterator[Servers]:
+def mailbox() -> Iterator[SmtpServer]:
+    """The real SMTP server tessera delivers this module's mails to."""
+    server = SmtpServer(_free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory, chromium_path: str,
+            mailbox: SmtpServer) -> Iterator[Servers]:
     work = tmp_path_factory.mktemp("browser")
     api = f"http://127.0.0.1:{_free_port()}"
 
@@ -122,7 +134,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory, chromium_path: str) -> Ite
         env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
         env.update(TESSERA_DATA_DIR=str(work / "data"), TESSERA_COOKIE_SECURE="false",
                    TESSERA_CORS_ORIGINS=page_origin, TESSERA_BCRYPT_ROUNDS="4",
-                   TESSERA_LOG_LEVEL="warning")
+                   TESSERA_LOG_LEVEL="warning", TESSERA_SMTP_URL=mailbox.url,
+                   TESSERA_PUBLIC_URL=page_origin)  # mailed links open the page
         log = work / "tessera.log"
         with log.open("wb") as log_file:
             tessera = subprocess.Popen(
@@ -320,3 +333,87 @@ async def test_do_not_track_sets_no_visitor_cookie(browser: Browser, servers: Se
     await expect(page.locator("#tk")).to_contain_text("N: not tracked")
     assert traffic.errors == []
     await context.close()
+
+
+async def test_verify_forget_and_reset_the_password_from_the_mails(
+        browser: Browser, servers: Servers, mailbox: SmtpServer) -> None:
+    context = await browser.new_context(locale="en-US", timezone_id="UTC")
+    page = await context.new_page()
+    traffic = TesseraTraffic(page, servers.api)
+    await open_page(page, servers)
+    email = "lin@example.com"
+    await register_via_page(page, email)
+    await expect(page.locator("#status")).to_contain_text(f"Account created for {email}")
+
+    # The verification mail's link opens the page, which fills the code in and wipes the link.
+    verify = (await mailbox.wait_for(email, "verify"))[0]
+    link = f"{servers.page_origin}/verify-email#token={verify.token}"
+    assert link in verify.text
+    await page.goto(link)
+    await expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    await expect(page.locator("#verify-token")).to_have_value(verify.token)
+    assert verify.token not in page.url
+    await page.get_by_role("button", name="Verify", exact=True).click()
+    await expect(page.locator("#status")).to_contain_text("verified")
+
+    # Forgot the password: the reset mail's link, a new password, then a login with it.
+    await page.locator("#forgot-email").fill(email)
+    await page.get_by_role("button", name="Send a reset link").click()
+    await expect(page.locator("#status")).to_contain_text("reset mail is on its way")
+    reset = (await mailbox.wait_for(email, "reset"))[0]
+    opened = await page.goto(f"{servers.page_origin}/reset-password#token={reset.token}")
+    assert opened is not None and await opened.header_value("referrer-policy") == "no-referrer"
+    await expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    await expect(page.locator("#reset-token")).to_have_value(reset.token)
+    new_password = "a new and longer passphrase"
+    await page.locator("#reset-password").fill(new_password)
+    await page.get_by_role("button", name="Set the new password").click()
+    await expect(page.locator("#status")).to_contain_text("Password changed")
+    await mailbox.wait_for(email, "password_changed")
+
+    await page.locator("#login-email").fill(email)
+    await page.locator("#login-password").fill(PASSWORD)
+    await page.get_by_role("button", name="Log in").click()
+    await expect(page.locator("#status")).to_contain_text("invalid_credentials")
+    await page.locator("#login-password").fill(new_password)
+    await page.get_by_role("button", name="Log in").click()
+    await expect(page.locator("#who")).to_have_text(email)
+    await expect(page.locator("#me-verified")).to_have_text("yes")
+    # Each API answer the page got says no-referrer too.
+    assert {await r.header_value("referrer-policy") for r in traffic.responses} == {"no-referrer"}
+    assert traffic.errors == []
+    await context.close()
+
+
+async def test_tesseras_own_reset_page_takes_the_token_from_the_link(
+        browser: Browser, servers: Servers, mailbox: SmtpServer) -> None:
+    import httpx
+
+    email = "noor@example.com"
+    async with httpx.AsyncClient(base_url=servers.api) as api:
+        registered = await api.post("/auth/register", json={
+            "email": email, "password": PASSWORD, "is_adult": True})
+        assert registered.status_code == 201
+        assert (await api.post("/auth/password-reset", json={"email": email})).status_code == 202
+        reset = (await mailbox.wait_for(email, "reset"))[0]
+
+        context = await browser.new_context(locale="en-US", timezone_id="UTC")
+        page = await context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        opened = await page.goto(f"{servers.api}/reset-password#token={reset.token}")
+        assert opened is not None and await opened.header_value("referrer-policy") == "no-referrer"
+        await expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        await expect(page.locator("#reset-token")).to_have_value(reset.token)
+        assert reset.token not in page.url
+        await page.locator("#reset-new-password").fill("short")
+        await page.get_by_role("button", name="Set the new password").click()
+        await expect(page.locator("#status")).to_contain_text("validation_error")
+        await page.locator("#reset-new-password").fill("another long passphrase")
+        await page.get_by_role("button", name="Set the new password").click()
+        await expect(page.locator("#status")).to_contain_text("every session has ended")
+        assert errors == []
+        await context.close()
+        logged_in = await api.post("/auth/login", json={
+            "email": email, "password": "another long passphrase"})
+        assert logged_in.status_code == 200

@@ -122,7 +122,7 @@ async def test_enrol_totp_and_a_passkey_then_log_in_with_each(
     secret = await page.locator("#totp-secret").text_content()
     assert secret
     await page.locator("#totp-code").fill(pyotp.TOTP(secret).now())
-    await page.get_by_role("button", name="Confirm").click()
+    await page.locator("#totp-confirm").click()
     await expect(page.locator("#recovery-codes li")).to_have_count(10)
     await expect(page.locator("#totp-state")).to_have_text("on")
     recovery = await page.locator("#recovery-codes li").all_text_contents()
@@ -139,7 +139,7 @@ async def test_enrol_totp_and_a_passkey_then_log_in_with_each(
     await log_out(page)
     await password_step(page, email)
     await page.locator("#mfa-code").fill(pyotp.TOTP(secret).at(time.time() + 30))
-    await page.get_by_role("button", name="Verify").click()
+    await page.locator("#mfa-form").get_by_role("button", name="Verify").click()
     await expect(page.locator("#who")).to_have_text(email)
     await expect(page.locator("#status")).to_contain_text("second factor")
 
@@ -159,13 +159,13 @@ async def test_enrol_totp_and_a_passkey_then_log_in_with_each(
     await log_out(page)
     await password_step(page, email)
     await page.locator("#mfa-code").fill(recovery[0])
-    await page.get_by_role("button", name="Verify").click()
+    await page.locator("#mfa-form").get_by_role("button", name="Verify").click()
     await expect(page.locator("#who")).to_have_text(email)
     await expect(page.locator("#recovery-left")).to_have_text("8")
     await log_out(page)
     await password_step(page, email)
     await page.locator("#mfa-code").fill(recovery[0])
-    await page.get_by_role("button", name="Verify").click()
+    await page.locator("#mfa-form").get_by_role("button", name="Verify").click()
     await expect(page.locator("#status")).to_contain_text("invalid_code")
 
     assert errors == []

@@ -8,6 +8,7 @@ import asyncio
 import secrets
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -43,7 +44,7 @@ async def make_traced_user(client: httpx.AsyncClient, marker: str) -> tuple[dict
 
 @pytest.mark.parametrize("how", ["delete_me", "minor_erasure"])
 async def test_the_sqlite_file_and_wal_keep_no_email_after_erasure(
-        app: FastAPI, client: httpx.AsyncClient, how: str) -> None:
+        app: FastAPI, client: httpx.AsyncClient, smtp: Any, how: str) -> None:
     if app.state.tessera.engine.dialect.name != "sqlite":
         pytest.skip("the SQLite files: embedded path only")
     marker = secrets.token_hex(8)
@@ -56,6 +57,9 @@ async def test_the_sqlite_file_and_wal_keep_no_email_after_erasure(
         deleted = await client.request("DELETE", "/me", json={"password": PASSWORD},
                                        headers=bearer(token))
         assert deleted.status_code == 204
+        # The account-deleted notice holds the address until it is sent (then it is gone).
+        await smtp.wait_for(user["email"], "account_deleted")
+        await asyncio.sleep(0.3)
     else:
         admin_user, admin = await registered_token(client)
         async with app.state.tessera.db_factory() as db:

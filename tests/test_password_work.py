@@ -90,11 +90,14 @@ async def test_email_changes_are_limited_per_user(base_settings: dict[str, Any])
             token = (await login(client, user["email"])).json()["access_token"]
             others = [await register(client) for _ in range(2)]
             for other in others:
-                assert_problem(await client.patch("/me", json={"email": other["email"]},
+                assert_problem(await client.patch("/me", json={"email": other["email"],
+                                                                    "current_password": PASSWORD},
                                                   headers=bearer(token)), 409, "email_taken")
-            assert (await client.patch("/me", json={"email": new_email()},
-                                       headers=bearer(token))).status_code == 200
-            assert_problem(await client.patch("/me", json={"email": new_email()},
+            assert (await client.patch("/me", json={"email": new_email(),
+                                                    "current_password": PASSWORD},
+                                       headers=bearer(token))).status_code == 202
+            assert_problem(await client.patch("/me", json={"email": new_email(),
+                                                           "current_password": PASSWORD},
                                               headers=bearer(token)), 429, "too_many_attempts")
 
 

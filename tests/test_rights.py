@@ -39,15 +39,22 @@ async def flush_usage(app: FastAPI) -> None:
 
 # --- P5: access, rectify, password, deactivate ------------------------------------------
 
-async def test_patch_me_changes_email_and_refuses_a_taken_one(client) -> None:
+async def test_patch_me_changes_email_and_refuses_a_taken_one(client, smtp) -> None:
     user, token = await registered_token(client)
     other = await register(client)
     new = new_email("renamed")
-    changed = await client.patch("/me", json={"email": new}, headers=bearer(token))
+    asked = await client.patch("/me", json={"email": new, "current_password": PASSWORD},
+                               headers=bearer(token))
+    assert asked.status_code == 202 and asked.json()["email"] == user["email"]
+    assert asked.json()["pending_email"] == new
+    confirm = (await smtp.wait_for(new, "email_change"))[0]
+    changed = await client.post("/me/email/confirm", json={"token": confirm.token})
     assert changed.status_code == 200 and changed.json()["email"] == new
-    same = await client.patch("/me", json={"email": new.upper()}, headers=bearer(token))
-    assert same.status_code == 200
-    assert_problem(await client.patch("/me", json={"email": other["email"]},
+    same = await client.patch("/me", json={"email": new.upper(), "current_password": PASSWORD},
+                              headers=bearer(token))
+    assert same.status_code == 200 and same.json()["email"] == new
+    assert_problem(await client.patch("/me", json={"email": other["email"],
+                                                   "current_password": PASSWORD},
                                       headers=bearer(token)), 409, "email_taken")
     assert (await login(client, new)).status_code == 200
     assert_problem(await login(client, user["email"]), 401, "invalid_credentials")
@@ -303,7 +310,8 @@ async def test_substantial_policy_change_needs_fresh_consent(app: FastAPI, clien
     assert (await client.get("/policy")).json()["version"] == version
     for method, path in (("GET", "/me/consents"), ("GET", "/auth/sessions"),
                          ("PATCH", "/me"), ("GET", "/admin/users")):
-        kwargs: dict[str, Any] = {"json": {"email": new_email()}} if method == "PATCH" else {}
+        kwargs: dict[str, Any] = ({"json": {"email": new_email(), "current_password": PASSWORD}}
+                                  if method == "PATCH" else {})
         gated = await client.request(method, path, headers=bearer(admin if "admin" in path
                                                                    else token), **kwargs)
         assert_problem(gated, 403, "policy_consent_required")
@@ -374,7 +382,7 @@ async def test_export_holds_every_category_and_nothing_of_another_user(app: Fast
         assert foreign not in raw
 
 
-async def test_delete_me_leaves_nothing_personal_behind(app: FastAPI, client) -> None:
+async def test_delete_me_leaves_nothing_personal_behind(app: FastAPI, client, smtp) -> None:
     user, token = await registered_token(client)
     second = (await login(client, user["email"])).json()["access_token"]
     await client.put("/me/consents/email_vendor", json={"granted": True}, headers=bearer(token))
@@ -390,8 +398,17 @@ async def test_delete_me_leaves_nothing_personal_behind(app: FastAPI, client) ->
     for t in (token, second):
         assert_problem(await client.get("/me", headers=bearer(t)), 401, "not_authenticated")
     await flush_usage(app)
-
+    # The one thing kept a moment: the account-deleted notice, until it is sent (then gone).
+    await smtp.wait_for(user["email"], "account_deleted")
     t = app.state.tessera
+    for _ in range(100):
+        async with t.db_factory() as db:
+            left = (await db.exec(text("SELECT count(*) FROM mail_outbox WHERE to_addr = :a"),
+                                  params={"a": user["email"]})).one()[0]
+        if not left:
+            break
+        await asyncio.sleep(0.05)
+
     needles = (user["id"], user["email"], user["email"].lower())
     async with t.engine.connect() as conn:
         tables = [r[0] for r in (await conn.execute(text(

@@ -7,14 +7,16 @@
 // response is deliberately ignored: nothing is kept in localStorage.
 "use strict";
 
-// tessera's base URL: `?api=http://host:port` on this page's address, else this default.
+// tessera's base URL: `?api=http://host:port` on this page's address, else the one serve.py
+// names in config.js (pages opened from a mailed link carry no `?api=`), else this default.
 // (A real frontend hard-codes its own auth origin instead of taking it from the address.)
 const DEFAULT_API = "http://127.0.0.1:8000";
 const API = apiBase();
 let policyVersion; // the current policy version, sent with a registration
 
 function apiBase() {
-  const raw = new URLSearchParams(window.location.search).get("api") || DEFAULT_API;
+  const raw = new URLSearchParams(window.location.search).get("api")
+    || window.TESSERA_API || DEFAULT_API;
   let url;
   try {
     url = new URL(raw);
@@ -146,6 +148,8 @@ function showLoggedIn(me) {
   $("#who").textContent = me.email;
   $("#who").dataset.state = "in";
   $("#me-email").textContent = me.email;
+  $("#me-verified").textContent = me.email_verified ? "yes" : "not yet";
+  $("#me-pending").textContent = me.pending_email ?? "–";
   $("#me-id").textContent = me.id;
   $("#me-created").textContent = formatDate(me.created_at);
   $("#me-policy").textContent = me.policy_version ?? "–";
@@ -472,6 +476,88 @@ function endSession(session, button) {
   });
 }
 
+// ---- mail links: /verify-email, /reset-password, /confirm-email with #token=… ----------------
+// The token travels in the fragment (never sent to a server); it is read once, put into the
+// matching form and wiped from the address bar.
+
+function tokenFromLink() {
+  const token = new URLSearchParams(window.location.hash.slice(1)).get("token");
+  if (!token) return;
+  const field = {
+    "/verify-email": "#verify-token",
+    "/reset-password": "#reset-token",
+    "/confirm-email": "#confirm-email-token",
+  }[window.location.pathname];
+  history.replaceState(null, "", window.location.pathname + window.location.search);
+  if (!field) return;
+  $(field).value = token;
+  $(field).closest("form").scrollIntoView();
+  setStatus("The code from your mail is filled in below.", "info");
+}
+
+function onForgot(event) {
+  event.preventDefault();
+  const form = event.currentTarget;
+  busy(form.querySelector("button"), async () => {
+    await api("POST", "/auth/password-reset", { email: form.email.value.trim() });
+    setStatus("If this address has an account, a reset mail is on its way.", "ok");
+  });
+}
+
+function onReset(event) {
+  event.preventDefault();
+  const form = event.currentTarget;
+  busy(form.querySelector("button"), async () => {
+    await api("POST", "/auth/password-reset/confirm",
+      { token: form.token.value.trim(), new_password: form.new_password.value });
+    form.reset();
+    setStatus("Password changed; every session was ended. Log in with the new password.", "ok");
+  });
+}
+
+function onVerify(event) {
+  event.preventDefault();
+  const form = event.currentTarget;
+  busy(form.querySelector("button"), async () => {
+    await api("POST", "/auth/verify-email", { token: form.token.value.trim() });
+    form.token.value = "";
+    await refresh();
+    setStatus("Your email address is verified.", "ok");
+  });
+}
+
+function onResend(event) {
+  busy(event.currentTarget, async () => {
+    await api("POST", "/auth/verify-email/resend", { email: $("#resend-email").value.trim() });
+    setStatus("If this address needs verifying, a new mail is on its way.", "ok");
+  });
+}
+
+function onChangeEmail(event) {
+  event.preventDefault();
+  const form = event.currentTarget;
+  busy(form.querySelector("button"), async () => {
+    const me = await api("PATCH", "/me",
+      { email: form.email.value.trim(), current_password: form.current_password.value });
+    form.reset();
+    showLoggedIn(me);
+    setStatus(me.pending_email
+      ? `A confirmation mail went to ${me.pending_email}; the email changes once you confirm.`
+      : "That is already your email.", "ok");
+  });
+}
+
+function onConfirmEmail(event) {
+  event.preventDefault();
+  const form = event.currentTarget;
+  busy(form.querySelector("button"), async () => {
+    const me = await api("POST", "/me/email/confirm", { token: form.token.value.trim() });
+    form.reset();
+    await refresh();
+    setStatus(`Your email is now ${me.email}.`, "ok");
+  });
+}
+
 async function main() {
   if (!API) {
     $("#api-base").textContent = "?";
@@ -491,6 +577,13 @@ async function main() {
   $("#totp-disable").addEventListener("click", onTotpDisable);
   $("#recovery-new").addEventListener("click", onRecoveryNew);
   $("#passkey-add").addEventListener("click", onPasskeyAdd);
+  $("#forgot-form").addEventListener("submit", onForgot);
+  $("#reset-form").addEventListener("submit", onReset);
+  $("#verify-form").addEventListener("submit", onVerify);
+  $("#resend").addEventListener("click", onResend);
+  $("#change-email-form").addEventListener("submit", onChangeEmail);
+  $("#confirm-email-form").addEventListener("submit", onConfirmEmail);
+  tokenFromLink();
   $("#refresh-sessions").addEventListener("click", (event) => busy(event.currentTarget, loadSessions));
   policyVersion = await loadPolicy();
   await refresh();

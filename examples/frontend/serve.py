@@ -15,6 +15,7 @@ stdout is always `page: <address>`, for scripts and tests to read.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +28,10 @@ HERE = Path(__file__).resolve().parent
 FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/index.html": ("index.html", "text/html; charset=utf-8"),
+    # The pages mailed links open (TESSERA_PUBLIC_URL = this page's origin): the same app.
+    "/verify-email": ("index.html", "text/html; charset=utf-8"),
+    "/reset-password": ("index.html", "text/html; charset=utf-8"),
+    "/confirm-email": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
 }
@@ -72,12 +77,18 @@ def make_handler(api: str, quiet: bool) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def _serve(self, *, with_body: bool) -> None:
-            entry = FILES.get(urlsplit(self.path).path)
-            if entry is None:
+            path = urlsplit(self.path).path
+            entry = FILES.get(path)
+            if path == "/config.js":
+                # Where tessera is, for pages opened from a mailed link (no `?api=` there).
+                body = f"window.TESSERA_API = {json.dumps(api)};\n".encode()
+                content_type = "text/javascript; charset=utf-8"
+            elif entry is None:
                 self.send_error(HTTPStatus.NOT_FOUND)
                 return
-            name, content_type = entry
-            body = (HERE / name).read_bytes()
+            else:
+                name, content_type = entry
+                body = (HERE / name).read_bytes()
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))

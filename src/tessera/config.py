@@ -165,6 +165,45 @@ class Settings(BaseSettings):
     email_change_max_per_user: int = Field(10, ge=1)
     email_change_window_seconds: int = Field(3600, ge=1)
 
+    # --- Mail: outbox, verification, password reset, email change (issue 13; docs/mail.md) ---
+    # smtp://user:pass@host:587 (STARTTLS when offered), smtps://host:465 (implicit TLS),
+    # smtp://host:port (no auth). Unset: mails are written as .eml files to <data>/outbox/.
+    smtp_url: SecretStr | None = None
+    mail_from: str = "tessera <no-reply@localhost>"
+    mail_templates_dir: Path | None = None
+    verify_token_ttl_seconds: int = Field(86400, ge=60)
+    reset_token_ttl_seconds: int = Field(3600, ge=60)
+    require_verified_email: bool = False
+    # Per-address and per-IP limits on mails a stranger can make tessera send.
+    mail_max_per_address: int = Field(5, ge=1)
+    mail_max_per_ip: int = Field(30, ge=1)
+    mail_limit_window_seconds: int = Field(3600, ge=1)
+    # The outbox worker: polls this often, retries with exponential backoff (base * 2^n, at
+    # most max) up to max_attempts, and a claim lasts lease seconds.
+    mail_poll_seconds: float = Field(1.0, gt=0)
+    mail_retry_base_seconds: float = Field(30.0, gt=0)
+    mail_retry_max_seconds: float = Field(3600.0, gt=0)
+    mail_max_attempts: int = Field(30, ge=1)
+    mail_lease_seconds: float = Field(120.0, gt=0)
+    mail_smtp_timeout_seconds: float = Field(30.0, gt=0)
+    mail_retention_days: int = Field(30, ge=0)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^\s?#]+", value):
+            raise ValueError("TESSERA_PUBLIC_URL must be an http(s) base URL")
+        return value.rstrip("/")
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _smtp_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            return None
+        if value is not None and not re.match(r"smtps?://", value.get_secret_value()):
+            raise ValueError("TESSERA_SMTP_URL must start with smtp:// or smtps://")
+        return value
+
     @field_validator("service_keys", "cors_origins", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:

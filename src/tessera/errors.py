@@ -54,6 +54,8 @@ ERRORS: dict[str, tuple[int, str]] = {
     "invalid_credentials": (401, "invalid_credentials"),
     "invalid_enrolment_code": (400, "invalid_code"),
     "invalid_mfa_token": (401, "invalid_token"),
+    "invalid_token": (400, "invalid_token"),
+    "email_not_verified": (403, "email_not_verified"),
     "invalid_request": (400, "invalid_request"),
     "malformed_body": (400, "malformed_body"),
     "mfa_not_enabled": (409, "mfa_not_enabled"),

@@ -14,13 +14,24 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tessera import __version__
-from tessera.api import admin, auth, health, me, mfa, revocations, webhooks, wellknown
+from tessera.api import (
+    admin,
+    auth,
+    health,
+    me,
+    mfa,
+    pages,
+    revocations,
+    webhooks,
+    wellknown,
+)
 from tessera.api.docs import install_docs
 from tessera.api.lean import LeanRoutes
 from tessera.api.openapi import api_routes, install_openapi
 from tessera.config import Settings
 from tessera.domain.auth import TokenChecker
 from tessera.domain.events import EventWorker
+from tessera.domain.mail import MailWorker
 from tessera.domain.policy import PolicyCache
 from tessera.domain.profiles import ProfileCache
 from tessera.edge.edge import Edge
@@ -74,6 +85,7 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
     usage = UsageRecorder(db_factory, flush_events=settings.usage_flush_events,
                           flush_seconds=settings.usage_flush_seconds)
     audit_trail = AuditTrail(db_factory, flush_seconds=settings.usage_flush_seconds)
+    mail = MailWorker(db_factory, settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: TesseraApp) -> AsyncIterator[None]:
@@ -105,11 +117,12 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
                 policy=PolicyCache(db_factory), csrf_key=derive_key(secret, b"csrf"),
                 token_key=token_key,
                 limiter=AttemptLimiter(redis, derive_key(secret, b"rate-limit")),
-                profiles=profiles, auth=checker, audit_trail=audit_trail,
+                profiles=profiles, auth=checker, audit_trail=audit_trail, mail=mail,
                 embedded_redis=embedded)
             edge.checker = checker
             usage.start()
             audit_trail.start()
+            mail.start()
             app.state.events = EventWorker(db_factory, settings, KeyCipher(secret))
             app.state.events.start()
             yield
@@ -123,6 +136,7 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
                 await app.state.events.stop()
             await usage.stop()
             await audit_trail.stop()
+            await mail.stop()
             await redis.aclose()
             await engine.dispose()
             if embedded is not None:
@@ -135,7 +149,7 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
     install_docs(app)  # /docs and /redoc with assets served by tessera (offline)
     install_error_handlers(app)
     install_unavailable_handlers(app)
-    for module in (health, wellknown, auth, revocations, me, mfa, admin, webhooks):
+    for module in (health, wellknown, auth, revocations, me, mfa, admin, webhooks, pages):
         app.include_router(module.router)
 
     inner: ASGIApp = LeanRoutes(app.stack, lambda: app.state.tessera,

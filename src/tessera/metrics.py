@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 class Metrics:
@@ -19,6 +19,17 @@ class Metrics:
                                        registry=self.registry)
         self.sessions_revoked = Counter("tessera_sessions_revoked_total", "Sessions deleted",
                                         ["reason"], registry=self.registry)
+        # Mail (the outbox worker): waiting now, oldest wait, sent, failed attempts.
+        self.mail_queued = Gauge("tessera_mail_queued", "Mails waiting in the outbox",
+                                 registry=self.registry)
+        self.mail_oldest_queued_age = Gauge(
+            "tessera_mail_oldest_queued_age_seconds", "Age of the oldest mail still waiting",
+            registry=self.registry)
+        self.mails_sent = Counter("tessera_mails_sent_total", "Mails handed to the transport",
+                                  ["kind"], registry=self.registry)
+        self.mail_failures = Counter(
+            "tessera_mail_failures_total", "Failed mail attempts (retry: tried again later; "
+            "given_up: no more attempts)", ["kind", "outcome"], registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,6 +10,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tessera.config import Settings
 from tessera.domain.auth import TokenChecker
+from tessera.domain.mail import MailWorker
 from tessera.domain.policy import PolicyCache
 from tessera.domain.profiles import ProfileCache
 from tessera.metrics import Metrics
@@ -43,6 +44,7 @@ class Tessera:
     profiles: ProfileCache
     auth: TokenChecker
     audit_trail: AuditTrail
+    mail: MailWorker
     embedded_redis: EmbeddedRedis | None = field(default=None)
     _scrubber: SnapshotScrubber | None = field(default=None, repr=False)
 

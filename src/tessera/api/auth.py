@@ -4,17 +4,19 @@ api/revocations.py)."""
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, ValidationError, field_validator
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.responses import JSONResponse
 
 from tessera.api.cookies import clear_login_cookies, set_login_cookies
 from tessera.api.deps import CurrentSession, CurrentUser, DbDep, OptionalSession, TesseraDep
 from tessera.api.schemas import LoginJSON, RegisterIn, SessionOut, TokenOut, UserOut
-from tessera.domain import accounts, mfa
+from tessera.domain import accounts, mail, mfa, recovery
 from tessera.domain.auth import csrf_token_for
 from tessera.edge.privacy import forbid_tracking
 from tessera.errors import Problem, problem_doc, problem_responses
@@ -24,6 +26,8 @@ from tessera.stores.durability import ends_sessions
 from tessera.stores.models import User
 from tessera.stores.ratelimit import ip_bucket
 from tessera.timeutil import from_epoch
+
+log = logging.getLogger("tessera.auth")
 
 router = APIRouter(
     prefix="/auth", tags=["auth"],
@@ -71,9 +75,11 @@ async def register(body: RegisterIn, request: Request, response: Response, db: D
     check_origin(request, t)
     await t.limiter.attempt([("register-ip", client_key(request), s.register_max_per_ip)],
                             s.register_window_seconds)
-    user = await accounts.register_user(db, t.hasher, email=str(body.email),
-                                        password=body.password, policy=policy,
-                                        accepted_policy=body.policy_version is not None)
+    user = await accounts.register_user(
+        db, t.hasher, email=str(body.email), password=body.password, policy=policy,
+        accepted_policy=body.policy_version is not None,
+        on_create=lambda db, user: mail.queue_verification(db, t.settings, user))
+    t.mail.wake()
     await accounts.audit(db, "register", user_id=user.id, outcome="ok")
     response.headers.update(NO_STORE)
     assert user.email is not None
@@ -138,7 +144,8 @@ async def _read_credentials(request: Request) -> tuple[str, str]:
              responses=problem_doc({401: "invalid_credentials, or mfa_required (with "
                                          "`mfa_token` and `methods`: finish with POST "
                                          "/auth/login/mfa) when a second factor is enrolled",
-                                    403: "account_inactive", 429: "too_many_attempts"}))
+                                    403: "account_inactive or email_not_verified",
+                                    429: "too_many_attempts"}))
 async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
     check_origin(request, t)
     email, password = await _read_credentials(request)
@@ -162,6 +169,10 @@ async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
         forbid_tracking(request.scope)
     # Only failures count: a success clears the account and takes back this IP attempt.
     await t.limiter.forgive_success(account=("login-account", account), ip=("login-ip", ip))
+    if s.require_verified_email and not user.email_verified:  # the password was right
+        t.metrics.logins.labels("unverified").inc()
+        raise Problem("email_not_verified", "Confirm your email address first "
+                      "(POST /auth/verify-email/resend sends a new link).")
     factors = await mfa.enrolled(db, user.id)
     if factors.any:  # the password was right; the second step needs the mfa_token
         t.metrics.logins.labels("mfa_required").inc()
@@ -190,6 +201,101 @@ async def login_response(request: Request, t: Tessera, db: AsyncSession, user: U
     response = JSONResponse(body.model_dump(), headers=NO_STORE)
     set_login_cookies(response, t.settings, issued, csrf)
     return response
+
+
+# --- email verification and password reset (docs/mail.md) --------------------------------
+
+class _MailBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_max_length=4096)
+
+
+class AddressIn(_MailBody):
+    email: EmailStr = Field(max_length=254)
+
+
+class TokenIn(_MailBody):
+    token: str = Field(min_length=1, max_length=512)
+
+
+class ResetConfirmIn(TokenIn):
+    new_password: str = Field(json_schema_extra={"minLength": 8, "maxLength": 256})
+    # The second factor's code, for an account that has one (issue 14).
+    code: str | None = Field(default=None, max_length=64)
+
+    @field_validator("new_password")
+    @classmethod
+    def _new(cls, value: str) -> str:
+        return normalise_password(value)
+
+
+class AcceptedOut(BaseModel):
+    status: str = "accepted"
+    detail: str
+
+
+_ACCEPTED = AcceptedOut(detail="If this address belongs to an account that can use it, a "
+                               "mail is on its way.").model_dump()
+
+
+async def _mail_attempt(t: Tessera, request: Request, kind: str, email: str) -> None:
+    s = t.settings
+    await t.limiter.attempt([(f"{kind}-address", accounts.email_key(email),
+                              s.mail_max_per_address),
+                             (f"{kind}-ip", client_key(request), s.mail_max_per_ip)],
+                            s.mail_limit_window_seconds)
+
+
+def _accepted() -> JSONResponse:
+    return JSONResponse(_ACCEPTED, status_code=202, headers=NO_STORE)
+
+
+@router.post("/verify-email", status_code=204, response_class=Response,
+             responses=problem_doc({400: "invalid_token"}))
+async def verify_email(body: TokenIn, db: DbDep, t: TesseraDep) -> Response:
+    """Confirm the address with the token from the verification mail."""
+    await recovery.verify_email(t, db, body.token)
+    return Response(status_code=204, headers=NO_STORE)
+
+
+@router.post("/verify-email/resend", status_code=202, response_model=AcceptedOut,
+             responses=problem_doc({429: "too_many_attempts"}))
+async def resend_verification(body: AddressIn, request: Request, t: TesseraDep) -> JSONResponse:
+    """202 whatever the address: a new mail only for an active, unverified account. The
+    lookup runs apart from the request, so no timing says anything about the address."""
+    email = str(body.email)
+    await _mail_attempt(t, request, "verify-resend", email)
+    t.mail.detach(_quietly(recovery.resend_verification, t, email))
+    return _accepted()
+
+
+@router.post("/password-reset", status_code=202, response_model=AcceptedOut,
+             responses=problem_doc({429: "too_many_attempts"}))
+async def password_reset(body: AddressIn, request: Request, t: TesseraDep) -> JSONResponse:
+    """202, the same body and time for any address (no hashing either way): a known active
+    account gets a mail with a single-use link, the lookup and the mail done apart from the
+    request."""
+    email = str(body.email)
+    await _mail_attempt(t, request, "reset", email)
+    t.mail.detach(_quietly(recovery.request_reset, t, email))
+    return _accepted()
+
+
+@router.post("/password-reset/confirm", status_code=204, response_class=Response,
+             responses=problem_doc({400: "invalid_token", 401: "mfa_required",
+                                    422: "validation_error"}))
+async def password_reset_confirm(body: ResetConfirmIn, db: DbDep, t: TesseraDep) -> Response:
+    """The new password; every session of the user ends; not logged in."""
+    await recovery.confirm_reset(t, db, body.token, body.new_password, body.code)
+    return Response(status_code=204, headers=NO_STORE)
+
+
+async def _quietly(work: Callable[[Tessera, str], Awaitable[None]], t: Tessera,
+                   email: str) -> None:
+    """Background work after a 202: a failure is logged by type only (no address)."""
+    try:
+        await work(t, email)
+    except Exception as exc:
+        log.warning("mail request failed after the answer (%s)", type(exc).__name__)
 
 
 @router.post("/logout", status_code=204, response_class=Response,

@@ -131,6 +131,7 @@ async def introspect(scope: Scope, receive: Receive, t: Tessera) -> Response:
         "jti": raw.get("jti"), "token_type": "Bearer",
         "policy_accepted": not must_consent(principal.profile.policy_seq, await t.policy.get()),
         "amr": raw.get("amr", ["pwd"]), "auth_time": raw.get("auth_time", raw.get("iat")),
+        "email_verified": bool(principal.profile.me.get("email_verified")),
     }, headers=NO_STORE)
 
 

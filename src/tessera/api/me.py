@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StrictBool, field_validator
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.responses import JSONResponse
 
 from tessera.api.auth import client_key
 from tessera.api.cookies import clear_login_cookies
@@ -22,13 +23,14 @@ from tessera.api.deps import (
     TesseraDep,
 )
 from tessera.api.schemas import SafeStr, SecondFactorIn
-from tessera.domain import accounts, consents, events, mfa, privacy_requests
+from tessera.domain import accounts, consents, events, mfa, privacy_requests, recovery
 from tessera.domain.profiles import account_view
 from tessera.edge.privacy import attribute_usage
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.security.passwords import normalise_password
 from tessera.services import Tessera
 from tessera.stores.durability import ends_sessions
+from tessera.stores.mail import mails_of
 from tessera.stores.models import AuditEvent, PrivacyRequest, User
 from tessera.stores.usage import usage_log_of
 from tessera.timeutil import from_epoch, rfc3339
@@ -47,8 +49,13 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", str_max_length=4096)
 
 
-class EmailIn(_Body):
+class EmailChangeIn(SecondFactorIn):
     email: EmailStr = Field(max_length=254)
+    current_password: str = Field(max_length=1024)
+
+
+class EmailTokenIn(_Body):
+    token: str = Field(min_length=1, max_length=512)
 
 
 class PasswordChangeIn(SecondFactorIn):
@@ -125,21 +132,43 @@ def privacy_request_view(row: PrivacyRequest) -> dict[str, Any]:
             "resolution": row.resolution}
 
 
-@router.patch("", responses=problem_doc({409: "email_taken"}))
-async def update_me(body: EmailIn, user: CurrentUser, db: DbDep, t: TesseraDep,
-                    response: Response) -> dict[str, Any]:
-    s = t.settings  # 409 email_taken tells whether an address has an account: limit it
-    await t.limiter.attempt([("email-change", user.id, s.email_change_max_per_user)],
-                            s.email_change_window_seconds)
-    user = await accounts.change_email(t, db, user, str(body.email))
-    await accounts.audit(db, "email_changed", user_id=user.id)
-    response.headers.update(NO_STORE)
-    return await fresh_view(db, user)
-
-
 _FACTOR_DOC = ("mfa_required (a second factor is enrolled and none came: send `code`, a TOTP "
                "or recovery code, or a passkey assertion as `challenge_id` + `credential`) "
                "or invalid_code")
+
+
+@router.patch("", status_code=202,
+              responses={200: {"description": "the same address as now: nothing changes"},
+                         **problem_doc({401: _FACTOR_DOC, 403: "invalid_credentials",
+                                        409: "email_taken", 429: "too_many_attempts"})})
+async def update_me(request: Request, body: EmailChangeIn, user: CurrentUser, db: DbDep,
+                    t: TesseraDep) -> JSONResponse:
+    """Ask to change the email: 202 with `pending_email`, a confirmation mail to the new
+    address (POST /me/email/confirm) and a notice to the old one; the email changes only
+    once the new address is confirmed. Needs the current password and, where a factor is
+    enrolled, a second factor."""
+    s = t.settings  # 409 email_taken tells whether an address has an account: limit it
+    await t.limiter.attempt([("email-change", user.id, s.email_change_max_per_user)],
+                            s.email_change_window_seconds)
+    await confirm_attempt(t, user, request)
+    requested = await recovery.request_email_change(
+        t, db, user, str(body.email), password_text(body.current_password),
+        factor={"code": body.code, "challenge_id": body.challenge_id,
+                "credential": body.credential})
+    await t.limiter.forgive("password-confirm", user.id, all_of_them=True)
+    return JSONResponse(await fresh_view(db, user), status_code=202 if requested else 200,
+                        headers=NO_STORE)
+
+
+@router.post("/email/confirm", responses=problem_doc({400: "invalid_token",
+                                                       409: "email_taken"}))
+async def confirm_email(body: EmailTokenIn, db: DbDep, t: TesseraDep,
+                        response: Response) -> dict[str, Any]:
+    """The token from the mail sent to the new address (no login needed): the email changes
+    and is verified."""
+    user = await recovery.confirm_email_change(t, db, body.token)
+    response.headers.update(NO_STORE)
+    return account_view(user, await consents.current_consents(db, user.id))
 
 
 @router.post("/password", status_code=204, response_class=Response,
@@ -193,6 +222,8 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
         "mfa": await mfa.export_view(db, user.id),
         # Every time personal data left tessera (the mailing vendor, P8).
         "disclosures": await events.disclosures_of(db, user.id),
+        "mails": [{"at": rfc3339(m.sent_at or m.created_at), "kind": m.kind, "to": m.to_addr,
+                   "status": m.status} for m in await mails_of(db, user.id)],
         "security_events": [{"at": rfc3339(a.at), "event": a.event, "outcome": a.outcome}
                             for a in audit_rows],
     }

@@ -14,12 +14,13 @@ from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tessera.config import Settings
-from tessera.domain import events
+from tessera.domain import events, mail
 from tessera.domain.policy import NEVER_ACCEPTED, PolicyState
 from tessera.errors import Problem
 from tessera.security.passwords import PasswordHasher
 from tessera.security.tokens import IssuedToken, issue_token, new_session_id, token_hash
 from tessera.services import Tessera
+from tessera.stores import mail as mail_store
 from tessera.stores.models import AuditEvent, User, utcnow
 from tessera.stores.ratelimit import Limit
 from tessera.stores.scrub import checkpoint_sqlite
@@ -75,9 +76,11 @@ async def find_by_email(db: AsyncSession, email: str) -> User | None:
 
 async def register_user(db: AsyncSession, hasher: PasswordHasher, *, email: str, password: str,
                         policy: PolicyState, accepted_policy: bool,
-                        is_admin: bool = False) -> User:
+                        is_admin: bool = False,
+                        on_create: Callable[[AsyncSession, User], None] | None = None) -> User:
     """A new account; `accepted_policy` only if the person accepted the current version
-    (sent it): otherwise none is recorded and the policy gate asks first."""
+    (sent it): otherwise none is recorded and the policy gate asks first. `on_create` adds
+    rows to the registration's own transaction (the verification mail)."""
     if await find_by_email(db, email) is not None:
         raise Problem("email_taken", "An account with this email exists.")
     now = utcnow()
@@ -91,6 +94,9 @@ async def register_user(db: AsyncSession, hasher: PasswordHasher, *, email: str,
     db.add(user)
     events.emit(db, "user.created", {"user_id": user.id})
     try:
+        if on_create is not None:
+            await db.flush()  # the user row first: the rows added next refer to it
+            on_create(db, user)
         await db.commit()
     except IntegrityError:  # a concurrent registration won the race
         await db.rollback()
@@ -282,34 +288,6 @@ async def reactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str)
     await revoke_all_sessions(t, user.id, "reactivated")
 
 
-async def change_email(t: Tessera, db: AsyncSession, user: User, email: str) -> User:
-    """With a mailing vendor configured, a consenting user's old address is deleted there
-    and the new one upserted (P8), in this transaction."""
-    settings = t.settings
-    key = email_key(email)
-    if key != user.email_key:
-        other = await find_by_email(db, email)
-        if other is not None:
-            raise Problem("email_taken", "An account with this email exists.")
-        if (settings is not None and events.vendor_enabled(settings)
-                and user.email is not None):
-            from tessera.domain.consents import has_consent
-
-            events.on_email_changed_at_vendor(
-                db, settings, user.id, user.email, email,
-                consented=await has_consent(db, user.id, "email_vendor"))
-    user.email, user.email_key, user.updated_at = email, key, utcnow()
-    db.add(user)
-    try:
-        await db.commit()
-    except IntegrityError:
-        await db.rollback()
-        raise Problem("email_taken", "An account with this email exists.") from None
-    await db.refresh(user)
-    await user_changed(t, user.id)
-    return user
-
-
 async def change_password(t: Tessera, db: AsyncSession, user: User, current: str, new: str,
                           keep_sid: str,
                           check_factor: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -321,9 +299,12 @@ async def change_password(t: Tessera, db: AsyncSession, user: User, current: str
     user.password_hash = await t.hasher.hash(new, account=account_of(user))
     user.updated_at = utcnow()
     db.add(user)
+    await mail_store.end_tokens(db, user.id, "reset")  # any password change ends reset links
+    mail.queue_password_changed(db, t.settings, user, "with the current password")
     await audit(db, "password_changed", user_id=user.id, commit=False)
     events.emit(db, "user.password_changed", {"user_id": user.id})
     await db.commit()
+    t.mail.wake()
     await revoke_all_sessions(t, user.id, "password_changed", keep_sid=keep_sid)
 
 
@@ -348,6 +329,7 @@ async def _erase_personal_rows(db: AsyncSession, user_id: str) -> None:
     for table in (UsageSegment, ConsentEvent, PrivacyRequest, Disclosure):
         await db.exec(delete(table).where(col(table.user_id) == user_id))
     await mfa_store.erase_factors(db, user_id)  # TOTP, recovery codes, passkeys
+    await mail_store.erase_mail_rows(db, user_id)  # outbox rows and tokens (P9)
     # The audit trail keeps what happened, anonymised: no link back to the person.
     await db.exec(update(AuditEvent).where(col(AuditEvent.user_id) == user_id)
                   .values(user_id=None))
@@ -374,12 +356,15 @@ async def delete_account(t: Tessera, db: AsyncSession, user: User) -> None:
     await revoke_all_sessions(t, user_id, "account_deleted")
     await _tell_the_vendor_to_forget(t, db, user)
     await _erase_personal_rows(db, user_id)
+    if user.email is not None:  # the notice outlives the account until it is sent
+        mail.queue_account_deleted(db, t.settings, user.email)
     await db.delete(user)
     await audit(db, "account_deleted", commit=False)
     await events.forget_events(db, user_id)
     # Subscribers delete their copy of the user's data (the policy's right to delete).
     events.emit(db, "user.deleted", {"user_id": user_id})
     await db.commit()
+    t.mail.wake()
     await t.profiles.forget(user_id)
     await revoke_all_sessions(t, user_id, "account_deleted")  # any login that raced the delete
     await scrub_traces(t)

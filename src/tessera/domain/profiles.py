@@ -48,6 +48,8 @@ def account_view(user: User, current_consents: dict[str, Any]) -> dict[str, Any]
     return {
         "id": user.id,
         "email": user.email,
+        "email_verified": user.email_verified,
+        "pending_email": user.pending_email,
         "created_at": rfc3339(user.created_at),
         "is_active": user.is_active,
         "is_admin": user.is_admin,

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
@@ -21,6 +22,8 @@ cli = typer.Typer(help="tessera: auth and sessions that enforce a privacy policy
                   no_args_is_help=True, add_completion=False)
 keys_cli = typer.Typer(help="Signing keys.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
+mail_cli = typer.Typer(help="Transactional mail.", no_args_is_help=True)
+cli.add_typer(mail_cli, name="mail")
 
 
 @cli.command()
@@ -164,7 +167,7 @@ def create_admin(
     """Create an admin (password from TESSERA_ADMIN_PASSWORD or a prompt); with --promote,
     make an existing account admin. An existing email without --promote is refused: the
     account may be someone else's."""
-    from tessera.domain import accounts
+    from tessera.domain import accounts, mail
     from tessera.domain.policy import load_policy_state
     from tessera.security.passwords import PasswordHasher, normalise_password
     from tessera.timeutil import rfc3339
@@ -191,13 +194,15 @@ def create_admin(
             password = normalise_password(raw)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
-        user = await accounts.register_user(db, PasswordHasher(settings.bcrypt_rounds),
-                                            email=email, password=password,
-                                            policy=await load_policy_state(db),
-                                            accepted_policy=False, is_admin=True)
+        # Like a registration, the address gets a verification mail (sent by a running
+        # instance's outbox worker).
+        user = await accounts.register_user(
+            db, PasswordHasher(settings.bcrypt_rounds), email=email, password=password,
+            policy=await load_policy_state(db), accepted_policy=False, is_admin=True,
+            on_create=lambda db, user: mail.queue_verification(db, settings, user))
         await accounts.audit(db, "admin_created", user_id=user.id)
-        return (f"created admin {user.id} <{user.email}>; it accepts the policy at its "
-                f"first login (POST /me/policy-consent)")
+        return (f"created admin {user.id} <{user.email}> (a verification mail is queued); it "
+                f"accepts the policy at its first login (POST /me/policy-consent)")
 
     from email_validator import EmailNotValidError, validate_email
 
@@ -225,16 +230,71 @@ def rotate() -> None:
 
 @cli.command()
 def purge() -> None:
-    """Delete usage events past retention, and signing keys past their last token."""
+    """Delete usage events past retention, signing keys past their last token, and sent mails
+    past TESSERA_MAIL_RETENTION_DAYS (with used or expired mail tokens)."""
     from tessera.stores.keys import purge_expired_keys
+    from tessera.stores.mail import purge_mail
     from tessera.stores.usage import purge_usage
 
     async def run(settings: Settings, db: AsyncSession) -> str:
         events = await purge_usage(db, settings.usage_retention_days)
         keys = await purge_expired_keys(db)
-        return f"purged {events} usage events and {keys} expired signing keys"
+        mails = await purge_mail(db, settings.mail_retention_days)
+        return (f"purged {events} usage events, {keys} expired signing keys and {mails} "
+                "mail records")
 
     typer.echo(_with_db(run))
+
+
+@mail_cli.command("test")
+def mail_test(address: str) -> None:
+    """Send a test mail to ADDRESS now, through the configured transport (TESSERA_SMTP_URL,
+    or an .eml file in <data>/outbox/), by way of the outbox like every mail."""
+    from email_validator import EmailNotValidError, validate_email
+
+    from tessera.domain.mail import MailWorker, queue_mail
+    from tessera.metrics import Metrics
+    from tessera.ops.logs import configure_logging
+    from tessera.stores.db import create_engine, session_factory
+    from tessera.stores.mail import OutboxMail
+
+    try:
+        validate_email(address, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+    async def run() -> tuple[bool, str]:
+        settings = Settings()
+        engine = create_engine(settings.resolved_database_url)
+        factory = session_factory(engine)
+        worker = MailWorker(factory, settings, Metrics())
+        try:
+            async with factory() as db:
+                row = queue_mail(db, settings, user_id=None, to=address, kind="test",
+                                 context={})
+                await db.commit()
+                mail_id = row.id
+            # A running instance may claim it first: then wait for that one's attempt.
+            deadline = time.monotonic() + settings.mail_smtp_timeout_seconds + 5
+            while True:
+                await worker.run_once()
+                async with factory() as db:
+                    left = await db.get(OutboxMail, mail_id)
+                if left is None:
+                    return True, worker.transport.description
+                if left.attempts > 0 or time.monotonic() > deadline:
+                    return False, (f"{worker.transport.description}: "
+                                   f"{left.last_error or 'still queued'}")
+                await asyncio.sleep(0.2)
+        finally:
+            await engine.dispose()
+
+    configure_logging("warning")
+    sent, where = asyncio.run(run())
+    if not sent:
+        typer.echo(f"test mail not sent yet ({where}); it stays queued for retries", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"test mail sent through {where}")
 
 
 def main() -> None:

@@ -41,6 +41,10 @@ class User(SQLModel, table=True):
     restrict_processing: bool = False
     object_to_processing: bool = False
     deactivated_at: datetime | None = _ts(default=None)
+    # Mail (issue 13): the address was confirmed by a token sent to it; an address waiting
+    # for its confirmation mail (PATCH /me) is `pending_email`.
+    email_verified: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
+    pending_email: str | None = Field(default=None, max_length=320)
 
 
 class PolicyVersion(SQLModel, table=True):
@@ -123,4 +127,4 @@ class AuditEvent(SQLModel, table=True):
 
 
 # Tables of the features, registered with this metadata (Alembic reads it from here).
-from tessera.stores import events, mfa  # noqa: E402,F401,I001
+from tessera.stores import events, mail, mfa  # noqa: E402,F401,I001
