@@ -267,6 +267,10 @@ def backoff_seconds(attempts: int, base: float, cap: float) -> float:
     return delay * random.uniform(0.5, 1.0)  # noqa: S311 (jitter, not a secret)
 
 
+# How long a stopping worker may take to finish its round (a delivery times out sooner).
+STOP_GRACE_SECONDS = 30.0
+
+
 class EventWorker:
     """Fans events out and delivers webhooks and vendor messages, on every instance."""
 
@@ -299,11 +303,16 @@ class EventWorker:
 
     async def stop(self) -> None:
         # A delivery cut short keeps its lease; it is retried when the lease runs out.
+        # Asked to stop first, cancelled only past a grace period: a database call cancelled
+        # midway (asyncpg under SQLAlchemy) can leave its connection's cleanup waiting.
         if self._task is not None:
             self._stopping = True
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            self._wake.set()
+            done, _ = await asyncio.wait({self._task}, timeout=STOP_GRACE_SECONDS)
+            if not done:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._task
             self._task = None
         if self._client is not None:
             await self._client.aclose()

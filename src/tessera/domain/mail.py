@@ -12,6 +12,7 @@ by one conditional UPDATE, so two instances never send it at once. Transports: S
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import logging
 import os
@@ -288,6 +289,10 @@ def eml_name(mail: OutboxMail) -> str:
 
 # --- the worker -----------------------------------------------------------------------------
 
+# How long a stopping worker may take to finish its pass (an SMTP send times out sooner).
+STOP_GRACE_SECONDS = 40.0
+
+
 class MailWorker:
     """Drains the outbox: due rows are claimed, sent, marked sent; a failed attempt is retried
     after base * 2^attempts seconds (at most max, with a little jitter) until max_attempts."""
@@ -303,6 +308,7 @@ class MailWorker:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._detached: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     def start(self) -> None:
         if self._task is None:
@@ -318,22 +324,27 @@ class MailWorker:
         task.add_done_callback(self._detached.discard)
 
     async def stop(self) -> None:
+        """Ends after the current pass: a database call cancelled midway (asyncpg under
+        SQLAlchemy) can leave its connection's cleanup waiting for good, so the worker is
+        asked to stop and only cancelled if it does not within a grace period."""
         if self._detached:
             await asyncio.wait(set(self._detached), timeout=10)
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            self._stopping = True
+            self._wake.set()
+            done, _ = await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
+            if not done:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     def wake(self) -> None:
         """A mail was committed on this instance: look now rather than at the next poll."""
         self._wake.set()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             busy = False
             try:
                 busy = await self.run_once() >= self.BATCH
@@ -342,7 +353,7 @@ class MailWorker:
                 raise
             except Exception as exc:  # a store is down: try again at the next poll
                 log.warning("mail: outbox pass failed (%s)", type(exc).__name__)
-            if busy:
+            if busy or self._stopping:
                 continue
             try:
                 await asyncio.wait_for(self._wake.wait(), self.settings.mail_poll_seconds)
