@@ -225,48 +225,6 @@ async def test_redis_down_fails_closed_and_service_resumes(base_settings: dict[s
         assert_problem(await client.get("/me", headers=bearer(token)), 401, "not_authenticated")
 
 
-class TcpProxy:
-    """A loopback TCP forwarder the test can cut and restore: the database 'goes down'."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
-        self.port = free_port()
-        self._server: asyncio.base_events.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for writer in list(self._writers):
-            writer.close()
-        self._writers.clear()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-
 async def test_database_down_answers_503_and_service_resumes(base_settings) -> None:
     from sqlalchemy.engine import make_url
 
@@ -274,7 +232,9 @@ async def test_database_down_answers_503_and_service_resumes(base_settings) -> N
     if not url.drivername.startswith("postgres"):
         pytest.skip("the embedded database is a file that cannot go down; this runs on the "
                     "PostgreSQL path (TESSERA_TEST_DATABASE_URL), as in CI")
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    from tests.test_db_faults import FaultyProxy  # a TCP forwarder the test can cut
+
+    proxy = FaultyProxy(url.host or "127.0.0.1", url.port or 5432)
     await proxy.start()
     proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     try:
