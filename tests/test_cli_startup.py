@@ -4,6 +4,7 @@ command touches it, an unreachable store said in one line instead of a traceback
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -68,7 +69,7 @@ async def test_a_promotion_by_the_cli_shows_in_get_me_at_once(base_settings: dic
     token = (await login(client, user["email"])).json()["access_token"]
     before = await client.get("/me", headers=bearer(token))
     assert before.json()["is_admin"] is False  # cached now
-    done = run({**cli_env(base_settings), "TESSERA_ADMIN_PASSWORD": PASSWORD},
+    done = await asyncio.to_thread(run, {**cli_env(base_settings), "TESSERA_ADMIN_PASSWORD": PASSWORD},
                "create-admin", "--promote", user["email"])
     assert done.returncode == 0, done.stderr
     after = await client.get("/me", headers=bearer(token))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import subprocess
@@ -113,14 +114,14 @@ async def test_cli_create_admin_promotes_an_existing_account_only_when_told(
     which account (id, email, created_at) it promoted."""
     env = {**cli_env(base_settings), "TESSERA_ADMIN_PASSWORD": PASSWORD}
     user = await register(client)
-    refused = cli(env, "create-admin", user["email"])
+    refused = await asyncio.to_thread(cli, env, "create-admin", user["email"])
     assert refused.returncode != 0
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--promote" in lines[0], refused.stderr
     token = (await login(client, user["email"])).json()["access_token"]
     assert (await client.get("/admin/users", headers=bearer(token))).status_code == 403
 
-    promoted = cli(env, "create-admin", user["email"], "--promote")
+    promoted = await asyncio.to_thread(cli, env, "create-admin", user["email"], "--promote")
     assert promoted.returncode == 0, promoted.stderr
     assert user["id"] in promoted.stdout and user["email"] in promoted.stdout
     assert user["created_at"][:19] in promoted.stdout.replace(" ", "T")
@@ -130,7 +131,7 @@ async def test_cli_create_admin_promotes_an_existing_account_only_when_told(
     # not promote the look-alike.
     local, domain = new_email("sam").split("@")
     lookalike = await register(client, local.replace("s", "\u017f", 1) + "@" + domain)
-    created = cli(env, "create-admin", f"{local}@{domain}")
+    created = await asyncio.to_thread(cli, env, "create-admin", f"{local}@{domain}")
     assert created.returncode == 0, created.stderr
     assert "created admin" in created.stdout and lookalike["id"] not in created.stdout
     lookalike_token = (await login(client, lookalike["email"])).json()["access_token"]
@@ -149,7 +150,7 @@ def test_cli_migrate_and_purge(base_settings: dict[str, Any]) -> None:
 async def test_admin_created_by_cli_can_use_the_admin_api(base_settings: dict[str, Any],
                                                            client) -> None:
     email = new_email("admin")
-    done = cli({**cli_env(base_settings), "TESSERA_ADMIN_PASSWORD": PASSWORD}, "create-admin",
+    done = await asyncio.to_thread(cli, {**cli_env(base_settings), "TESSERA_ADMIN_PASSWORD": PASSWORD}, "create-admin",
                email)
     assert done.returncode == 0, done.stderr
     token = (await login(client, email)).json()["access_token"]
