@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, ValidationError, field_validator
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.responses import JSONResponse
@@ -22,7 +22,6 @@ from tessera.edge.privacy import forbid_tracking
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.security.passwords import normalise_password
 from tessera.services import Tessera
-from tessera.stores.durability import ends_sessions
 from tessera.stores.models import User
 from tessera.stores.ratelimit import ip_bucket
 from tessera.timeutil import from_epoch
@@ -298,8 +297,7 @@ async def _quietly(work: Callable[[Tessera, str], Awaitable[None]], t: Tessera,
         log.warning("mail request failed after the answer (%s)", type(exc).__name__)
 
 
-@router.post("/logout", status_code=204, response_class=Response,
-             dependencies=[Depends(ends_sessions)])
+@router.post("/logout", status_code=204, response_class=Response)
 async def logout(principal: OptionalSession, t: TesseraDep) -> Response:
     response = Response(status_code=204, headers=NO_STORE)
     if principal is not None:
@@ -310,8 +308,7 @@ async def logout(principal: OptionalSession, t: TesseraDep) -> Response:
     return response
 
 
-@router.post("/logout-all", status_code=204, response_class=Response,
-             dependencies=[Depends(ends_sessions)])
+@router.post("/logout-all", status_code=204, response_class=Response)
 async def logout_all(principal: CurrentSession, t: TesseraDep) -> Response:
     await accounts.revoke_all_sessions(t, principal.user_id, "logout_all")
     # session_id null: every session of the user.

@@ -7,7 +7,7 @@ import logging
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StrictBool, field_validator
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -29,7 +29,6 @@ from tessera.edge.privacy import attribute_usage
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.security.passwords import normalise_password
 from tessera.services import Tessera
-from tessera.stores.durability import ends_sessions
 from tessera.stores.mail import mails_of
 from tessera.stores.models import AuditEvent, PrivacyRequest, User
 from tessera.stores.usage import usage_log_of
@@ -236,8 +235,7 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
 
 
 @router.delete("", status_code=204, response_class=Response,
-               responses=problem_doc({401: _FACTOR_DOC, 403: "invalid_credentials"}),
-               dependencies=[Depends(ends_sessions)])
+               responses=problem_doc({401: _FACTOR_DOC, 403: "invalid_credentials"}))
 async def delete_me(request: Request, body: PasswordConfirmIn, user: CurrentUserAnyPolicy,
                     db: DbDep, t: TesseraDep) -> Response:
     await confirm_attempt(t, user, request)
@@ -252,8 +250,7 @@ async def delete_me(request: Request, body: PasswordConfirmIn, user: CurrentUser
     return response
 
 
-@router.post("/deactivate", status_code=204, response_class=Response,
-             dependencies=[Depends(ends_sessions)])
+@router.post("/deactivate", status_code=204, response_class=Response)
 async def deactivate_me(user: CurrentUser, db: DbDep, t: TesseraDep) -> Response:
     await accounts.deactivate(t, db, user, actor_id=user.id)
     response = Response(status_code=204, headers=NO_STORE)

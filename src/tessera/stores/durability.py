@@ -19,7 +19,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -151,16 +151,6 @@ def ending_sessions(on: bool) -> Token[bool]:
 
 def reset_ending_sessions(token: Token[bool]) -> None:
     _ENDING_SESSIONS.reset(token)
-
-
-async def ends_sessions() -> AsyncIterator[None]:
-    """A route dependency (`dependencies=[Depends(ends_sessions)]`) of the session-ending
-    routes, resolved before their token check."""
-    _ENDING_SESSIONS.set(True)
-    try:
-        yield
-    finally:  # an app called in its caller's task (tests' ASGI transport) must not keep it
-        _ENDING_SESSIONS.set(False)
 
 
 class WriteGate:
