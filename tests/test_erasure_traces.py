@@ -58,7 +58,7 @@ async def test_the_sqlite_file_and_wal_keep_no_email_after_erasure(
                                        headers=bearer(token))
         assert deleted.status_code == 204
         # The account-deleted notice holds the address until it is sent (then it is gone).
-        await smtp.wait_for(user["email"], "account_deleted")
+        await smtp.wait_for(user["email"], "account_deleted", within=60)
         await asyncio.sleep(0.3)
     else:
         admin_user, admin = await registered_token(client)
