@@ -15,10 +15,12 @@ from tests.conftest import (
     PASSWORD,
     assert_problem,
     bearer,
+    client_for,
     login,
     registered_token,
+    running_app,
 )
-from tests.test_mfa import enrol_totp, mfa_token_for, totp_code
+from tests.test_mfa import enrol_totp, mfa_token_for, totp_code, user_with_totp
 from tests.webauthn_soft import SoftAuthenticator, b64url_decode
 
 
@@ -329,15 +331,61 @@ def test_migration_0004_upgrades_and_downgrades(tmp_path, base_settings: dict[st
 
 
 
+async def test_a_fresh_login_adds_a_passkey_with_the_contract_body(client) -> None:
+    """`{challenge_id, credential, name}` (shared/API.md): the session's login, seconds ago,
+    gave the password; it need not be sent again."""
+    _, token = await registered_token(client)
+    authenticator = SoftAuthenticator()
+    options = (await client.post("/me/passkeys/options", headers=bearer(token))).json()
+    added = await client.post("/me/passkeys", headers=bearer(token), json={
+        "challenge_id": options["challenge_id"], "credential": authenticator.create(options),
+        "name": "laptop"})
+    assert added.status_code == 201, added.text
+    assert [k["name"] for k in (await client.get("/me/mfa", headers=bearer(token))).json()[
+        "passkeys"]] == ["laptop"]
+
+
+async def test_a_fresh_two_factor_login_adds_a_passkey_with_the_contract_body(client) -> None:
+    user, _, secret, _ = await user_with_totp(client)
+    done = await client.post("/auth/login/mfa", json={
+        "mfa_token": await mfa_token_for(client, user["email"]),
+        "code": totp_code(secret, 1)})  # the next step: enrolment used this one
+    assert done.status_code == 200, done.text
+    token = done.json()["access_token"]
+    authenticator = SoftAuthenticator()
+    options = (await client.post("/me/passkeys/options", headers=bearer(token))).json()
+    added = await client.post("/me/passkeys", headers=bearer(token), json={
+        "challenge_id": options["challenge_id"], "credential": authenticator.create(options),
+        "name": "phone"})
+    assert added.status_code == 201, added.text
+
+
+async def test_an_old_session_must_send_the_password_to_add_a_passkey(
+        base_settings: dict[str, Any]) -> None:
+    """Past TESSERA_REAUTH_SECONDS (0 here: every session is old) the body needs the
+    password: a stolen session cannot add a factor."""
+    async with running_app(**{**base_settings, "reauth_seconds": 0}) as app, \
+            client_for(app) as old:
+        _, token = await registered_token(old)
+        authenticator = SoftAuthenticator()
+        options = (await old.post("/me/passkeys/options", headers=bearer(token))).json()
+        without = await old.post("/me/passkeys", headers=bearer(token), json={
+            "challenge_id": options["challenge_id"],
+            "credential": authenticator.create(options), "name": "mallory"})
+        assert_problem(without, 403, "reauthentication_required")
+        assert (await old.get("/me/mfa", headers=bearer(token))).json()["passkeys"] == []
+        options = (await old.post("/me/passkeys/options", headers=bearer(token))).json()
+        with_password = await old.post("/me/passkeys", headers=bearer(token), json={
+            "challenge_id": options["challenge_id"],
+            "credential": authenticator.create(options), "name": "laptop",
+            "current_password": PASSWORD})
+        assert with_password.status_code == 201, with_password.text
+
+
 async def test_a_stolen_session_alone_cannot_add_a_passkey(client) -> None:
     """Adding a factor is a sensitive change: the password, and the enrolled factor."""
     _, token = await registered_token(client)
     authenticator = SoftAuthenticator()
-    options = (await client.post("/me/passkeys/options", headers=bearer(token))).json()
-    without = await client.post("/me/passkeys", headers=bearer(token), json={
-        "challenge_id": options["challenge_id"], "credential": authenticator.create(options),
-        "name": "mallory"})
-    assert_problem(without, 422, "validation_error")
     options = (await client.post("/me/passkeys/options", headers=bearer(token))).json()
     wrong = await client.post("/me/passkeys", headers=bearer(token), json={
         "challenge_id": options["challenge_id"], "credential": authenticator.create(options),
@@ -349,5 +397,11 @@ async def test_a_stolen_session_alone_cannot_add_a_passkey(client) -> None:
         "challenge_id": options["challenge_id"], "credential": authenticator.create(options),
         "name": "mallory", "current_password": PASSWORD})
     assert_problem(no_factor, 401, "mfa_required")
+    # A recent login that used one factor (TOTP came after it) does not stand for two.
+    options = (await client.post("/me/passkeys/options", headers=bearer(token))).json()
+    recent_one_factor = await client.post("/me/passkeys", headers=bearer(token), json={
+        "challenge_id": options["challenge_id"], "credential": authenticator.create(options),
+        "name": "mallory"})
+    assert_problem(recent_one_factor, 401, "mfa_required")
     assert (await client.get("/me/mfa", headers=bearer(token))).json()["passkeys"] == []
     assert secret

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     webauthn_origins: Annotated[list[str], NoDecode] = []  # default: public_url's origin
     webauthn_rp_name: str = Field("tessera", min_length=1, max_length=64)
     webauthn_challenge_ttl_seconds: int = Field(300, ge=10, le=3600)
+    # A session whose login is at most this old may add a passkey without sending the
+    # password again (it was sent at that login, with the second factor if one is enrolled);
+    # an older session must send `current_password` (docs/mfa.md). 0: always ask.
+    reauth_seconds: int = Field(300, ge=0, le=3600)
 
     @field_validator("webauthn_origins", mode="before")
     @classmethod

@@ -73,6 +73,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "validation_error": (422, "validation_error"),
     "version_exists": (409, "version_exists"),
     "wrong_password": (403, "invalid_credentials"),
+    "reauthentication_required": (403, "reauthentication_required"),
 }
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
@@ -10,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 from tessera.api.auth import NO_STORE, check_origin, login_response
-from tessera.api.deps import CurrentUser, DbDep, TesseraDep
+from tessera.api.deps import CurrentUser, DbDep, TesseraDep, principal_of
 from tessera.api.me import confirm_attempt, password_text
 from tessera.api.schemas import SafeStr, SecondFactorIn
 from tessera.domain import accounts, mfa
@@ -44,8 +45,9 @@ class PasskeyIn(_Body):
                                                    "(navigator.credentials.create)")
     name: SafeStr = Field(default="passkey", min_length=1, max_length=64)
     # A factor is a sensitive change: the current password and, where a factor is enrolled,
-    # a second one (a code, or an assertion of an enrolled passkey).
-    current_password: str = Field(max_length=1024)
+    # a second one (a code, or an assertion of an enrolled passkey). A session logged in at
+    # most TESSERA_REAUTH_SECONDS ago gave both at its login and may leave them out.
+    current_password: str | None = Field(default=None, max_length=1024)
     code: str | None = Field(default=None, max_length=64,
                              description="a TOTP code or a recovery code")
     assertion_challenge_id: str | None = Field(default=None, max_length=128)
@@ -76,6 +78,20 @@ async def _check_password(t: Tessera, user: User, password: str, request: Reques
     if not await accounts.verify_password(t.hasher, user, password_text(password)):
         raise Problem("wrong_password", "The current password is wrong.")
     await t.limiter.forgive("password-confirm", user.id, all_of_them=True)
+
+
+def _recent_login(t: Tessera, request: Request) -> bool:
+    """The session's login is at most TESSERA_REAUTH_SECONDS old (its `auth_time`), or 403
+    `reauthentication_required`. True if that login used two factors (`amr` has `mfa`)."""
+    principal = principal_of(request)
+    claims = principal.claims if principal is not None else {}
+    auth_time = claims.get("auth_time", claims.get("iat"))
+    if not isinstance(auth_time, int) or time.time() - auth_time > t.settings.reauth_seconds:
+        raise Problem("reauthentication_required",
+                      "This session's login is too old for this change: send "
+                      "`current_password` (and a second factor where one is enrolled).")
+    amr = claims.get("amr")
+    return isinstance(amr, list) and "mfa" in amr
 
 
 async def _check_factor(t: Tessera, db: DbDep, user: User, body: SecondFactorIn) -> None:
@@ -161,17 +177,25 @@ async def passkey_creation_options(user: CurrentUser, db: DbDep,
 
 
 @router.post("/me/passkeys", status_code=201, responses=problem_doc({
-    400: "invalid_credential", 403: "invalid_credentials",
+    400: "invalid_credential",
+    403: "invalid_credentials, or reauthentication_required: a session logged in more than "
+         "TESSERA_REAUTH_SECONDS ago sends `current_password`",
     401: "mfa_required or invalid_code, where a factor is enrolled: `code`, or "
          "`assertion_challenge_id` + `assertion`"}))
 async def add_passkey(request: Request, body: PasskeyIn, user: CurrentUser, db: DbDep,
                       t: TesseraDep) -> JSONResponse:
     """Needs the current password and, where a factor is enrolled, a second factor: a
-    stolen session alone must not add a factor (it would pass for two factors later)."""
-    await _check_password(t, user, body.current_password, request)
-    await mfa.require_second_factor(t, db, user, code=body.code,
-                                    challenge_id=body.assertion_challenge_id,
-                                    credential=body.assertion)
+    stolen session alone must not add a factor (it would pass for two factors later). A
+    session whose login is recent (TESSERA_REAUTH_SECONDS) proved them at that login."""
+    if body.current_password is None:
+        proved_factor = _recent_login(t, request)
+    else:
+        await _check_password(t, user, body.current_password, request)
+        proved_factor = False
+    if not proved_factor or body.code is not None or body.assertion is not None:
+        await mfa.require_second_factor(t, db, user, code=body.code,
+                                        challenge_id=body.assertion_challenge_id,
+                                        credential=body.assertion)
     key = await mfa.register_passkey(t, db, user, body.challenge_id, body.credential, body.name)
     await accounts.audit(db, "passkey_added", user_id=user.id)
     view = mfa.passkey_view(key)
