@@ -110,16 +110,28 @@ def test_cli_create_admin_then_promote(base_settings: dict[str, Any]) -> None:
 
 async def test_cli_create_admin_promotes_an_existing_account_only_when_told(
         base_settings: dict[str, Any], client) -> None:
-    """Issue 12.2: an account someone registered is not silently made admin; --promote says
-    which account (id, email, created_at) it promoted."""
-    env = {**cli_env(base_settings), "TESSERA_ADMIN_PASSWORD": PASSWORD}
-    user = await register(client)
+    """Issue 12.2: an account someone registered is not silently made admin: without
+    --promote only the account's own password promotes it (shared/API.md: "promotes an
+    existing user, keeping their password"); --promote says which account (id, email,
+    created_at) it promoted."""
+    env = {**cli_env(base_settings), "TESSERA_ADMIN_PASSWORD": "the operator's own pass 42"}
+    user = await register(client)  # someone else's account, with their password
     refused = await asyncio.to_thread(cli, env, "create-admin", user["email"])
     assert refused.returncode != 0
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--promote" in lines[0], refused.stderr
+    assert "the operator's" not in refused.stderr  # never the secret's value
     token = (await login(client, user["email"])).json()["access_token"]
     assert (await client.get("/admin/users", headers=bearer(token))).status_code == 403
+
+    own = await register(client)  # the operator's account: its password promotes it
+    mine = await asyncio.to_thread(cli, {**env, "TESSERA_ADMIN_PASSWORD": PASSWORD},
+                                   "create-admin", own["email"])
+    assert mine.returncode == 0, mine.stderr
+    assert "promoted" in mine.stdout and own["id"] in mine.stdout
+    own_token = (await login(client, own["email"])).json()["access_token"]
+    me = (await client.get("/me", headers=bearer(own_token))).json()
+    assert me["is_admin"] is True
 
     promoted = await asyncio.to_thread(cli, env, "create-admin", user["email"], "--promote")
     assert promoted.returncode == 0, promoted.stderr

@@ -164,9 +164,10 @@ def create_admin(
         "--promote", help="Make the existing account with this email an admin (it keeps its "
         "password), instead of creating one.")] = False,
 ) -> None:
-    """Create an admin (password from TESSERA_ADMIN_PASSWORD or a prompt); with --promote,
-    make an existing account admin. An existing email without --promote is refused: the
-    account may be someone else's."""
+    """Create an admin (password from TESSERA_ADMIN_PASSWORD or a prompt), or promote the
+    existing account with this email, keeping its password: without --promote only when the
+    password given is that account's (it may be someone else's account: registration is
+    open), with --promote always. Either way it says which account it promoted."""
     from tessera.domain import accounts, mail
     from tessera.domain.policy import load_policy_state
     from tessera.security.passwords import PasswordHasher, normalise_password
@@ -181,8 +182,16 @@ def create_admin(
         if user is not None:
             shown = f"{user.id} <{user.email}> created {rfc3339(user.created_at)}"
             if not promote:
-                refuse(f"an account with this email exists ({shown}); "
-                       f"pass --promote to make it admin")
+                raw = (settings.admin_password.get_secret_value() if settings.admin_password
+                       else typer.prompt("Password of the existing account", hide_input=True))
+                try:
+                    given = normalise_password(raw, new=False)
+                except ValueError:
+                    given = ""
+                if not (given and await accounts.verify_password(
+                        PasswordHasher(settings.bcrypt_rounds), user, given)):
+                    refuse(f"an account with this email exists ({shown}) and the password "
+                           f"given is not its password; pass --promote to make it admin")
             await accounts.promote_to_admin(db, user)
             await _forget_cached_profile(settings, user.id)
             return f"promoted {shown} to admin"
