@@ -1176,6 +1176,15 @@ def cmd_report(a):
         r = t_logout / peer_logout
         target("logout vs fastapi-users logout (one connection, sequential)",
                f"{t_logout:.0f} vs {peer_logout:.0f} req/s", f"{r:.2f}×", "≥ 1.0×", r >= 1.0)
+    always_path = Path(a.state) / "logout-always.jsonl"
+    always = [json.loads(x) for x in always_path.read_text().splitlines() if x.strip()] \
+        if always_path.exists() else []
+    if always and peer_logout:
+        t_always = statistics.mean(r["rps"] for r in always)
+        r = t_always / peer_logout
+        target("(the same on appendfsync always: an fsync per logout; fastapi-users' Redis "
+               "persists nothing)", f"{t_always:.0f} vs {peer_logout:.0f} req/s", f"{r:.2f}×",
+               "— (for reference)", None)
     if me and by.get("check"):
         r = by["check"]["rps"] / me["rps"]
         target("GET /auth/check vs GET /me", f"{by['check']['rps']:.0f} vs {me['rps']:.0f} req/s",
