@@ -331,15 +331,20 @@ def test_migration_0004_upgrades_and_downgrades(tmp_path, base_settings: dict[st
 
 
 
+async def add_with_the_contract_body(client: httpx.AsyncClient, token: str,
+                                     name: str) -> httpx.Response:
+    authenticator = SoftAuthenticator()
+    options = (await client.post("/me/passkeys/options", headers=bearer(token))).json()
+    return await client.post("/me/passkeys", headers=bearer(token), json={
+        "challenge_id": options["challenge_id"], "credential": authenticator.create(options),
+        "name": name})
+
+
 async def test_a_fresh_login_adds_a_passkey_with_the_contract_body(client) -> None:
     """`{challenge_id, credential, name}` (shared/API.md): the session's login, seconds ago,
     gave the password; it need not be sent again."""
     _, token = await registered_token(client)
-    authenticator = SoftAuthenticator()
-    options = (await client.post("/me/passkeys/options", headers=bearer(token))).json()
-    added = await client.post("/me/passkeys", headers=bearer(token), json={
-        "challenge_id": options["challenge_id"], "credential": authenticator.create(options),
-        "name": "laptop"})
+    added = await add_with_the_contract_body(client, token, "laptop")
     assert added.status_code == 201, added.text
     assert [k["name"] for k in (await client.get("/me/mfa", headers=bearer(token))).json()[
         "passkeys"]] == ["laptop"]
@@ -351,12 +356,7 @@ async def test_a_fresh_two_factor_login_adds_a_passkey_with_the_contract_body(cl
         "mfa_token": await mfa_token_for(client, user["email"]),
         "code": totp_code(secret, 1)})  # the next step: enrolment used this one
     assert done.status_code == 200, done.text
-    token = done.json()["access_token"]
-    authenticator = SoftAuthenticator()
-    options = (await client.post("/me/passkeys/options", headers=bearer(token))).json()
-    added = await client.post("/me/passkeys", headers=bearer(token), json={
-        "challenge_id": options["challenge_id"], "credential": authenticator.create(options),
-        "name": "phone"})
+    added = await add_with_the_contract_body(client, done.json()["access_token"], "phone")
     assert added.status_code == 201, added.text
 
 
