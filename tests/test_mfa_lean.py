@@ -190,3 +190,25 @@ async def test_malformed_mfa_tokens_are_invalid(client: httpx.AsyncClient,
     assert_problem(await client.post("/auth/login/mfa", json={"mfa_token": garbage,
                                                               "code": "123456"}),
                    401, "invalid_token")
+
+
+async def test_a_token_past_its_limit_spends_nothing_of_the_account(
+        client: httpx.AsyncClient) -> None:
+    """Both limits are counted in one script; a token already past its 5 tries is refused
+    without counting on the account's 10, as when the two limiters ran apart."""
+    user, _, secret, _ = await user_with_totp(client)
+    mfa_token = await mfa_token_for(client, user["email"])
+    for _ in range(5):
+        assert_problem(await client.post("/auth/login/mfa", json={
+            "mfa_token": mfa_token, "code": "123456"}), 401, "invalid_code")
+    for _ in range(6):
+        assert_problem(await client.post("/auth/login/mfa", json={
+            "mfa_token": mfa_token, "code": "123456"}), 429, "too_many_attempts")
+    # 5 of the account's 10 spent: another token still gets its tries, and a right code in.
+    other = await mfa_token_for(client, user["email"])
+    for _ in range(4):
+        assert_problem(await client.post("/auth/login/mfa", json={
+            "mfa_token": other, "code": "123456"}), 401, "invalid_code")
+    done = await client.post("/auth/login/mfa", json={"mfa_token": other,
+                                                      "code": totp_code(secret, 1)})
+    assert done.status_code == 200, done.text
