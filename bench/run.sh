@@ -26,6 +26,7 @@ CONNS="${CONNS:-32}"              # wrk connections for the fast scenarios
 LOGIN_CONNS="${LOGIN_CONNS:-4}"   # register/login are bcrypt-bound: more would only queue
 MFA_STEP_CONNS="${MFA_STEP_CONNS:-$LOGIN_CONNS}"  # POST /auth/login/mfa alone: as many as login,
                                   # so its latency compares with a login's
+MFA_COST_STEPS="${MFA_COST_STEPS:-300}"  # second steps one at a time (server CPU per step)
 SERVER_CPU="${SERVER_CPU:-0}"
 LOAD_CPU="${LOAD_CPU:-1}"
 MEM_STEPS="${MEM_STEPS:-50000,100000}"   # VmRSS read after this many GET /me requests
@@ -272,6 +273,18 @@ settle
 for i in $(seq 1 "$RUNS"); do  # alternated ABBA: a drifting host cancels out
   if [ $((i % 2)) = 1 ]; then plain "$i"; two_step "$i"; else two_step "$i"; plain "$i"; fi
 done
+
+say "POST /auth/login/mfa one at a time: server CPU and wall time per step, Redis commands per step"
+# The target (a TOTP login costs one bcrypt verify plus well under 1 ms): what one
+# second step costs the server, measured with nothing else running (benchtool.py
+# mfa-step-cost: /proc/<pid>/stat of the worker and of Redis; Redis MONITOR, untimed pass).
+$PIN_L "$PY" "$HERE/benchtool.py" mint-totp --tokens --password "$BENCH_PASSWORD" \
+  --count "$((MFA_COST_STEPS + 40))" --out "$STATE/mfa.cost.tokens"
+settle
+$PIN_L "$PY" "$HERE/benchtool.py" mfa-step-cost --results "$RESULTS" --base "$T" \
+  --tokens "$STATE/mfa.cost.tokens" --pid "$TPID" --redis-pid "$RPID" --redis-port "$RPORT" \
+  --steps "$MFA_COST_STEPS" --monitor-steps 20 --warm-steps 10
+settle
 
 say "POST /auth/login/mfa alone (pre-made mfa_tokens, each of its own TOTP user)"
 # The first step through tessera's own code (mint-totp --tokens: mfa.enrolled, mfa.mfa_required

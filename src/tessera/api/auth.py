@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -175,21 +175,23 @@ async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
     factors = await mfa.enrolled(db, user.id)
     if factors.any:  # the password was right; the second step needs the mfa_token
         t.metrics.logins.labels("mfa_required").inc()
-        raise await mfa.mfa_required(t, user, ["pwd"], factors)
+        raise await mfa.mfa_required(t, user, ["pwd"], factors, epoch=epoch)
     return await login_response(request, t, db, user, ["pwd"], epoch=epoch)
 
 
 async def login_response(request: Request, t: Tessera, db: AsyncSession, user: User,
-                         amr: list[str], *, epoch: str | None = None) -> JSONResponse:
+                         amr: list[str], *, epoch: str | None = None, take: str | None = None,
+                         forget: Sequence[str] = ()) -> JSONResponse:
     """The one way a login ends (password, second step, passkey): a session, its token in
     the body, and the `session` and `csrf` cookies. `epoch`: the user's auth epoch as read
-    before the credentials were checked (read now when the caller had none)."""
+    before the credentials were checked (read now when the caller had none). `take`,
+    `forget`: see `accounts.open_session` (a second step's mfa_token and counter)."""
     if user.restrict_processing or user.object_to_processing:
         forbid_tracking(request.scope)
     if epoch is None:
         epoch = await t.sessions.epoch(user.id)
     issued = await accounts.open_session(t, user, request.headers.get("user-agent"),
-                                         epoch=epoch, amr=amr)
+                                         epoch=epoch, amr=amr, take=take, forget=forget)
     if issued is None:  # the password changed or the account ended while this one ran
         t.metrics.logins.labels("failed").inc()
         raise await accounts.superseded_login(db, user.id)

@@ -19,6 +19,7 @@ from tessera.edge.privacy import forbid_tracking
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.services import Tessera
 from tessera.stores.models import User
+from tessera.stores.sessions import AlreadyTaken
 
 router = APIRouter(tags=["second factors"],
                    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 429, 503))
@@ -233,37 +234,42 @@ async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep,
     `challenge_id` + `credential`. Answers as login does (body and cookies). At most 5 wrong
     tries per mfa_token and 10 per account in the login window."""
     check_origin(request, t)
-    state = await mfa.peek_mfa_token(t, body.mfa_token)
-    if state is None:
+    # One Redis round trip before the factor is checked (the token read, the attempt counted)
+    # and one after (the session written, the token taken, the counter cleared: one script).
+    step = await mfa.begin_second_step(t, body.mfa_token)
+    if step is None:
         raise mfa.invalid_mfa_token()
-    user_id = str(state["uid"])
-    await mfa.count_attempt(t, user_id, body.mfa_token)
-    user = await db.get(User, user_id)
-    if user is None or mfa.password_fingerprint(user) != state["pw"]:
+    user_id = step.user_id
+    user, totp = await mfa.login_state(db, user_id)
+    if user is None or mfa.password_fingerprint(user) != step.password:
         raise mfa.invalid_mfa_token()  # the password changed (or the account went)
     if user.restrict_processing or user.object_to_processing:
         forbid_tracking(request.scope)  # whatever the answer
     if body.credential is not None:
-        if "hwk" in state["amr"]:  # the first step was a passkey: the second must differ
+        if "hwk" in step.amr:  # the first step was a passkey: the second must differ
             raise mfa.invalid_code()
         assertion = await mfa.check_assertion(t, db, body.challenge_id, body.credential,
                                               user_id=user_id)
         earned = assertion.amr if assertion else None
     elif body.code:
-        earned = await mfa.check_code(t, db, user_id, body.code)
+        earned = await mfa.check_code_with(t, db, user_id, body.code, totp)
     else:
         raise Problem("validation_error", "Send `code` or `challenge_id` + `credential`.",
                       extra={"errors": [{"loc": ["body", "code"], "msg": "Field required"}]})
     if earned is None:
         await accounts.audit(db, "login_mfa", user_id=user_id, outcome="failed")
         raise mfa.invalid_code()
-    if not await mfa.take_mfa_token(t, body.mfa_token):
-        raise mfa.invalid_mfa_token()  # used meanwhile by a concurrent request
     if not user.is_active:
         raise Problem("account_inactive", "This account is deactivated.")
-    await mfa.forgive_attempts(t, user_id)
-    await accounts.audit(db, "login_mfa", user_id=user_id, outcome="ok")
-    return await login_response(request, t, db, user, mfa.full_amr(list(state["amr"]), earned))
+    try:  # the session only if the epoch read at the first step still holds
+        response = await login_response(request, t, db, user,
+                                        mfa.full_amr(step.amr, earned), epoch=step.epoch,
+                                        take=step.take, forget=step.forget)
+    except AlreadyTaken:
+        raise mfa.invalid_mfa_token() from None  # used meanwhile by a concurrent request
+    # Buffered (stores/audit.py): the step's one commit is the replay guard's.
+    accounts.audit_later(t, "login_mfa", user_id=user_id, outcome="ok")
+    return response
 
 
 @router.post("/auth/passkey/options", tags=["auth"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
@@ -157,10 +157,13 @@ async def verify_password(hasher: PasswordHasher, user: User, password: str) -> 
 
 async def open_session(t: Tessera, user: User, user_agent: str | None, *, epoch: str,
                        amr: list[str] | None = None,
-                       auth_time: int | None = None) -> IssuedToken | None:
+                       auth_time: int | None = None, take: str | None = None,
+                       forget: Sequence[str] = ()) -> IssuedToken | None:
     """A new session, if the user's auth epoch is still `epoch` (read before the credentials
     were checked); None if a change that ends sessions happened meanwhile. `amr`: how the
-    user authenticated (RFC 8176; a password alone by default)."""
+    user authenticated (RFC 8176; a password alone by default). `take`, `forget`: a
+    single-use key spent and keys cleared in the same Redis script as the session's
+    creation (a second login step's mfa_token and attempt counter; `SessionStore.create`)."""
     s = t.settings
     await t.keys.maybe_refresh()  # a rotation on another instance reaches this one
     now = int(time.time())
@@ -173,7 +176,7 @@ async def open_session(t: Tessera, user: User, user_agent: str | None, *, epoch:
         sid=issued.sid, user_id=user.id, token_hash=token_hash(t.token_key, issued.token),
         created_at=issued.iat, expires_at=issued.exp,
         user_agent=(user_agent or "")[:256] or None, amr=amr, auth_time=auth_time),
-        epoch=epoch)
+        epoch=epoch, take=take, forget=forget)
     if not created:
         return None
     t.metrics.sessions_issued.inc()
@@ -195,12 +198,15 @@ async def revoke_all_sessions(t: Tessera, user_id: str, reason: str,
     return count
 
 
-def audit_later(t: Tessera, event: str, *, user_id: str,
+def audit_later(t: Tessera, event: str, *, user_id: str, outcome: str | None = None,
                 webhook: tuple[str, dict[str, Any]] | None = None) -> None:
     """A security event that needs no transaction of its own (logouts): buffered, written
     within the flush interval, off the request's critical path (stores/audit.py), with the
     `webhook` event it causes in the same transaction."""
-    audit_log.info("%s", event, extra={"audit": {"event": event, "user_id": user_id}})
+    record: dict[str, Any] = {"event": event, "user_id": user_id}
+    if outcome is not None:
+        record["outcome"] = outcome
+    audit_log.info("%s", event, extra={"audit": record})
     also = None
     if webhook is not None:
         kind, data = webhook
@@ -209,7 +215,7 @@ def audit_later(t: Tessera, event: str, *, user_id: str,
         def also(db: AsyncSession) -> None:
             events.emit(db, kind, data)
 
-    t.audit_trail.record(event, user_id=user_id, also=also)
+    t.audit_trail.record(event, user_id=user_id, outcome=outcome, also=also)
 
 
 async def audit(db: AsyncSession, event: str, *, user_id: str | None = None,

@@ -41,6 +41,7 @@ from tessera.config import Settings
 from tessera.errors import Problem
 from tessera.services import Tessera
 from tessera.stores import mfa as store
+from tessera.stores import mfa_login as logins
 from tessera.stores.keys import b64url, b64url_decode
 from tessera.stores.models import User
 from tessera.timeutil import rfc3339
@@ -185,9 +186,19 @@ async def check_code(t: Tessera, db: AsyncSession, user_id: str, code: str) -> l
     recovery code; the amr it earns, or None. Commits what it consumed."""
     if len(code) > 64:
         return None
-    factor = await store.get_totp(db, user_id)
+    return await check_code_with(t, db, user_id, code, await store.get_totp(db, user_id))
+
+
+async def check_code_with(t: Tessera, db: AsyncSession, user_id: str, code: str,
+                          factor: store.TotpFactor | None, *,
+                          now: float | None = None) -> list[str] | None:
+    """`check_code` with the user's TOTP factor already loaded (the login loads it with the
+    user, in one query): one conditional UPDATE of the time step (the replay guard, atomic
+    across instances) and one COMMIT. `now`: the clock (tests and the bench's floor)."""
+    if len(code) > 64:
+        return None
     if factor is not None and factor.confirmed_at is not None:
-        step = matching_step(secret_box(t).decrypt(factor.secret_enc, user_id), code)
+        step = matching_step(secret_box(t).decrypt(factor.secret_enc, user_id), code, now)
         if step is not None:
             if await store.accept_step(db, user_id, step):
                 await db.commit()
@@ -204,25 +215,19 @@ async def check_code(t: Tessera, db: AsyncSession, user_id: str, code: str) -> l
 
 # --- attempt limits -----------------------------------------------------------------------
 
-async def count_attempt(t: Tessera, user_id: str, mfa_token: str | None = None) -> None:
-    """Counted before the check: 5 per mfa_token, 10 per account and window (all instances)."""
+async def count_attempt(t: Tessera, user_id: str) -> None:
+    """Counted before the check: 10 per account and window (all instances), the same
+    counter as the login's second step (`begin_second_step`)."""
     s = t.settings
-    if mfa_token is not None:
-        await t.limiter.attempt([("mfa-token", mfa_token, s.mfa_max_failures_per_token)],
-                                s.mfa_token_ttl_seconds)
-    await t.limiter.attempt([("mfa-account", user_id, s.mfa_max_failures_per_account)],
-                            s.login_failure_window_seconds)
+    await logins.count_account_attempt(t.redis, user_id, maximum=s.mfa_max_failures_per_account,
+                                       window=s.login_failure_window_seconds)
 
 
 async def forgive_attempts(t: Tessera, user_id: str) -> None:
-    await t.limiter.forgive("mfa-account", user_id, all_of_them=True)
+    await logins.forgive_account(t.redis, user_id)
 
 
 # --- the two-step login -------------------------------------------------------------------
-
-def _token_key(mfa_token: str) -> str:
-    return "tessera:mfa-token:" + hashlib.sha256(mfa_token.encode()).hexdigest()
-
 
 def password_fingerprint(user: User) -> str:
     """Binds an mfa_token to the password it was earned with: a change voids the token."""
@@ -230,32 +235,71 @@ def password_fingerprint(user: User) -> str:
 
 
 async def mfa_required(t: Tessera, user: User, amr: list[str], state: Enrolled, *,
-                       other_than: str | None = None) -> Problem:
-    """The first factor was right: a single-use token for the second step, in Redis."""
-    mfa_token = secrets.token_urlsafe(32)
+                       other_than: str | None = None, epoch: str | None = None) -> Problem:
+    """The first factor was right: a single-use token for the second step, in Redis. `epoch`:
+    the user's auth epoch as read before the first factor was checked (read now if None);
+    the second step's session is written only if it is still the same."""
+    if epoch is None:
+        epoch = await t.sessions.epoch(user.id)
+    # `<user id>.<secret>`: the second step finds the token under the user's hash tag, so it
+    # is taken in the same Redis script that writes the session (stores/mfa_login.py).
+    mfa_token = f"{user.id}.{secrets.token_urlsafe(32)}"
     record = {"uid": user.id, "amr": amr, "pw": password_fingerprint(user),
-              "at": int(time.time())}
-    await t.redis.set(_token_key(mfa_token), json.dumps(record),
-                      ex=t.settings.mfa_token_ttl_seconds)
+              "at": int(time.time()), "ep": epoch}
+    await logins.put(t.redis, user.id, mfa_token, record, t.settings.mfa_token_ttl_seconds)
     return Problem("mfa_required", "A second factor is needed to finish logging in.",
                    extra={"mfa_token": mfa_token,
                           "methods": [m for m in state.methods if m != other_than],
                           "expires_in": t.settings.mfa_token_ttl_seconds})
 
 
-async def peek_mfa_token(t: Tessera, mfa_token: str) -> dict[str, Any] | None:
-    if not mfa_token or len(mfa_token) > 128:
-        return None
-    raw = await t.redis.get(_token_key(mfa_token))
-    if raw is None:
-        return None
-    record: dict[str, Any] = json.loads(raw)
-    return record
+@dataclass(frozen=True)
+class SecondStep:
+    """A second login step under way: what its mfa_token recorded, the attempt counted.
+    `take` and `forget` go to `open_session`: the token is spent and the account's counter
+    cleared in the script that writes the session."""
+
+    user_id: str
+    amr: list[str]
+    password: str  # the password's fingerprint at the first step
+    epoch: str
+    take: str
+    forget: tuple[str, ...]
 
 
-async def take_mfa_token(t: Tessera, mfa_token: str) -> bool:
-    """Single use: exactly one caller gets True (GETDEL)."""
-    return await t.redis.getdel(_token_key(mfa_token)) is not None
+def _token_user(mfa_token: str) -> str | None:
+    user_id, dot, rest = mfa_token.partition(".")
+    if not dot or len(user_id) != 32 or not rest or len(mfa_token) > 128:
+        return None
+    if any(ch not in "0123456789abcdef" for ch in user_id):
+        return None
+    return user_id
+
+
+async def begin_second_step(t: Tessera, mfa_token: str) -> SecondStep | None:
+    """The mfa_token's record, this attempt counted (5 per mfa_token, 10 per account and
+    window; 429 past either) before any factor is checked: one Redis round trip. None for
+    an unknown, used or expired token (nothing counted)."""
+    user_id = _token_user(mfa_token)
+    if user_id is None:
+        return None
+    s = t.settings
+    pending = await logins.begin(t.redis, user_id, mfa_token,
+                                 max_per_token=s.mfa_max_failures_per_token,
+                                 max_per_account=s.mfa_max_failures_per_account,
+                                 window=s.login_failure_window_seconds)
+    if pending is None or pending.record.get("uid") != user_id:
+        return None
+    record = pending.record
+    return SecondStep(user_id=user_id, amr=list(record["amr"]), password=str(record["pw"]),
+                      epoch=str(record.get("ep", "0")), take=pending.key,
+                      forget=(logins.account_key(user_id),))
+
+
+async def login_state(db: AsyncSession, user_id: str) -> tuple[User | None,
+                                                               store.TotpFactor | None]:
+    """The second step's reads: the user and their TOTP factor, in one query."""
+    return await store.user_with_totp(db, user_id)
 
 
 def invalid_mfa_token() -> Problem:

@@ -19,7 +19,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 # A module import: stores.keys may still be initialising (it imports models, which imports us).
 from tessera.stores import keys
-from tessera.stores.models import _ts, new_id, utcnow
+from tessera.stores.models import User, _ts, new_id, utcnow
 
 
 class TotpFactor(SQLModel, table=True):
@@ -110,6 +110,17 @@ async def factor_counts(db: AsyncSession, user_id: str) -> tuple[int, int, int]:
 
 async def get_totp(db: AsyncSession, user_id: str) -> TotpFactor | None:
     return await db.get(TotpFactor, user_id)
+
+
+async def user_with_totp(db: AsyncSession, user_id: str) -> tuple[User | None,
+                                                                  TotpFactor | None]:
+    """The user's row and TOTP factor (None if none), in one query."""
+    row = (await db.exec(select(User, TotpFactor)
+                         .outerjoin(TotpFactor, col(TotpFactor.user_id) == col(User.id))
+                         .where(col(User.id) == user_id))).first()
+    if row is None:
+        return None, None
+    return row[0], row[1]
 
 
 async def put_pending_totp(db: AsyncSession, user_id: str, secret_enc: str) -> None:

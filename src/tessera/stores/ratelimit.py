@@ -33,6 +33,12 @@ def ip_bucket(address: str) -> str:
     return str(ip)
 
 
+def too_many_attempts(ttl: int) -> Problem:
+    """429, with how long until the window that is full ends."""
+    return Problem("too_many_attempts", "Too many attempts; try again later.",
+                   headers={"Retry-After": str(max(1, int(ttl)))})
+
+
 class AttemptLimiter:
     def __init__(self, redis: AnyRedis, key: bytes) -> None:
         self.redis = redis
@@ -57,8 +63,7 @@ class AttemptLimiter:
             maximum = limit[2]
             count, ttl = results[3 * i + 1], results[3 * i + 2]
             if int(count) > maximum:
-                raise Problem("too_many_attempts", "Too many attempts; try again later.",
-                              headers={"Retry-After": str(max(1, int(ttl)))})
+                raise too_many_attempts(ttl)
 
     async def forgive_success(self, *, account: tuple[str, str], ip: tuple[str, str]) -> None:
         """A login that succeeded: clear the account's failures, take back this IP attempt

@@ -87,9 +87,14 @@ return deleted
 
 # Writes the session KEYS[2] (record ARGV[2], TTL ARGV[3]) and indexes it in KEYS[3] (sid
 # ARGV[4], score ARGV[5]) only if the epoch KEYS[1] is still ARGV[1]; returns the number of
-# the user's live sessions, or -1 (nothing written) if the epoch moved.
+# the user's live sessions, or -1 (nothing written) if the epoch moved. With ARGV[7] = '1',
+# KEYS[4] is a single-use key of the user's (the mfa_token of a second login step): it is
+# deleted first, and if it was gone already, -2 and nothing else happens; KEYS[5..] (the
+# step's attempt counter) are deleted with the session's creation.
 _CREATE = """
+if ARGV[7] == '1' and redis.call('DEL', KEYS[4]) == 0 then return -2 end
 if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return -1 end
+for i = 5, #KEYS do redis.call('DEL', KEYS[i]) end
 local now = tonumber(ARGV[6])
 local ttl = tonumber(ARGV[3])
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl)
@@ -104,6 +109,10 @@ end
 redis.call('EXPIRE', KEYS[3], index_ttl)
 return redis.call('ZCARD', KEYS[3])
 """
+
+
+class AlreadyTaken(Exception):
+    """`create(take=...)`: the single-use key was used (or expired) meanwhile."""
 
 
 @dataclass(frozen=True)
@@ -157,17 +166,26 @@ class SessionStore:
         raw = await self.redis.get(_epoch_key(user_id))
         return str(raw) if raw is not None else "0"
 
-    async def create(self, record: SessionRecord, *, epoch: str) -> bool:
+    async def create(self, record: SessionRecord, *, epoch: str, take: str | None = None,
+                     forget: Sequence[str] = ()) -> bool:
         """Write the session if the user's epoch is still `epoch`; False (nothing written) if a
-        change that ends sessions happened since it was read."""
+        change that ends sessions happened since it was read. `take`: a single-use key of the
+        same user (hash tag), deleted in the same script; `AlreadyTaken` (nothing written) if
+        it was gone. `forget` (with `take`): keys of the same user deleted with the session's
+        creation."""
         now = int(time.time())
         ttl = max(1, record.expires_at - now)
         index = _index_key(record.user_id)
+        keys = [_epoch_key(record.user_id), _session_key(record.user_id, record.sid), index]
+        if take is not None:
+            keys += [take, *forget]
         # Score: the expiry, with the sub-second of creation so the oldest sorts first.
         count = int(await self._create(
-            keys=[_epoch_key(record.user_id), _session_key(record.user_id, record.sid), index],
+            keys=keys,
             args=[epoch, json.dumps(asdict(record)), ttl, record.sid,
-                  repr(record.expires_at + time.time() % 1), now]))
+                  repr(record.expires_at + time.time() % 1), now, "1" if take else "0"]))
+        if count == -2:
+            raise AlreadyTaken()
         if count < 0:
             return False
         if count > MAX_SESSIONS_PER_USER:  # a login loop must not grow a user's sessions forever

@@ -1,0 +1,114 @@
+"""The two-step login's state in Redis: the single-use `mfa_token` and the second factor's
+attempt counters, all under the user's `{user-id}` hash tag, beside the user's sessions
+(stores/sessions.py), so multi-key steps stay in one Redis Cluster slot:
+
+    tessera:{<uid>}:mfa:<sha256(mfa_token)>   hash: r = the record (JSON), n = tries so far;
+                                              TTL = the mfa_token's life
+    tessera:{<uid>}:rl:mfa-account            wrong second factors of the account (a window)
+
+A second step costs two round trips, both writes: `begin` (read the token, count the attempt
+on the token and on the account, *before* the check) and the session's creation, which also
+takes the token (single use) and clears the account's counter in the same script
+(`SessionStore.create`, `take` and `forget`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from redis.commands.core import AsyncScript
+
+from tessera.stores.ratelimit import too_many_attempts
+from tessera.stores.redis import AnyRedis
+
+# KEYS[1] the mfa_token, KEYS[2] the account's counter; ARGV[1] the account window (s),
+# ARGV[2] the most tries per token. nil for an unknown token (nothing counted); else
+# {record, tries on the token, the token's TTL, attempts of the account, its TTL}; a token
+# past its limit counts no further attempt on the account (as when two limiters ran apart).
+_BEGIN = """
+local record = redis.call('HGET', KEYS[1], 'r')
+if not record then return nil end
+local tries = redis.call('HINCRBY', KEYS[1], 'n', 1)
+if tries > tonumber(ARGV[2]) then return {record, tries, redis.call('TTL', KEYS[1]), 0, 0} end
+redis.call('SET', KEYS[2], 0, 'EX', ARGV[1], 'NX')
+local count = redis.call('INCR', KEYS[2])
+return {record, tries, redis.call('TTL', KEYS[1]), count, redis.call('TTL', KEYS[2])}
+"""
+
+# KEYS[1] the account's counter; ARGV[1] the window: {attempts, TTL}.
+_COUNT = """
+redis.call('SET', KEYS[1], 0, 'EX', ARGV[1], 'NX')
+return {redis.call('INCR', KEYS[1]), redis.call('TTL', KEYS[1])}
+"""
+
+_scripts: weakref.WeakKeyDictionary[Any, tuple[AsyncScript, AsyncScript]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _script(redis: AnyRedis, which: int) -> AsyncScript:
+    pair = _scripts.get(redis)
+    if pair is None:
+        pair = _scripts[redis] = (redis.register_script(_BEGIN),
+                                  redis.register_script(_COUNT))
+    return pair[which]
+
+
+def token_key(user_id: str, mfa_token: str) -> str:
+    return f"tessera:{{{user_id}}}:mfa:" + hashlib.sha256(mfa_token.encode()).hexdigest()
+
+
+def account_key(user_id: str) -> str:
+    return f"tessera:{{{user_id}}}:rl:mfa-account"
+
+
+@dataclass(frozen=True)
+class PendingLogin:
+    """A live mfa_token's record, as `begin` read it (the attempt already counted)."""
+
+    key: str  # the token's key: taken when the session is created
+    user_id: str
+    record: dict[str, Any]
+
+
+async def put(redis: AnyRedis, user_id: str, mfa_token: str, record: dict[str, Any],
+              ttl: int) -> None:
+    key = token_key(user_id, mfa_token)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(key, "r", json.dumps(record))
+        pipe.expire(key, ttl)
+        await pipe.execute()
+
+
+async def begin(redis: AnyRedis, user_id: str, mfa_token: str, *, max_per_token: int,
+                max_per_account: int, window: int) -> PendingLogin | None:
+    """One round trip, before the factor is checked: the token's record (None: unknown, used
+    or expired) with this attempt counted on the token and on the account; 429 past either
+    limit."""
+    key = token_key(user_id, mfa_token)
+    out = await _script(redis, 0)(keys=[key, account_key(user_id)],
+                                  args=[window, max_per_token])
+    if out is None:
+        return None
+    raw, tries, token_ttl, count, account_ttl = out
+    if int(tries) > max_per_token:
+        raise too_many_attempts(int(token_ttl))
+    if int(count) > max_per_account:
+        raise too_many_attempts(int(account_ttl))
+    return PendingLogin(key=key, user_id=user_id, record=json.loads(raw))
+
+
+async def count_account_attempt(redis: AnyRedis, user_id: str, *, maximum: int,
+                                window: int) -> None:
+    """An attempt at a second factor outside the login (enrolment, sensitive changes):
+    counted on the same per-account counter as the login's; 429 past `maximum`."""
+    count, ttl = await _script(redis, 1)(keys=[account_key(user_id)], args=[window])
+    if int(count) > maximum:
+        raise too_many_attempts(int(ttl))
+
+
+async def forgive_account(redis: AnyRedis, user_id: str) -> None:
+    await redis.delete(account_key(user_id))

@@ -1,0 +1,214 @@
+"""The second login step's cost and its races (issue 14, speed): what one POST /auth/login/mfa
+asks of Redis (seen with MONITOR on the real redis-server) and of the database (statements
+seen by a SQLAlchemy event listener), and that folding the steps together kept the rules:
+the mfa_token is single use, and a pending login does not outlive a change that ends
+sessions (deactivation and reactivation between the two steps)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from sqlalchemy import event, update
+
+from tessera.stores.models import User
+from tests.conftest import assert_problem, bearer, client_for, registered_token
+from tests.test_mfa import enrol_totp, mfa_token_for, totp_code
+
+
+@contextlib.asynccontextmanager
+async def redis_commands(redis_url: str) -> AsyncIterator[list[dict[str, Any]]]:
+    """Every command the Redis server runs meanwhile (MONITOR), until the block ends: a
+    marker GET sent at the end, once seen, says the stream has caught up."""
+    seen: list[dict[str, Any]] = []
+    marker = "tessera:test-marker:" + secrets.token_hex(8)
+    watcher = Redis.from_url(redis_url, decode_responses=True)
+    ready, done = asyncio.Event(), asyncio.Event()
+
+    async def watch() -> None:
+        async with watcher.monitor() as monitor:
+            ready.set()
+            async for command in monitor.listen():
+                if marker in command["command"]:
+                    done.set()
+                    return
+                seen.append(command)
+
+    task = asyncio.create_task(watch())
+    await asyncio.wait_for(ready.wait(), 10)
+    await asyncio.sleep(0.05)  # MONITOR is registered by the time its OK is read
+    try:
+        yield seen
+    finally:
+        other = Redis.from_url(redis_url, decode_responses=True)
+        for _ in range(100):  # the first marker may race the MONITOR registration
+            await other.get(marker)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(done.wait()), 0.1)
+            if done.is_set():
+                break
+        await other.aclose()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        await watcher.aclose()
+
+
+async def user_with_totp(client: httpx.AsyncClient) -> tuple[dict[str, Any], str, str,
+                                                              list[str]]:
+    user, token = await registered_token(client)
+    secret, codes = await enrol_totp(client, token)
+    return user, token, secret, codes
+
+
+async def test_a_second_step_asks_redis_twice(client: httpx.AsyncClient,
+                                              redis_url: str) -> None:
+    """One script before the code is checked (the mfa_token read, the attempt counted on the
+    token and the account) and one after (the token taken, the counter cleared, the session
+    written): each a single round trip, so a durable Redis (fsync per write) fsyncs twice."""
+    warm, _, warm_secret, _ = await user_with_totp(client)  # scripts loaded (SCRIPT LOAD once)
+    assert (await client.post("/auth/login/mfa", json={
+        "mfa_token": await mfa_token_for(client, warm["email"]),
+        "code": totp_code(warm_secret, 1)})).status_code == 200
+    user, _, secret, _ = await user_with_totp(client)
+    mfa_token = await mfa_token_for(client, user["email"])
+    client.cookies.clear()  # as a browser logging in has no session yet (none to check)
+    async with redis_commands(redis_url) as seen:
+        done = await client.post("/auth/login/mfa", json={"mfa_token": mfa_token,
+                                                          "code": totp_code(secret, 1)})
+    assert done.status_code == 200, done.text
+    # What this login sent (not what a script ran inside, not other tasks' work): commands
+    # on the user's keys or on second-factor state.
+    mine = [c for c in seen if c.get("client_type") != "lua"
+            and (user["id"] in c["command"] or "mfa" in c["command"])]
+    assert [c["command"].split()[0].upper() for c in mine] == ["EVALSHA", "EVALSHA"], [
+        c["command"][:200] for c in mine]
+    inside = [c["command"].split()[0].upper() for c in seen if c.get("client_type") == "lua"]
+    assert "HINCRBY" in inside and "ZADD" in inside  # the count, then the session
+
+
+async def test_a_second_step_commits_once(app: FastAPI, client: httpx.AsyncClient) -> None:
+    """The database work of a TOTP second step: one read (the user with the factor), one
+    write (the compare-and-set of the last time step), one commit; the audit event is
+    buffered off the request's path (stores/audit.py)."""
+    user, _, secret, _ = await user_with_totp(client)
+    mfa_token = await mfa_token_for(client, user["email"])
+    client.cookies.clear()
+    engine = app.state.tessera.engine.sync_engine
+    here = asyncio.current_task()  # httpx's ASGI transport runs the app in this task
+    statements: list[str] = []
+    commits: list[int] = []
+
+    def on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if asyncio.current_task() is here:
+            statements.append(" ".join(statement.split()[:3]).upper())
+
+    def on_commit(conn: Any) -> None:
+        if asyncio.current_task() is here:
+            commits.append(1)
+
+    event.listen(engine, "before_cursor_execute", on_statement)
+    event.listen(engine, "commit", on_commit)
+    try:
+        done = await client.post("/auth/login/mfa", json={"mfa_token": mfa_token,
+                                                          "code": totp_code(secret, 1)})
+    finally:
+        event.remove(engine, "before_cursor_execute", on_statement)
+        event.remove(engine, "commit", on_commit)
+    assert done.status_code == 200, done.text
+    writes = [s for s in statements if s.split()[0] in ("INSERT", "UPDATE", "DELETE")]
+    reads = [s for s in statements if s.split()[0] == "SELECT"]
+    assert [w.split()[:2] for w in writes] == [["UPDATE", "MFA_TOTP"]], statements
+    assert len(reads) == 1, statements
+    assert len(commits) == 1, statements
+    await app.state.tessera.audit_trail.flush()  # the event is there once flushed
+    async with app.state.tessera.db_factory() as db:
+        from sqlmodel import select
+
+        from tessera.stores.models import AuditEvent
+
+        events = (await db.exec(select(AuditEvent).where(
+            AuditEvent.user_id == user["id"], AuditEvent.event == "login_mfa"))).all()
+    assert [e.outcome for e in events] == ["ok"]
+
+
+async def test_one_mfa_token_sent_twice_at_once_gives_one_session(
+        app: FastAPI, client: httpx.AsyncClient) -> None:
+    """Two right answers (a TOTP code and a recovery code) on one mfa_token at once: the
+    token is taken in the script that writes the session, so exactly one session."""
+    user, token, secret, codes = await user_with_totp(client)
+    before = len((await client.get("/auth/sessions", headers=bearer(token))).json())
+    mfa_token = await mfa_token_for(client, user["email"])
+    async with client_for(app) as other:
+        answers = await asyncio.gather(
+            client.post("/auth/login/mfa", json={"mfa_token": mfa_token,
+                                                 "code": totp_code(secret, 1)}),
+            other.post("/auth/login/mfa", json={"mfa_token": mfa_token, "code": codes[0]}))
+    assert sorted(a.status_code for a in answers) == [200, 401], [a.text for a in answers]
+    loser = next(a for a in answers if a.status_code == 401)
+    assert loser.json()["code"] in ("invalid_token", "invalid_code")
+    after = len((await client.get("/auth/sessions", headers=bearer(token))).json())
+    assert after == before + 1
+
+
+async def test_a_pending_login_does_not_survive_deactivation(
+        app: FastAPI, client: httpx.AsyncClient) -> None:
+    """Deactivated and reactivated between the password and the code: the mfa_token was
+    earned before the change, so it opens no session (issue 12.1: no session from before a
+    deactivation comes back with the account). The epoch read before the password was
+    checked travels in the mfa_token and must still hold when the session is written."""
+    user, token, secret, codes = await user_with_totp(client)
+    admin_user, admin = await registered_token(client)
+    async with app.state.tessera.db_factory() as db:
+        await db.exec(update(User).where(User.id == admin_user["id"]).values(is_admin=True))
+        await db.commit()
+    mfa_token = await mfa_token_for(client, user["email"])
+    deactivated = await client.post("/me/deactivate", headers=bearer(token))
+    assert deactivated.status_code == 204, deactivated.text
+    reactivated = await client.post(f"/admin/users/{user['id']}/reactivate",
+                                    headers=bearer(admin))
+    assert reactivated.status_code == 204, reactivated.text
+    late = await client.post("/auth/login/mfa", json={"mfa_token": mfa_token,
+                                                      "code": totp_code(secret, 1)})
+    assert_problem(late, 401, "invalid_credentials")
+    # A fresh login (the password again) works: the code above was spent, a recovery code.
+    fresh = await client.post("/auth/login/mfa", json={
+        "mfa_token": await mfa_token_for(client, user["email"]), "code": codes[0]})
+    assert fresh.status_code == 200, fresh.text
+
+
+@pytest.mark.parametrize("garbage", ["nope", "0" * 32 + ".x", "g" * 32 + ".abc", "." * 40])
+async def test_malformed_mfa_tokens_are_invalid(client: httpx.AsyncClient,
+                                                garbage: str) -> None:
+    assert_problem(await client.post("/auth/login/mfa", json={"mfa_token": garbage,
+                                                              "code": "123456"}),
+                   401, "invalid_token")
+
+
+async def test_a_token_past_its_limit_spends_nothing_of_the_account(
+        client: httpx.AsyncClient) -> None:
+    """Both limits are counted in one script; a token already past its 5 tries is refused
+    without counting on the account's 10, as when the two limiters ran apart."""
+    user, _, secret, _ = await user_with_totp(client)
+    mfa_token = await mfa_token_for(client, user["email"])
+    for _ in range(5):
+        assert_problem(await client.post("/auth/login/mfa", json={
+            "mfa_token": mfa_token, "code": "123456"}), 401, "invalid_code")
+    for _ in range(6):
+        assert_problem(await client.post("/auth/login/mfa", json={
+            "mfa_token": mfa_token, "code": "123456"}), 429, "too_many_attempts")
+    # 5 of the account's 10 spent: another token still gets its tries, and a right code in.
+    other = await mfa_token_for(client, user["email"])
+    for _ in range(4):
+        assert_problem(await client.post("/auth/login/mfa", json={
+            "mfa_token": other, "code": "123456"}), 401, "invalid_code")
+    done = await client.post("/auth/login/mfa", json={"mfa_token": other,
+                                                      "code": totp_code(secret, 1)})
+    assert done.status_code == 200, done.text
