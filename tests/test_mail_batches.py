@@ -43,6 +43,10 @@ class _Counter:
         self.commits = 0
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.glob("*-test.eml")}
+
+
 async def _queue(factory: Any, settings: Settings, n: int) -> None:
     async with factory() as db:
         for i in range(n):
@@ -64,7 +68,7 @@ async def test_a_batch_of_files_costs_one_claim_and_one_commit(
         # one UPDATE ... RETURNING claims them, one DELETE marks them sent (rows of no account)
         assert counter.statements == ["UPDATE", "DELETE"]
         assert counter.commits == 2
-        assert len(list(tmp_path.glob("*-test.eml"))) == 40
+        assert len(_files(tmp_path)) == 40
         counter.reset()
         assert await worker.run_once() == 0  # all sent: nothing claimed the second time
         async with factory() as db:
@@ -124,3 +128,30 @@ def test_the_direct_rendering_is_what_email_message_writes(
     assert parsed["To"] == to and parsed["Message-ID"].startswith("<tessera.42.")
     assert parsed.get_body(("plain",)).get_content() == "\n".join(  # type: ignore[union-attr]
         row.text_body.splitlines()) + "\n"
+
+
+async def test_two_mails_of_one_second_with_a_reused_id_make_two_files(
+        base_settings: dict[str, Any], tmp_path: Path) -> None:
+    # Mails of no account are deleted once sent, and SQLite gives the next row the freed id:
+    # the file name and Message-ID must still tell the two mails apart (no .eml overwritten).
+    settings = Settings(**{**base_settings, "smtp_url": None})
+    engine = create_engine(settings.resolved_database_url)
+    factory = session_factory(engine)
+    worker = MailWorker(factory, settings, Metrics(), transport=FileTransport(tmp_path))
+    second = utcnow().replace(microsecond=0)
+    ids = []
+    try:
+        for micro in (1000, 2000):
+            async with factory() as db:
+                row = queue_mail(db, settings, user_id=None, to="again@example.com",
+                                 kind="test", context={})
+                row.created_at = second.replace(microsecond=micro)
+                await db.commit()
+                ids.append(row.id)
+            assert await worker.run_once() == 1
+    finally:
+        await engine.dispose()
+    files = _files(tmp_path)
+    assert len(files) == 2, (ids, list(files))
+    message_ids = {email.message_from_bytes(data)["Message-ID"] for data in files.values()}
+    assert len(message_ids) == 2

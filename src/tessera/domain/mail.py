@@ -312,7 +312,7 @@ def build_message(settings: Settings, mail: OutboxMail) -> EmailMessage:
     message["Date"] = format_datetime(created)
     domain = parseaddr(settings.mail_from)[1].rpartition("@")[2] or "localhost"
     # The same Message-ID on every attempt: a relay or reader can tell a retry from a new mail.
-    message["Message-ID"] = f"<tessera.{mail.id}.{int(created.timestamp())}@{domain}>"
+    message["Message-ID"] = message_id(mail, domain)
     message["Auto-Submitted"] = "auto-generated"
     message["X-Tessera-Kind"] = mail.kind
     message.set_content(mail.text_body, cte=_transfer_encoding(mail.text_body))
@@ -335,7 +335,7 @@ def message_bytes(settings: Settings, mail: OutboxMail) -> bytes:
     sender_domain = parseaddr(settings.mail_from)[1].rpartition("@")[2] or "localhost"
     headers = (("From", settings.mail_from), ("To", mail.to_addr), ("Subject", mail.subject),
                ("Date", format_datetime(created)),
-               ("Message-ID", f"<tessera.{mail.id}.{int(created.timestamp())}@{sender_domain}>"),
+               ("Message-ID", message_id(mail, sender_domain)),
                ("Auto-Submitted", "auto-generated"), ("X-Tessera-Kind", mail.kind))
     if not _PLAIN_ADDRESS.fullmatch(mail.to_addr) or not all(
             _PLAIN_HEADER.fullmatch(value) and len(name) + 2 + len(value) <= 78
@@ -376,8 +376,18 @@ def _transfer_encoding(body: str) -> str:
     return "quoted-printable"
 
 
+def message_id(mail: OutboxMail, domain: str) -> str:
+    """Unique to the mail, with its creation time to the microsecond: SQLite hands out the id
+    of a deleted last row again (mails of no account are deleted once sent), so the id alone,
+    or with the second, names two mails of one busy second alike."""
+    created = store.as_aware(mail.created_at)
+    return f"<tessera.{mail.id}.{int(created.timestamp())}.{created:%f}@{domain}>"
+
+
 def eml_name(mail: OutboxMail) -> str:
-    return f"{store.as_aware(mail.created_at):%Y%m%dT%H%M%S}-{mail.id:08d}-{mail.kind}.eml"
+    """`<time to the microsecond>-<id>-<kind>.eml`: unique for the reason of `message_id`."""
+    created = store.as_aware(mail.created_at)
+    return f"{created:%Y%m%dT%H%M%S.%f}-{mail.id:08d}-{mail.kind}.eml"
 
 
 # --- the worker -----------------------------------------------------------------------------
