@@ -168,12 +168,21 @@ async def take_token(db: AsyncSession, token: str, purpose: str) -> MailToken | 
 
 @dataclass
 class Outgoing:
-    """One mail as the transports take it: its bytes (`message_bytes`), envelope and file name."""
+    """One mail as the transports take it: its bytes (`message_bytes`), or the EmailMessage
+    where those do not cover it (a non-ASCII address goes out with SMTPUTF8); envelope and
+    file name."""
 
-    data: bytes
+    data: bytes | None
+    message: EmailMessage | None
     sender: str
     recipient: str
     filename: str
+
+    def as_bytes(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        assert self.message is not None
+        return self.message.as_bytes()
 
 
 class Transport(Protocol):
@@ -212,9 +221,9 @@ class FileTransport:
         outcomes: list[Exception | None] = []
         for mail in mails:
             try:
-                self._write(mail.filename, mail.data)
+                self._write(mail.filename, mail.as_bytes())
                 outcomes.append(None)
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - this mail's attempt failed
                 outcomes.append(exc)
         return outcomes
 
@@ -281,7 +290,10 @@ class SmtpTransport:
         outcomes: list[Exception | None] = []
         for mail in mails:
             try:
-                await self._client.sendmail(mail.sender, [mail.recipient], mail.data)
+                if mail.data is None:
+                    await self._client.send_message(mail.message)
+                else:
+                    await self._client.sendmail(mail.sender, [mail.recipient], mail.data)
                 outcomes.append(None)
             except Exception as exc:  # noqa: BLE001 - this mail's attempt failed
                 outcomes.append(exc)
@@ -327,10 +339,10 @@ _PLAIN_HEADER = re.compile(r"[\x20-\x7e]*")
 _PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~@-]+")
 
 
-def message_bytes(settings: Settings, mail: OutboxMail) -> bytes:
+def message_bytes(settings: Settings, mail: OutboxMail) -> bytes | None:
     """The mail as `build_message(...).as_bytes()` writes it, built directly (~30x cheaper:
-    EmailMessage parses every header it is given and renders through its policy). Mails
-    this does not cover byte for byte are rendered by EmailMessage."""
+    EmailMessage parses every header it is given and renders through its policy); None for
+    a mail this does not cover byte for byte (then `build_message` renders it)."""
     created = store.as_aware(mail.created_at)
     sender_domain = parseaddr(settings.mail_from)[1].rpartition("@")[2] or "localhost"
     headers = (("From", settings.mail_from), ("To", mail.to_addr), ("Subject", mail.subject),
@@ -340,7 +352,7 @@ def message_bytes(settings: Settings, mail: OutboxMail) -> bytes:
     if not _PLAIN_ADDRESS.fullmatch(mail.to_addr) or not all(
             _PLAIN_HEADER.fullmatch(value) and len(name) + 2 + len(value) <= 78
             for name, value in headers) or parseaddr(settings.mail_from)[1] == "":
-        return build_message(settings, mail).as_bytes()
+        return None
     parts = [_part("plain", mail.text_body), _part("html", mail.html_body)]
     boundary = f"==============={secrets.randbelow(10 ** 19):019d}=="
     while any(boundary in part for part in parts):  # as email.generator does
@@ -496,8 +508,10 @@ class MailWorker:
                 ready: list[tuple[OutboxMail, Outgoing]] = []
                 for mail in chunk:
                     try:
-                        ready.append((mail, Outgoing(message_bytes(s, mail), sender,
-                                                     mail.to_addr, eml_name(mail))))
+                        data = message_bytes(s, mail)
+                        message = build_message(s, mail) if data is None else None
+                        ready.append((mail, Outgoing(data, message, sender, mail.to_addr,
+                                                     eml_name(mail))))
                     except Exception as exc:  # noqa: BLE001 - a mail that cannot be rendered
                         failed.append((mail, exc))
                 outcomes = await self.transport.send_many([out for _, out in ready])
