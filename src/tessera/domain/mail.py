@@ -17,11 +17,13 @@ import html
 import logging
 import os
 import random
+import re
 import secrets
 import string
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
+from email import quoprimime
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 from functools import lru_cache
@@ -164,16 +166,41 @@ async def take_token(db: AsyncSession, token: str, purpose: str) -> MailToken | 
 
 # --- transports ----------------------------------------------------------------------------
 
+@dataclass
+class Outgoing:
+    """One mail as the transports take it: its bytes (`message_bytes`), or the EmailMessage
+    where those do not cover it (a non-ASCII address goes out with SMTPUTF8); envelope and
+    file name."""
+
+    data: bytes | None
+    message: EmailMessage | None
+    sender: str
+    recipient: str
+    filename: str
+
+    def as_bytes(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        assert self.message is not None
+        return self.message.as_bytes()
+
+
 class Transport(Protocol):
     description: str
+    # Mails handed over between two commits of their outcome: a crash between a hand-over
+    # and that commit sends at most this many again (their Message-ID shows the retry).
+    chunk: int
 
     async def open(self) -> None: ...
     async def send(self, message: EmailMessage, filename: str) -> None: ...
+    async def send_many(self, mails: list[Outgoing]) -> list[Exception | None]: ...
     async def close(self) -> None: ...
 
 
 class FileTransport:
     """Embedded defaults: each mail as an .eml file (0600: it may carry a token)."""
+
+    chunk = 50
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -184,6 +211,21 @@ class FileTransport:
 
     async def send(self, message: EmailMessage, filename: str) -> None:
         await anyio.to_thread.run_sync(self._write, filename, message.as_bytes())
+
+    async def send_many(self, mails: list[Outgoing]) -> list[Exception | None]:
+        """All the files in one trip to a worker thread: the event loop never waits on the
+        file system."""
+        return await anyio.to_thread.run_sync(self._write_all, mails)
+
+    def _write_all(self, mails: list[Outgoing]) -> list[Exception | None]:
+        outcomes: list[Exception | None] = []
+        for mail in mails:
+            try:
+                self._write(mail.filename, mail.as_bytes())
+                outcomes.append(None)
+            except Exception as exc:  # noqa: BLE001 - this mail's attempt failed
+                outcomes.append(exc)
+        return outcomes
 
     def _write(self, name: str, data: bytes) -> None:
         final = self.folder / name
@@ -221,6 +263,8 @@ class SmtpTransport:
     """One SMTP connection per batch: STARTTLS when the server offers it (smtp://), implicit
     TLS for smtps://, AUTH when the URL has credentials."""
 
+    chunk = 10
+
     def __init__(self, url: str, timeout: float) -> None:
         self.target = parse_smtp_url(url)
         self.timeout = timeout
@@ -240,6 +284,20 @@ class SmtpTransport:
 
     async def send(self, message: EmailMessage, filename: str) -> None:
         await self._client.send_message(message)
+
+    async def send_many(self, mails: list[Outgoing]) -> list[Exception | None]:
+        """One after the other on the open connection (aiosmtplib: the loop never waits)."""
+        outcomes: list[Exception | None] = []
+        for mail in mails:
+            try:
+                if mail.data is None:
+                    await self._client.send_message(mail.message)
+                else:
+                    await self._client.sendmail(mail.sender, [mail.recipient], mail.data)
+                outcomes.append(None)
+            except Exception as exc:  # noqa: BLE001 - this mail's attempt failed
+                outcomes.append(exc)
+        return outcomes
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -266,13 +324,60 @@ def build_message(settings: Settings, mail: OutboxMail) -> EmailMessage:
     message["Date"] = format_datetime(created)
     domain = parseaddr(settings.mail_from)[1].rpartition("@")[2] or "localhost"
     # The same Message-ID on every attempt: a relay or reader can tell a retry from a new mail.
-    message["Message-ID"] = f"<tessera.{mail.id}.{int(created.timestamp())}@{domain}>"
+    message["Message-ID"] = message_id(mail, domain)
     message["Auto-Submitted"] = "auto-generated"
     message["X-Tessera-Kind"] = mail.kind
     message.set_content(mail.text_body, cte=_transfer_encoding(mail.text_body))
     message.add_alternative(mail.html_body, subtype="html",
                             cte=_transfer_encoding(mail.html_body))
     return message
+
+
+# Header values written as they are: printable ASCII, no line breaks; anything else (a
+# non-ASCII subject or address, a header over 78 characters) goes through EmailMessage.
+_PLAIN_HEADER = re.compile(r"[\x20-\x7e]*")
+_PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~@-]+")
+
+
+def message_bytes(settings: Settings, mail: OutboxMail) -> bytes | None:
+    """The mail as `build_message(...).as_bytes()` writes it, built directly (~30x cheaper:
+    EmailMessage parses every header it is given and renders through its policy); None for
+    a mail this does not cover byte for byte (then `build_message` renders it)."""
+    created = store.as_aware(mail.created_at)
+    sender_domain = parseaddr(settings.mail_from)[1].rpartition("@")[2] or "localhost"
+    headers = (("From", settings.mail_from), ("To", mail.to_addr), ("Subject", mail.subject),
+               ("Date", format_datetime(created)),
+               ("Message-ID", message_id(mail, sender_domain)),
+               ("Auto-Submitted", "auto-generated"), ("X-Tessera-Kind", mail.kind))
+    if not _PLAIN_ADDRESS.fullmatch(mail.to_addr) or not all(
+            _PLAIN_HEADER.fullmatch(value) and len(name) + 2 + len(value) <= 78
+            for name, value in headers) or parseaddr(settings.mail_from)[1] == "":
+        return None
+    parts = [_part("plain", mail.text_body), _part("html", mail.html_body)]
+    boundary = f"==============={secrets.randbelow(10 ** 19):019d}=="
+    while any(boundary in part for part in parts):  # as email.generator does
+        boundary = f"==============={secrets.randbelow(10 ** 19):019d}=="
+    lines = [f"{name}: {value}" for name, value in headers]
+    lines += ["MIME-Version: 1.0", "Content-Type: multipart/alternative;",
+              f' boundary="{boundary}"', "", f"--{boundary}", parts[0], f"--{boundary}",
+              parts[1], f"--{boundary}--", ""]
+    return "\n".join(lines).encode("ascii")
+
+
+def _part(subtype: str, body: str) -> str:
+    """One text part (its headers, a blank line, the body), as EmailMessage's set_content
+    writes it: utf-8, 7bit where possible, else quoted-printable."""
+    normal = "\n".join(body.splitlines()) + "\n"
+    cte = _transfer_encoding(body)
+    if cte == "7bit":
+        encoded = normal
+    else:
+        encoded = quoprimime.body_encode(normal.encode("utf-8").decode("latin-1"), 78)
+        if not encoded.endswith("\n"):
+            encoded += "\n"
+    extra = "\nMIME-Version: 1.0" if subtype == "html" else ""
+    return (f'Content-Type: text/{subtype}; charset="utf-8"\n'
+            f"Content-Transfer-Encoding: {cte}{extra}\n\n{encoded}")
 
 
 def _transfer_encoding(body: str) -> str:
@@ -283,8 +388,18 @@ def _transfer_encoding(body: str) -> str:
     return "quoted-printable"
 
 
+def message_id(mail: OutboxMail, domain: str) -> str:
+    """Unique to the mail, with its creation time to the microsecond: SQLite hands out the id
+    of a deleted last row again (mails of no account are deleted once sent), so the id alone,
+    or with the second, names two mails of one busy second alike."""
+    created = store.as_aware(mail.created_at)
+    return f"<tessera.{mail.id}.{int(created.timestamp())}.{created:%f}@{domain}>"
+
+
 def eml_name(mail: OutboxMail) -> str:
-    return f"{store.as_aware(mail.created_at):%Y%m%dT%H%M%S}-{mail.id:08d}-{mail.kind}.eml"
+    """`<time to the microsecond>-<id>-<kind>.eml`: unique for the reason of `message_id`."""
+    created = store.as_aware(mail.created_at)
+    return f"{created:%Y%m%dT%H%M%S.%f}-{mail.id:08d}-{mail.kind}.eml"
 
 
 # --- the worker -----------------------------------------------------------------------------
@@ -369,51 +484,76 @@ class MailWorker:
             (utcnow() - oldest).total_seconds() if oldest is not None else 0)
 
     async def run_once(self) -> int:
-        """One pass: send what is due now. Returns how many rows were claimed."""
+        """One pass: send what is due now. Returns how many rows were claimed.
+
+        A batch costs one claiming UPDATE, one commit of its outcomes per `transport.chunk`
+        mails, and for files one trip to a worker thread: the event loop renders (cheaply,
+        `message_bytes`) and awaits, it never waits on a disk or a socket."""
         s = self.settings
         async with self.db_factory() as db:
             mails = await store.claim(db, s.mail_lease_seconds, self.BATCH)
         if not mails:
             return 0
-        opened = False
         try:
             await self.transport.open()
-            opened = True
         except Exception as exc:
-            for mail in mails:
-                await self._failed(mail, exc)
+            await self._record([], [(mail, exc) for mail in mails])
             return len(mails)
+        sender = parseaddr(s.mail_from)[1]
         try:
-            for mail in mails:
-                try:
-                    await self.transport.send(build_message(s, mail), eml_name(mail))
-                except Exception as exc:
-                    await self._failed(mail, exc)
-                    continue
-                async with self.db_factory() as db:
-                    await store.mark_sent(db, mail)
-                    if mail.kind == "account_deleted":  # the address's last row is gone:
-                        from tessera.stores.scrub import checkpoint_sqlite  # off the WAL too
-
-                        await checkpoint_sqlite(db.bind)  # type: ignore[arg-type]
-                self.metrics.mails_sent.labels(mail.kind).inc()
-                log.info("mail: %s mail %s sent", mail.kind, mail.id)
+            step = max(1, self.transport.chunk)
+            for start in range(0, len(mails), step):
+                chunk = mails[start:start + step]
+                failed: list[tuple[OutboxMail, Exception]] = []
+                ready: list[tuple[OutboxMail, Outgoing]] = []
+                for mail in chunk:
+                    try:
+                        data = message_bytes(s, mail)
+                        message = build_message(s, mail) if data is None else None
+                        ready.append((mail, Outgoing(data, message, sender, mail.to_addr,
+                                                     eml_name(mail))))
+                    except Exception as exc:  # noqa: BLE001 - a mail that cannot be rendered
+                        failed.append((mail, exc))
+                outcomes = await self.transport.send_many([out for _, out in ready])
+                sent = [mail for (mail, _), err in zip(ready, outcomes, strict=True)
+                        if err is None]
+                failed += [(mail, err) for (mail, _), err in zip(ready, outcomes, strict=True)
+                           if err is not None]
+                await self._record(sent, failed)
         finally:
-            if opened:
-                await self.transport.close()
+            await self.transport.close()
         return len(mails)
 
-    async def _failed(self, mail: OutboxMail, exc: Exception) -> None:
+    async def _record(self, sent: list[OutboxMail],
+                      failed: list[tuple[OutboxMail, Exception]]) -> None:
+        """The outcomes of a chunk of attempts, in one transaction."""
         s = self.settings
-        error = type(exc).__name__
-        retry_at = None
-        if mail.attempts + 1 < s.mail_max_attempts:
-            delay = min(s.mail_retry_base_seconds * 2 ** mail.attempts, s.mail_retry_max_seconds)
-            retry_at = utcnow() + timedelta(seconds=delay * (1 + random.random() / 10))  # noqa: S311
+        retries: list[tuple[OutboxMail, str, Any]] = []
+        for mail, exc in failed:
+            retry_at = None
+            if mail.attempts + 1 < s.mail_max_attempts:
+                delay = min(s.mail_retry_base_seconds * 2 ** mail.attempts,
+                            s.mail_retry_max_seconds)
+                retry_at = utcnow() + timedelta(seconds=delay * (1 + random.random() / 10))  # noqa: S311
+            retries.append((mail, type(exc).__name__, retry_at))
         async with self.db_factory() as db:
-            await store.mark_failed(db, mail, error, retry_at=retry_at)
-        outcome = "retry" if retry_at is not None else "given_up"
-        self.metrics.mail_failures.labels(mail.kind, outcome).inc()
-        log.warning("mail: %s mail %s attempt %d failed (%s); %s", mail.kind, mail.id,
-                    mail.attempts + 1, error, outcome)
+            for statement in store.record_sent(sent):
+                await db.exec(statement)
+            for mail, error, retry_at in retries:
+                await db.exec(store.record_failed(mail, error, retry_at=retry_at))
+            await db.commit()
+            if any(mail.kind == "account_deleted" for mail in sent):
+                # the address's last row is gone: off the WAL too
+                from tessera.stores.scrub import checkpoint_sqlite
+
+                await checkpoint_sqlite(db.bind)  # type: ignore[arg-type]
+        for mail in sent:
+            self.metrics.mails_sent.labels(mail.kind).inc()
+            log.info("mail: %s mail %s sent", mail.kind, mail.id)
+        for mail, error, retry_at in retries:
+            outcome = "retry" if retry_at is not None else "given_up"
+            self.metrics.mail_failures.labels(mail.kind, outcome).inc()
+            log.warning("mail: %s mail %s attempt %d failed (%s); %s", mail.kind, mail.id,
+                        mail.attempts + 1, error, outcome)
+
 

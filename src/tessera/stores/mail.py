@@ -1,13 +1,15 @@
 """Mail tables: the durable outbox and the one-time tokens mails carry (stored hashed).
 
-The outbox is drained by `tessera.domain.mail.MailWorker`; a row is claimed with one
-conditional UPDATE (`claimed_until`), so two instances never send the same row at once.
+The outbox is drained by `tessera.domain.mail.MailWorker`; a batch of rows is claimed with
+one conditional UPDATE (`claimed_until`), so two instances never send the same row at once,
+and marked sent with one or two statements and one commit.
 """
 
 from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel, col, delete, func, select, update
@@ -116,46 +118,43 @@ async def end_tokens(db: AsyncSession, user_id: str, purpose: str) -> None:
 # --- outbox --------------------------------------------------------------------------------
 
 async def claim(db: AsyncSession, lease_seconds: float, limit: int) -> list[OutboxMail]:
-    """Rows due now, each claimed by one conditional UPDATE: a row another instance claimed
-    first (its lease not yet over) is skipped."""
+    """Up to `limit` rows due now, claimed by one conditional UPDATE ... RETURNING and one
+    commit: a row another instance claimed first (its lease not yet over) is skipped (on
+    PostgreSQL the condition is checked again on a row another claim just updated)."""
     now = utcnow()
-    due = (await db.exec(
-        select(OutboxMail.id)
-        .where(OutboxMail.status == QUEUED, col(OutboxMail.next_attempt_at) <= now,
-               sa.or_(col(OutboxMail.claimed_until).is_(None),
-                      col(OutboxMail.claimed_until) < now))
-        .order_by(col(OutboxMail.next_attempt_at), col(OutboxMail.id)).limit(limit))).all()
-    claimed: list[int] = []
-    until = now + timedelta(seconds=lease_seconds)
-    for mail_id in due:
-        result = await db.exec(
-            update(OutboxMail)
-            .where(col(OutboxMail.id) == mail_id, col(OutboxMail.status) == QUEUED,
-                   sa.or_(col(OutboxMail.claimed_until).is_(None),
-                          col(OutboxMail.claimed_until) < now))
-            .values(claimed_until=until).execution_options(synchronize_session=False))
-        if result.rowcount == 1:
-            claimed.append(mail_id)  # type: ignore[arg-type]
+    claimable = (col(OutboxMail.status) == QUEUED,
+                 sa.or_(col(OutboxMail.claimed_until).is_(None),
+                        col(OutboxMail.claimed_until) < now))
+    due = (select(OutboxMail.id)
+           .where(col(OutboxMail.next_attempt_at) <= now, *claimable)
+           .order_by(col(OutboxMail.next_attempt_at), col(OutboxMail.id)).limit(limit))
+    result = await db.exec(
+        update(OutboxMail)
+        .where(col(OutboxMail.id).in_(due.scalar_subquery()), *claimable)
+        .values(claimed_until=now + timedelta(seconds=lease_seconds))
+        .returning(OutboxMail).execution_options(synchronize_session=False))
+    rows = list(result.scalars().all())
     await db.commit()
-    if not claimed:
-        return []
-    rows = (await db.exec(select(OutboxMail).where(col(OutboxMail.id).in_(claimed))
-                          .order_by(col(OutboxMail.id)))).all()
-    return list(rows)
+    return sorted(rows, key=lambda row: (as_aware(row.next_attempt_at), row.id or 0))
 
 
-async def mark_sent(db: AsyncSession, mail: OutboxMail) -> None:
-    if mail.user_id is None:  # tied to no account: nothing to list in an export, so gone now
-        await db.exec(delete(OutboxMail).where(col(OutboxMail.id) == mail.id))
-    else:
-        await db.exec(update(OutboxMail).where(col(OutboxMail.id) == mail.id).values(
+def record_sent(mails: list[OutboxMail]) -> list[Any]:
+    """The statements that mark `mails` sent (two at most, whatever their number): rows of
+    no account are deleted, the others keep their metadata with their bodies emptied."""
+    gone = [m.id for m in mails if m.user_id is None]
+    kept = [m.id for m in mails if m.user_id is not None]
+    statements: list[Any] = []
+    if gone:
+        statements.append(delete(OutboxMail).where(col(OutboxMail.id).in_(gone)))
+    if kept:
+        statements.append(update(OutboxMail).where(col(OutboxMail.id).in_(kept)).values(
             status=SENT, sent_at=utcnow(), claimed_until=None, text_body="", html_body="",
-            attempts=mail.attempts + 1, last_error=None))
-    await db.commit()
+            attempts=col(OutboxMail.attempts) + 1, last_error=None)
+            .execution_options(synchronize_session=False))
+    return statements
 
 
-async def mark_failed(db: AsyncSession, mail: OutboxMail, error: str, *, retry_at: datetime | None
-                      ) -> None:
+def record_failed(mail: OutboxMail, error: str, *, retry_at: datetime | None) -> Any:
     """A failed attempt: retried at `retry_at`, or given up (None)."""
     values: dict[str, object] = {"attempts": mail.attempts + 1, "claimed_until": None,
                                  "last_error": error[:128]}
@@ -163,7 +162,19 @@ async def mark_failed(db: AsyncSession, mail: OutboxMail, error: str, *, retry_a
         values.update(status=FAILED, text_body="", html_body="")
     else:
         values["next_attempt_at"] = retry_at
-    await db.exec(update(OutboxMail).where(col(OutboxMail.id) == mail.id).values(**values))
+    return (update(OutboxMail).where(col(OutboxMail.id) == mail.id).values(**values)
+            .execution_options(synchronize_session=False))
+
+
+async def mark_sent(db: AsyncSession, mail: OutboxMail) -> None:
+    for statement in record_sent([mail]):
+        await db.exec(statement)
+    await db.commit()
+
+
+async def mark_failed(db: AsyncSession, mail: OutboxMail, error: str, *, retry_at: datetime | None
+                      ) -> None:
+    await db.exec(record_failed(mail, error, retry_at=retry_at))
     await db.commit()
 
 
