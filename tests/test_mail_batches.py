@@ -23,6 +23,19 @@ from tessera.stores.models import utcnow
 from tests.mailbox import SmtpServer
 
 
+@pytest.fixture(scope="module")
+def own_db(base_settings: dict[str, Any],
+           tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A database of these tests' own: the suite's shared one has live outbox workers (the
+    session's app polls every 0.2 s) that would claim these tests' mails first."""
+    from tessera.ops.migrate import upgrade
+
+    path = tmp_path_factory.mktemp("outbox") / "outbox.db"
+    settings = {**base_settings, "database_url": f"sqlite+aiosqlite:///{path}"}
+    upgrade(Settings(**settings))
+    return settings
+
+
 class _Counter:
     """Statements touching the outbox, and commits, seen by a real engine."""
 
@@ -57,8 +70,8 @@ async def _queue(factory: Any, settings: Settings, n: int) -> list[int]:
 
 
 async def test_a_batch_of_files_costs_one_claim_and_one_commit(
-        base_settings: dict[str, Any], tmp_path: Path) -> None:
-    settings = Settings(**{**base_settings, "smtp_url": None})
+        own_db: dict[str, Any], tmp_path: Path) -> None:
+    settings = Settings(**{**own_db, "smtp_url": None})
     engine = create_engine(settings.resolved_database_url)
     factory = session_factory(engine)
     try:
@@ -80,8 +93,8 @@ async def test_a_batch_of_files_costs_one_claim_and_one_commit(
 
 
 async def test_a_batch_over_smtp_commits_once_per_chunk(
-        base_settings: dict[str, Any], smtp: SmtpServer) -> None:
-    settings = Settings(**base_settings)
+        own_db: dict[str, Any], smtp: SmtpServer) -> None:
+    settings = Settings(**own_db)
     engine = create_engine(settings.resolved_database_url)
     factory = session_factory(engine)
     try:
@@ -133,10 +146,10 @@ def test_the_direct_rendering_is_what_email_message_writes(
 
 
 async def test_two_mails_of_one_second_with_a_reused_id_make_two_files(
-        base_settings: dict[str, Any], tmp_path: Path) -> None:
+        own_db: dict[str, Any], tmp_path: Path) -> None:
     # Mails of no account are deleted once sent, and SQLite gives the next row the freed id:
     # the file name and Message-ID must still tell the two mails apart (no .eml overwritten).
-    settings = Settings(**{**base_settings, "smtp_url": None})
+    settings = Settings(**{**own_db, "smtp_url": None})
     engine = create_engine(settings.resolved_database_url)
     factory = session_factory(engine)
     worker = MailWorker(factory, settings, Metrics(), transport=FileTransport(tmp_path))
@@ -165,3 +178,26 @@ def test_a_non_ascii_address_is_left_to_email_message(base_settings: dict[str, A
                      kind="test", context={})
     row.id, row.created_at = 43, utcnow()
     assert message_bytes(settings, row) is None  # sent with send_message (SMTPUTF8)
+
+
+def test_the_outbox_worker_rests_only_while_the_process_is_saturated() -> None:
+    """TESSERA_MAIL_BUSY_SHARE: under a request flood (CPU time ~ wall time) mail takes at
+    most its share; with CPU to spare it never waits."""
+    from tessera.domain.mail import BusyPacer
+
+    wall, cpu = [100.0], [10.0]
+    pacer = BusyPacer(0.03, clock=lambda: wall[0], cpu=lambda: cpu[0])
+    wall[0] += 1.0
+    cpu[0] += 0.2  # 20 % busy: no rest
+    assert pacer.rest_after(0.02) == 0.0
+    wall[0] += 1.0
+    cpu[0] += 0.97  # saturated: 20 ms of mail work buys 20 ms * (1/0.03 - 1) of rest
+    assert pacer.rest_after(0.02) == pytest.approx(0.02 * (1 / 0.03 - 1))
+    assert pacer.rest_after(10.0) == BusyPacer.MAX_REST_SECONDS
+    wall[0] += 1.0
+    cpu[0] += 0.3  # the flood is over
+    assert pacer.rest_after(0.02) == 0.0
+    unlimited = BusyPacer(1.0, clock=lambda: wall[0], cpu=lambda: cpu[0])
+    wall[0] += 1.0
+    cpu[0] += 1.0
+    assert unlimited.rest_after(0.02) == 0.0

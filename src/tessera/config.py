@@ -185,6 +185,11 @@ class Settings(BaseSettings):
     # The outbox worker: polls this often, retries with exponential backoff (base * 2^n, at
     # most max) up to max_attempts, and a claim lasts lease seconds.
     mail_poll_seconds: float = Field(1.0, gt=0)
+    # While the process is saturated (its CPU time >= 85 % of wall time over the last half
+    # second: a request flood), the outbox worker rests after each pass so that it takes at
+    # most this share of the time: requests keep the CPU and a backlog drains when the flood
+    # ends (docs/mail.md). 1: no limit.
+    mail_busy_share: float = Field(0.03, gt=0, le=1)
     mail_retry_base_seconds: float = Field(30.0, gt=0)
     mail_retry_max_seconds: float = Field(3600.0, gt=0)
     mail_max_attempts: int = Field(30, ge=1)

@@ -20,7 +20,8 @@ import random
 import re
 import secrets
 import string
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from email import quoprimime
@@ -408,6 +409,37 @@ def eml_name(mail: OutboxMail) -> str:
 STOP_GRACE_SECONDS = 40.0
 
 
+class BusyPacer:
+    """How long the outbox worker rests after a pass: nothing while the process has CPU to
+    spare; while it is saturated (a request flood), long enough that mail takes at most
+    `share` of the time. Saturation is the process's CPU time (every thread) over wall time,
+    sampled every half second."""
+
+    SATURATED = 0.85
+    SAMPLE_SECONDS = 0.5
+    MAX_REST_SECONDS = 5.0
+
+    def __init__(self, share: float, *, clock: Callable[[], float] = time.monotonic,
+                 cpu: Callable[[], float] = time.process_time) -> None:
+        self.share = share
+        self._clock, self._cpu = clock, cpu
+        self._at, self._cpu_at = clock(), cpu()
+        self._saturated = False
+
+    def saturated(self) -> bool:
+        now = self._clock()
+        if now - self._at >= self.SAMPLE_SECONDS:
+            used = self._cpu()
+            self._saturated = (used - self._cpu_at) / (now - self._at) >= self.SATURATED
+            self._at, self._cpu_at = now, used
+        return self._saturated
+
+    def rest_after(self, worked_seconds: float) -> float:
+        if self.share >= 1 or worked_seconds <= 0 or not self.saturated():
+            return 0.0
+        return min(worked_seconds * (1 / self.share - 1), self.MAX_REST_SECONDS)
+
+
 class MailWorker:
     """Drains the outbox: due rows are claimed, sent, marked sent; a failed attempt is retried
     after base * 2^attempts seconds (at most max, with a little jitter) until max_attempts."""
@@ -424,6 +456,8 @@ class MailWorker:
         self._task: asyncio.Task[None] | None = None
         self._detached: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._stop = asyncio.Event()  # cuts a rest short (a wake does not: see BusyPacer)
+        self.pacer = BusyPacer(settings.mail_busy_share)
 
     def start(self) -> None:
         if self._task is None:
@@ -447,6 +481,7 @@ class MailWorker:
         task, self._task = self._task, None
         if task is not None:
             self._stopping = True
+            self._stop.set()
             self._wake.set()
             done, _ = await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
             if not done:
@@ -461,13 +496,20 @@ class MailWorker:
     async def _run(self) -> None:
         while not self._stopping:
             busy = False
+            started = time.monotonic()
+            claimed = 0
             try:
-                busy = await self.run_once() >= self.BATCH
+                claimed = await self.run_once()
+                busy = claimed >= self.BATCH
                 await self.observe_queue()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a store is down: try again at the next poll
                 log.warning("mail: outbox pass failed (%s)", type(exc).__name__)
+            rest = self.pacer.rest_after(time.monotonic() - started) if claimed else 0.0
+            if rest and not self._stopping:  # the process is saturated: requests first
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), rest)
             if busy or self._stopping:
                 continue
             try:
