@@ -100,11 +100,13 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
             await require_durable_redis(redis)
         keys = KeyRing(db_factory, KeyCipher(secret), ttl_seconds=settings.session_ttl_seconds,
                        cache_seconds=settings.keys_cache_seconds)
-        sessions = SessionStore(redis)
+        sessions = SessionStore(redis, db_factory)
         profiles = ProfileCache(redis)
-        profiles.writes = sessions.writes
+        profiles.attach(sessions.writes)
         try:
             await keys.ensure_key()
+            # Deletions Redis refused (on any instance) are done before the first request.
+            await sessions.writes.start()
             token_key = derive_key(secret, b"token-hash")
             checker = TokenChecker(sessions, profiles, token_key, db_factory)
             app.state.tessera = Tessera(
@@ -131,6 +133,7 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
             started = getattr(app.state, "tessera", None)
             if started is not None:
                 started.hasher.close()
+            await sessions.writes.stop()
             await revocations.close_revocation_hub(app)  # end open feeds and the subscription
             if getattr(app.state, "events", None) is not None:
                 await app.state.events.stop()
