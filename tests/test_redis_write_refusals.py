@@ -270,3 +270,52 @@ def test_a_logout_refused_before_a_crash_is_done_by_the_next_start(
     with tessera_server(env, logs, name="second") as second, \
             httpx.Client(base_url=second.url, timeout=10) as http:
         assert http.get("/me", headers=bearer(token)).status_code == 401
+
+
+def test_sigterm_on_a_full_disk_keeps_the_usage_events(
+        base_settings: dict[str, Any], tmp_path: Path) -> None:
+    """The embedded defaults on one full disk: tessera's data folder (the embedded
+    redis-server's files and, on the embedded path, the SQLite database) is a small tmpfs,
+    filled while events wait in memory; SIGTERM by pid; the events are written (before, the
+    shutdown flush met `database or disk is full`, the events were lost and the rest of the
+    shutdown was skipped). On the PostgreSQL path the database is not on that disk."""
+    import secrets
+
+    import httpx
+
+    from tests.conftest import new_email
+    from tests.servers import session_server_env, tessera_server
+    from tests.test_live_server import count_usage
+
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(data)], check=True)
+    try:
+        database_url = str(base_settings["database_url"])
+        if database_url.startswith("sqlite"):
+            database_url = f"sqlite+aiosqlite:///{data / 'tessera.db'}"
+        env = session_server_env(base_settings, data, TESSERA_DATABASE_URL=database_url,
+                                 TESSERA_SECRET_KEY=secrets.token_urlsafe(48),
+                                 TESSERA_REDIS_DURABILITY="require",
+                                 TESSERA_USAGE_FLUSH_SECONDS="60")
+        env.pop("TESSERA_REDIS_URL")  # the embedded redis-server, in the data folder
+        with tessera_server(env, tmp_path / "logs") as server, \
+                httpx.Client(base_url=server.url, timeout=10) as http:
+            email = new_email()
+            user = http.post("/auth/register", json={"email": email, "password": PASSWORD,
+                                                      "is_adult": True}).json()
+            token = http.post("/auth/login", json={"email": email, "password": PASSWORD}
+                              ).json()["access_token"]
+            for _ in range(5):
+                assert http.get("/me", headers=bearer(token)).status_code == 200
+            with open(data / "fill", "wb") as f, pytest.raises(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            assert server.stop() in (0, 143, -15)
+            log = server.log()
+        (data / "fill").unlink()
+        assert count_usage(database_url, user["id"]) >= 5, log[-3000:]
+        assert "Application shutdown failed" not in log
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)
