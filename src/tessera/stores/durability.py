@@ -33,6 +33,9 @@ log = logging.getLogger("tessera.redis")
 
 DURABLE_FSYNC = ("always", "everysec")
 PROBE_KEY = "tessera:readyz:"
+# A random id written once into a Redis data set: a refused deletion is done only by the
+# instances on the Redis that refused it (two deployments may share one database).
+DATASET_KEY = "tessera:dataset"
 
 
 def _persistence_problem(config: Mapping[Any, Any]) -> str | None:
@@ -195,6 +198,18 @@ class WriteGate:
         self._executors: dict[str, Executor] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self.dataset: str | None = None  # DATASET_KEY's value, once read
+
+    async def _dataset(self) -> str | None:
+        if self.dataset is None:
+            try:
+                with contextlib.suppress(redis.exceptions.ResponseError):  # writes refused
+                    await self.redis.set(DATASET_KEY, secrets.token_hex(8), nx=True)
+                value = await self.redis.get(DATASET_KEY)
+                self.dataset = value.decode() if isinstance(value, bytes) else value
+            except Exception as exc:  # Redis down: read again next time
+                log.debug("redis dataset id not read: %s", type(exc).__name__)
+        return self.dataset
 
     def register(self, kind: str, executor: Executor) -> None:
         """How to do a `kind` of deletion (again): `executor(user_id, arg)`, idempotent."""
@@ -224,6 +239,7 @@ class WriteGate:
     async def start(self) -> None:
         """At start-up: the refused deletions left by any instance are done (if Redis takes
         writes) before the first request; then the loop runs."""
+        await self._dataset()
         await self.probe()
         self._task = asyncio.get_running_loop().create_task(self._run(),
                                                             name="tessera-write-gate")
@@ -298,9 +314,11 @@ class WriteGate:
         from tessera.stores.models import PendingDeletion
 
         try:
+            async with asyncio.timeout(self.JOURNAL_TIMEOUT_SECONDS):
+                dataset = await self._dataset() or ""
             async with asyncio.timeout(self.JOURNAL_TIMEOUT_SECONDS), self.db_factory() as db:
                 db.add(PendingDeletion(kind=deletion.kind, user_id=deletion.user_id,
-                                       arg=deletion.arg))
+                                       arg=deletion.arg, redis=dataset))
                 await db.commit()
             return True
         except Exception as exc:
@@ -311,12 +329,17 @@ class WriteGate:
     async def _pending(self) -> list[tuple[int, Deletion]]:
         if self.db_factory is None:
             return []
-        from sqlmodel import col, select
+        from sqlmodel import col, or_, select
 
         from tessera.stores.models import PendingDeletion
 
+        query = select(PendingDeletion)
+        dataset = await self._dataset()
+        if dataset is not None:  # else every row: doing another Redis's deletion is harmless
+            query = query.where(or_(col(PendingDeletion.redis) == dataset,
+                                    col(PendingDeletion.redis) == ""))
         async with self.db_factory() as db:
-            rows = (await db.exec(select(PendingDeletion).order_by(col(PendingDeletion.id))
+            rows = (await db.exec(query.order_by(col(PendingDeletion.id))
                                   .limit(self.BATCH))).all()
         return [(int(r.id), Deletion(r.kind, r.user_id, r.arg)) for r in rows
                 if r.id is not None]

@@ -140,6 +140,9 @@ class PendingDeletion(SQLModel, table=True):
     kind: str = Field(max_length=16)
     user_id: str = Field(max_length=32)
     arg: str | None = Field(default=None, max_length=64)
+    # The Redis data set it was refused by (its `tessera:dataset` key; "" if unknown): done
+    # only by instances on that Redis.
+    redis: str = Field(default="", max_length=32)
     created_at: datetime = _ts(default_factory=utcnow)
 
 

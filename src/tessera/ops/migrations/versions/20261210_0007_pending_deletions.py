@@ -28,6 +28,8 @@ def upgrade() -> None:
         sa.Column('kind', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
         sa.Column('user_id', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
         sa.Column('arg', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
+        sa.Column('redis', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False,
+                  server_default=''),
         sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint('id'),
     )
