@@ -283,8 +283,6 @@ def test_sigterm_on_a_full_disk_keeps_the_usage_events(
     filled while events wait in memory; SIGTERM by pid; the events are written (before, the
     shutdown flush met `database or disk is full`, the events were lost and the rest of the
     shutdown was skipped). On the PostgreSQL path the database is not on that disk."""
-    import secrets
-
     import httpx
 
     from tests.conftest import new_email
@@ -299,7 +297,6 @@ def test_sigterm_on_a_full_disk_keeps_the_usage_events(
         if database_url.startswith("sqlite"):
             database_url = f"sqlite+aiosqlite:///{data / 'tessera.db'}"
         env = session_server_env(base_settings, data, TESSERA_DATABASE_URL=database_url,
-                                 TESSERA_SECRET_KEY=secrets.token_urlsafe(48),
                                  TESSERA_REDIS_DURABILITY="require",
                                  TESSERA_USAGE_FLUSH_SECONDS="60")
         env.pop("TESSERA_REDIS_URL")  # the embedded redis-server, in the data folder
