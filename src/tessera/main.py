@@ -6,6 +6,7 @@ check) -> CORS (when configured) -> the lean endpoints (api/lean.py) or FastAPI'
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -49,12 +50,43 @@ from tessera.stores.durability import require_durable_redis
 from tessera.stores.keys import KeyCipher, KeyRing, derive_key
 from tessera.stores.ratelimit import AttemptLimiter
 from tessera.stores.redis import create_redis
+from tessera.stores.reserve import DiskReserve, is_disk_full, reserve_for
 from tessera.stores.sessions import SessionStore
 from tessera.stores.usage import UsageRecorder
 
 DESCRIPTION = """tessera issues and checks login sessions and enforces a privacy policy in code.
 Use **Authorize** with your email as the username to try authenticated endpoints.
 The guide to this API is docs/api.md in the repository."""
+
+
+log = logging.getLogger("tessera")
+
+
+async def _last_flushes(usage: UsageRecorder, audit_trail: AuditTrail,
+                        reserve: DiskReserve | None) -> None:
+    """The shutdown's flushes of the events waiting in memory. On a full disk the disk
+    reserve is freed and they are tried again (stores/reserve.py). What still fails is
+    logged, not raised: the rest of the shutdown (the mail worker, the embedded
+    redis-server) runs all the same."""
+    try:
+        await usage.stop()
+    except Exception as exc:
+        if reserve is not None and is_disk_full(exc) and reserve.release():
+            try:
+                await usage.flush()
+            except Exception as again:
+                exc = again
+        if usage.pending:
+            log.error("the shutdown flush lost %d usage events: %s", usage.pending,
+                      type(exc).__name__)
+    await audit_trail.stop()  # keeps what it cannot write
+    if audit_trail.pending and reserve is not None and reserve.release():
+        try:
+            await audit_trail.flush()
+        except Exception as exc:
+            log.error("the shutdown flush lost audit events: %s", type(exc).__name__)
+    if audit_trail.pending:
+        log.error("the shutdown flush lost %d audit events", audit_trail.pending)
 
 
 class TesseraApp(FastAPI):
@@ -91,20 +123,25 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
     async def lifespan(app: TesseraApp) -> AsyncIterator[None]:
         secret = load_or_create_secret(settings)
         embedded = None
+        reserve = reserve_for(settings.resolved_database_url)
         redis_url = settings.redis_url
         if not redis_url:
             embedded = EmbeddedRedis(settings.data_dir)
             redis_url = embedded.start(supervise=True)
         redis = create_redis(redis_url)
+        if reserve is not None:
+            reserve.ensure()  # room for the shutdown flush on a full disk
         if settings.redis_durability == "require":
             await require_durable_redis(redis)
         keys = KeyRing(db_factory, KeyCipher(secret), ttl_seconds=settings.session_ttl_seconds,
                        cache_seconds=settings.keys_cache_seconds)
-        sessions = SessionStore(redis)
+        sessions = SessionStore(redis, db_factory)
         profiles = ProfileCache(redis)
-        profiles.writes = sessions.writes
+        profiles.attach(sessions.writes)
         try:
             await keys.ensure_key()
+            # Deletions Redis refused (on any instance) are done before the first request.
+            await sessions.writes.start()
             token_key = derive_key(secret, b"token-hash")
             checker = TokenChecker(sessions, profiles, token_key, db_factory)
             app.state.tessera = Tessera(
@@ -131,11 +168,11 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
             started = getattr(app.state, "tessera", None)
             if started is not None:
                 started.hasher.close()
+            await sessions.writes.stop()
             await revocations.close_revocation_hub(app)  # end open feeds and the subscription
             if getattr(app.state, "events", None) is not None:
                 await app.state.events.stop()
-            await usage.stop()
-            await audit_trail.stop()
+            await _last_flushes(usage, audit_trail, reserve)
             await mail.stop()
             await redis.aclose()
             await engine.dispose()

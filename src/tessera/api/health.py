@@ -38,9 +38,9 @@ async def readyz(t: TesseraDep) -> Response:
         problem = await write_problem(t.redis)
         if problem is None and t.settings.redis_durability == "require":
             problem = await persistence_problem(t.redis)
-        if problem is None:
-            t.sessions.writes.succeeded()
-        else:
+        if problem is None and t.sessions.writes.failing and not await t.sessions.writes.replay():
+            problem = f"Redis refused deletions that are not done yet ({t.sessions.writes.reason})"
+        if problem is not None:
             reasons["redis"] = problem
             raise RuntimeError(problem)
 

@@ -18,7 +18,7 @@ from typing import Any
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tessera.domain import consents
-from tessera.stores.durability import WriteGate, is_write_refusal
+from tessera.stores.durability import Deletion, WriteGate, is_write_refusal
 from tessera.stores.memo import Memo
 from tessera.stores.models import User
 from tessera.stores.redis import AnyRedis
@@ -135,18 +135,24 @@ class ProfileCache:
         """The account is gone (its sessions first): no key of theirs stays (P9)."""
         await self.redis.delete(generation_key(user_id), profile_key(user_id))
 
-    async def invalidate(self, user_id: str) -> None:
-        async def drop() -> None:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.incr(generation_key(user_id))
-                pipe.expire(generation_key(user_id), GENERATION_TTL_SECONDS)
-                pipe.delete(profile_key(user_id))
-                await pipe.execute()
+    def attach(self, writes: WriteGate) -> None:
+        """The session store's gate: a refused invalidation is kept and done with the
+        refused session deletions (stores/durability.py)."""
+        self.writes = writes
+        writes.register("profile", lambda user_id, _arg: self._drop(user_id))
 
+    async def _drop(self, user_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(generation_key(user_id))
+            pipe.expire(generation_key(user_id), GENERATION_TTL_SECONDS)
+            pipe.delete(profile_key(user_id))
+            await pipe.execute()
+
+    async def invalidate(self, user_id: str) -> None:
         try:
-            await drop()
+            await self._drop(user_id)
         except Exception as exc:
             # Redis refuses writes: a stale profile (an active flag) must not come back.
             if self.writes is not None and is_write_refusal(exc):
-                self.writes.refused(exc, drop)
+                await self.writes.refused(exc, Deletion("profile", user_id))
             raise

@@ -83,6 +83,11 @@ class AuditTrail:
             except Exception:  # the database may be down: keep the events and retry
                 log.warning("audit flush failed; %d events kept for retry", len(self._buffer))
 
+    @property
+    def pending(self) -> int:
+        """Events not written yet."""
+        return len(self._buffer)
+
     async def stop(self) -> None:
         if self._task is not None:
             self._stopping = True

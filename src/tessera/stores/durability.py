@@ -16,11 +16,12 @@ logouts (development).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar, Token
+from dataclasses import dataclass
 from typing import Any
 
 import redis.exceptions
@@ -32,6 +33,9 @@ log = logging.getLogger("tessera.redis")
 
 DURABLE_FSYNC = ("always", "everysec")
 PROBE_KEY = "tessera:readyz:"
+# A random id written once into a Redis data set: a refused deletion is done only by the
+# instances on the Redis that refused it (two deployments may share one database).
+DATASET_KEY = "tessera:dataset"
 
 
 def _persistence_problem(config: Mapping[Any, Any]) -> str | None:
@@ -135,7 +139,17 @@ class WritesRefused(Exception):
     """Redis refuses writes: a session may be impossible to end, so none is accepted."""
 
 
-Replay = Callable[[], Awaitable[Any]]
+@dataclass(frozen=True)
+class Deletion:
+    """A deletion Redis refused: `kind` names the store's executor (see `PendingDeletion`)."""
+
+    kind: str
+    user_id: str
+    arg: str | None = None
+
+
+Executor = Callable[[str, str | None], Awaitable[Any]]
+DbFactory = Callable[[], Any]  # async_sessionmaker[AsyncSession]
 
 
 # Set for requests that end sessions (logout, logout-all, deactivate, DELETE /me): their
@@ -154,72 +168,188 @@ def reset_ending_sessions(token: Token[bool]) -> None:
 
 
 class WriteGate:
-    """Fails closed while Redis refuses writes (MISCONF on a full disk, READONLY, OOM).
+    """Fails closed while Redis refuses writes (MISCONF on a full disk, READONLY, OOM), on
+    every instance, and does the refused deletions once Redis takes writes again.
 
     A logout that cannot delete its session answers 503 and would leave the token valid.
-    So once a write is refused (or the probe below finds writes refused), token checks of
-    this process raise `WritesRefused` (503 `unavailable`) until a write works again.
-    The refused deletions (a logout, a logout-all, a deactivation's profile) are kept in
-    memory and replayed before the first token is accepted again. Every `PROBE_SECONDS`
-    a token check starts one probe write in the background, so every instance on a Redis
-    that refuses writes stops accepting sessions within about that long, not just the one
-    whose logout failed.
+    So a refused deletion (a logout, a logout-all, a deactivation's profile) is written to
+    the database (`pending_deletions`) before the 503 goes out, and token checks raise
+    `WritesRefused` (503 `unavailable`) while any is not done. Every instance runs the
+    same background loop: every `PROBE_SECONDS` one probe write to Redis (a refusal: this
+    instance accepts no session from then on, whether or not a request of its own failed)
+    and one read of `pending_deletions`; when Redis takes writes, the instance does the
+    deletions it finds (its own and those of any other instance, one that crashed
+    included; each is idempotent), deletes their rows and only then accepts sessions
+    again. At start-up the same step runs before the first request. The token check
+    itself reads nothing (`check`: one attribute); a deletion the database could not
+    take either is kept in this process's memory (and logged).
     """
 
     PROBE_SECONDS = 1.0
+    JOURNAL_TIMEOUT_SECONDS = 5.0
+    BATCH = 200
 
-    def __init__(self, client: AnyRedis) -> None:
+    def __init__(self, client: AnyRedis, db_factory: DbFactory | None = None) -> None:
         self.redis = client
+        self.db_factory = db_factory
         self.failing = False
         self.reason = ""
-        self._checked = time.monotonic()
-        self._pending: list[Replay] = []
-        self._probe: asyncio.Task[None] | None = None
+        self._memory: list[Deletion] = []  # refused deletions the database did not take
+        self._executors: dict[str, Executor] = {}
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self.dataset: str | None = None  # DATASET_KEY's value, once read
 
-    def refused(self, exc: BaseException, replay: Replay | None = None) -> None:
+    async def _dataset(self) -> str | None:
+        if self.dataset is None:
+            try:
+                with contextlib.suppress(redis.exceptions.ResponseError):  # writes refused
+                    await self.redis.set(DATASET_KEY, secrets.token_hex(8), nx=True)
+                value = await self.redis.get(DATASET_KEY)
+                self.dataset = value.decode() if isinstance(value, bytes) else value
+            except Exception as exc:  # Redis down: read again next time
+                log.debug("redis dataset id not read: %s", type(exc).__name__)
+        return self.dataset
+
+    def register(self, kind: str, executor: Executor) -> None:
+        """How to do a `kind` of deletion (again): `executor(user_id, arg)`, idempotent."""
+        self._executors[kind] = executor
+
+    def _fail(self, reason: str) -> None:
+        reason = reason.split("\n")[0][:200]
         if not self.failing:
-            log.error("Redis refuses writes; no session is accepted until it takes them "
-                      "again: %s", str(exc).split("\n")[0][:200])
+            log.error("no session is accepted until Redis takes writes and the refused "
+                      "deletions are done: %s", reason)
         self.failing = True
-        self.reason = str(exc).split("\n")[0][:200]
-        self._checked = time.monotonic()
-        if replay is not None:
-            self._pending.append(replay)
+        self.reason = reason
 
-    def succeeded(self) -> None:
-        """A write worked (the probe, /readyz): clear once the refused deletions are done."""
-        self._checked = time.monotonic()
-        if self.failing and not self._pending:
-            self.failing = False
-            log.warning("Redis takes writes again; sessions are accepted again")
+    async def refused(self, exc: BaseException, deletion: Deletion | None = None) -> None:
+        """Redis refused a write (`exc`); `deletion`, if given, is kept until it is done."""
+        self._fail(str(exc))
+        if deletion is not None and not await self._journal(deletion):
+            self._memory.append(deletion)
 
     def check(self) -> None:
-        """On every token check: cheap (a clock read) unless a probe is due."""
-        now = time.monotonic()
-        if now - self._checked >= self.PROBE_SECONDS and self._probe is None:
-            self._checked = now
-            self._probe = asyncio.ensure_future(self._run_probe())
+        """On every token check: one attribute read, no I/O."""
         if self.failing and not _ENDING_SESSIONS.get():
             raise WritesRefused(self.reason)
 
-    async def _run_probe(self) -> None:
+    # --- the background loop ----------------------------------------------------------
+
+    async def start(self) -> None:
+        """At start-up: the refused deletions left by any instance are done (if Redis takes
+        writes) before the first request; then the loop runs."""
+        await self._dataset()
+        await self.probe()
+        self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                            name="tessera-write-gate")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.PROBE_SECONDS)
+            try:
+                await self.probe()
+            except Exception:  # pragma: no cover - probe catches what it expects
+                log.exception("redis write probe failed")
+
+    async def probe(self) -> bool:
+        """One probe write; if Redis takes it, the refused deletions are done. True if
+        sessions are accepted now."""
         try:
             problem = await write_problem(self.redis)
-            if problem is not None:
-                self.refused(RuntimeError(problem))
-                return
-            while self._pending:  # replay the refused deletions, oldest first
-                replay = self._pending[0]
-                try:
-                    await replay()
-                except Exception as exc:
-                    if is_write_refusal(exc):
-                        self.refused(exc)
-                        return
-                    raise
-                self._pending.pop(0)
-            self.succeeded()
         except Exception as exc:  # Redis down: the token checks fail on their own (503)
             log.debug("redis write probe failed: %s", type(exc).__name__)
-        finally:
-            self._probe = None
+            return False
+        if problem is not None:
+            self._fail(problem)
+            return False
+        return await self.replay()
+
+    async def replay(self) -> bool:
+        """Do the refused deletions (this process's, then every instance's from the
+        database), oldest first; accept sessions again once none is left. True if so."""
+        async with self._lock:
+            try:
+                while self._memory:
+                    await self._do(self._memory[0])
+                    self._memory.pop(0)
+                while rows := await self._pending():
+                    self._fail("refused deletions are not done yet")
+                    for row_id, deletion in rows:
+                        await self._do(deletion)
+                        await self._purge(row_id)
+            except Exception as exc:
+                if is_write_refusal(exc):
+                    self._fail(str(exc))
+                elif self.failing:  # the database is down: stay closed
+                    log.warning("refused deletions not done yet: %s", type(exc).__name__)
+                else:
+                    log.debug("pending deletions not read: %s", type(exc).__name__)
+                return not self.failing
+            if self.failing:
+                self.failing = False
+                log.warning("Redis takes writes again and the refused deletions are done; "
+                            "sessions are accepted again")
+            return True
+
+    async def _do(self, deletion: Deletion) -> None:
+        executor = self._executors.get(deletion.kind)
+        if executor is None:
+            log.error("a refused deletion of unknown kind %r is dropped", deletion.kind)
+            return
+        await executor(deletion.user_id, deletion.arg)
+
+    # --- the database's copy ----------------------------------------------------------
+
+    async def _journal(self, deletion: Deletion) -> bool:
+        if self.db_factory is None:
+            return False
+        from tessera.stores.models import PendingDeletion
+
+        try:
+            async with asyncio.timeout(self.JOURNAL_TIMEOUT_SECONDS):
+                dataset = await self._dataset() or ""
+            async with asyncio.timeout(self.JOURNAL_TIMEOUT_SECONDS), self.db_factory() as db:
+                db.add(PendingDeletion(kind=deletion.kind, user_id=deletion.user_id,
+                                       arg=deletion.arg, redis=dataset))
+                await db.commit()
+            return True
+        except Exception as exc:
+            log.error("a refused deletion could not be written to the database; only this "
+                      "process keeps it (lost if it stops): %s", type(exc).__name__)
+            return False
+
+    async def _pending(self) -> list[tuple[int, Deletion]]:
+        if self.db_factory is None:
+            return []
+        from sqlmodel import col, or_, select
+
+        from tessera.stores.models import PendingDeletion
+
+        query = select(PendingDeletion)
+        dataset = await self._dataset()
+        if dataset is not None:  # else every row: doing another Redis's deletion is harmless
+            query = query.where(or_(col(PendingDeletion.redis) == dataset,
+                                    col(PendingDeletion.redis) == ""))
+        async with self.db_factory() as db:
+            rows = (await db.exec(query.order_by(col(PendingDeletion.id))
+                                  .limit(self.BATCH))).all()
+        return [(int(r.id), Deletion(r.kind, r.user_id, r.arg)) for r in rows
+                if r.id is not None]
+
+    async def _purge(self, row_id: int) -> None:
+        assert self.db_factory is not None
+        from sqlmodel import col, delete
+
+        from tessera.stores.models import PendingDeletion
+
+        async with self.db_factory() as db:
+            await db.exec(delete(PendingDeletion).where(col(PendingDeletion.id) == row_id))
+            await db.commit()

@@ -126,5 +126,25 @@ class AuditEvent(SQLModel, table=True):
     detail: str | None = Field(default=None, max_length=512)
 
 
+class PendingDeletion(SQLModel, table=True):
+    """A session deletion Redis refused (MISCONF on a full disk, READONLY, OOM), kept here
+    so that no instance accepts the session and whichever instance finds Redis writable
+    again does it, then deletes the row (stores/durability.py:WriteGate). Ids only.
+
+    `kind`: "session" (`arg` the sid), "sessions" (every session of the user, `arg` the sid
+    kept, if any), "profile" (the user's cached profile)."""
+
+    __tablename__ = "pending_deletions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16)
+    user_id: str = Field(max_length=32)
+    arg: str | None = Field(default=None, max_length=64)
+    # The Redis data set it was refused by (its `tessera:dataset` key; "" if unknown): done
+    # only by instances on that Redis.
+    redis: str = Field(default="", max_length=32)
+    created_at: datetime = _ts(default_factory=utcnow)
+
+
 # Tables of the features, registered with this metadata (Alembic reads it from here).
 from tessera.stores import events, mail, mfa  # noqa: E402,F401,I001

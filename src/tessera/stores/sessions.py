@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 from redis.asyncio.cluster import RedisCluster
 
-from tessera.stores.durability import WriteGate, is_write_refusal
+from tessera.stores.durability import DbFactory, Deletion, WriteGate, is_write_refusal
 from tessera.stores.memo import Memo
 from tessera.stores.redis import AnyRedis, ReadBatcher
 
@@ -151,12 +151,15 @@ def _decode(raw: str | bytes | None) -> SessionRecord | None:
 
 
 class SessionStore:
-    def __init__(self, redis: AnyRedis) -> None:
+    def __init__(self, redis: AnyRedis, db_factory: DbFactory | None = None) -> None:
         self.redis = redis
         self.reads = ReadBatcher(redis)
         self._records: Memo[str, SessionRecord] = Memo()  # raw record -> decoded (memo.py)
-        # Fails token checks closed while Redis refuses writes (stores/durability.py).
-        self.writes = WriteGate(redis)
+        # Fails token checks closed while Redis refuses writes, and keeps the refused
+        # deletions in the database until one instance does them (stores/durability.py).
+        self.writes = WriteGate(redis, db_factory)
+        self.writes.register("session", lambda user_id, sid: self._delete(user_id, sid or ""))
+        self.writes.register("sessions", self._delete_all)
         self._delete_listed = redis.register_script(_DELETE_LISTED)
         self._create = redis.register_script(_CREATE)
         self._delete_one = redis.register_script(_DELETE_ONE)
@@ -233,13 +236,13 @@ class SessionStore:
         return sorted(records, key=lambda r: r.created_at)
 
     async def delete(self, user_id: str, sid: str) -> bool:
-        """Delete one session. If Redis refuses the write (503), token checks fail closed
-        until it is done (WriteGate)."""
+        """Delete one session. If Redis refuses the write (503), the deletion is kept in the
+        database and no instance accepts a session until one has done it (WriteGate)."""
         try:
             return await self._delete(user_id, sid)
         except Exception as exc:
             if is_write_refusal(exc):
-                self.writes.refused(exc, lambda: self._delete(user_id, sid))
+                await self.writes.refused(exc, Deletion("session", user_id, sid))
             raise
 
     async def _delete(self, user_id: str, sid: str) -> bool:
@@ -256,7 +259,7 @@ class SessionStore:
             return await self._delete_all(user_id, keep_sid)
         except Exception as exc:
             if is_write_refusal(exc):
-                self.writes.refused(exc, lambda: self._delete_all(user_id, keep_sid))
+                await self.writes.refused(exc, Deletion("sessions", user_id, keep_sid))
             raise
 
     async def _delete_all(self, user_id: str, keep_sid: str | None) -> int:

@@ -122,6 +122,11 @@ class UsageRecorder:
         async with self._lock:  # a flush in flight writes before the caller deletes
             self._buffer = [e for e in self._buffer if e[0] != user_id]
 
+    @property
+    def pending(self) -> int:
+        """Events not written yet."""
+        return len(self._buffer)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="tessera-usage-flusher")
 
