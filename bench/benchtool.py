@@ -509,7 +509,7 @@ def cmd_mean_rps(a):
 def cmd_mint(a):
     """Open COUNT live sessions through tessera's own code, on the same database, Redis and
     secret as the server (same TESSERA_* environment): tessera.main.create_app()'s lifespan, then
-    tessera.domain.accounts.register_user() for fresh users and tessera.domain.accounts.open_session() (what login
+    tessera.domain.accounts.register_user() for fresh users and tessera.domain.accounts.Logins.open() (what login
     does after the password check) PER_USER times each, below tessera's cap on sessions per
     user. Only the logout scenario needs this: a login costs a bcrypt verify (~4/s per core),
     so real logins cannot supply thousands of sessions per run. The users get one real
@@ -543,7 +543,7 @@ def cmd_mint(a):
                 n = min(a.per_user, a.count - len(tokens))
                 epoch = await t.sessions.epoch(user.id)
                 issued = await asyncio.gather(*(
-                    accounts.open_session(t, user, "tessera-bench (minted)", epoch=epoch)
+                    t.logins.open(user, "tessera-bench (minted)", epoch=epoch)
                     for _ in range(n)))
                 tokens.extend(i.token for i in issued if i is not None)
         random.shuffle(tokens)

@@ -29,6 +29,7 @@ from tessera.api.docs import install_docs
 from tessera.api.lean import LeanRoutes
 from tessera.api.openapi import api_routes, install_openapi
 from tessera.config import Settings
+from tessera.domain.accounts import Erasure, Logins
 from tessera.domain.auth import TokenChecker
 from tessera.domain.events import EventWorker
 from tessera.domain.mail import MailWorker
@@ -49,6 +50,7 @@ from tessera.stores.durability import require_durable_redis
 from tessera.stores.keys import KeyCipher, KeyRing, derive_key
 from tessera.stores.ratelimit import AttemptLimiter
 from tessera.stores.redis import create_redis
+from tessera.stores.scrub import SnapshotScrubber
 from tessera.stores.sessions import SessionStore
 from tessera.stores.usage import UsageRecorder
 
@@ -107,6 +109,8 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
             await keys.ensure_key()
             token_key = derive_key(secret, b"token-hash")
             checker = TokenChecker(sessions, profiles, token_key, db_factory)
+            logins = Logins(settings, keys, sessions, token_key, metrics)
+            scrubber = SnapshotScrubber(redis)
             app.state.tessera = Tessera(
                 settings=settings, secret=secret, engine=engine, db_factory=db_factory,
                 redis=redis, sessions=sessions, keys=keys,
@@ -118,6 +122,9 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
                 token_key=token_key,
                 limiter=AttemptLimiter(redis, derive_key(secret, b"rate-limit")),
                 profiles=profiles, auth=checker, audit_trail=audit_trail, mail=mail,
+                scrubber=scrubber, logins=logins,
+                erasure=Erasure(settings, logins, profiles, usage, audit_trail, mail, engine,
+                                scrubber),
                 embedded_redis=embedded)
             edge.checker = checker
             usage.start()

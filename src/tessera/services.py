@@ -1,5 +1,9 @@
-"""What the lifespan builds once and hangs on `app.state.tessera`: small collaborators, each
-built once (`build_services`) and handed to the code that needs it."""
+"""What the lifespan builds once and hangs on `app.state.tessera`, and closes at shutdown.
+
+`Tessera` only holds the collaborators; it is handed to no route or domain function. A route
+names each collaborator it uses through its own small dependency (api/deps.py), and a domain
+function takes each as a parameter (or a purpose-built group that always travels together:
+`accounts.Logins`, `accounts.Erasure`). tests/test_layering.py keeps it that way."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tessera.config import Settings
+from tessera.domain.accounts import Erasure, Logins
 from tessera.domain.auth import TokenChecker
 from tessera.domain.mail import MailWorker
 from tessera.domain.policy import PolicyCache
@@ -45,12 +50,7 @@ class Tessera:
     auth: TokenChecker
     audit_trail: AuditTrail
     mail: MailWorker
+    scrubber: SnapshotScrubber  # rewrites Redis's files after an erasure (stores/scrub.py)
+    logins: Logins
+    erasure: Erasure
     embedded_redis: EmbeddedRedis | None = field(default=None)
-    _scrubber: SnapshotScrubber | None = field(default=None, repr=False)
-
-    @property
-    def scrubber(self) -> SnapshotScrubber:
-        """Rewrites Redis's files after an erasure (stores/scrub.py)."""
-        if self._scrubber is None:
-            self._scrubber = SnapshotScrubber(self.redis)
-        return self._scrubber

@@ -72,7 +72,7 @@ def _json(body: dict[str, Any], status: int = 200) -> JSONResponse:
 
 
 async def _check_password(t: Tessera, user: User, password: str, request: Request) -> None:
-    await confirm_attempt(t, user, request)
+    await confirm_attempt(t.settings, t.limiter, user, request)
     if not await accounts.verify_password(t.hasher, user, password_text(password)):
         raise Problem("wrong_password", "The current password is wrong.")
     await t.limiter.forgive("password-confirm", user.id, all_of_them=True)
@@ -208,7 +208,7 @@ async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep,
     /auth/login, and a TOTP code or a recovery code as `code`, or a passkey assertion as
     `challenge_id` + `credential`. Answers as login does (body and cookies). At most 5 wrong
     tries per mfa_token and 10 per account in the login window."""
-    check_origin(request, t)
+    check_origin(request, t.settings)
     state = await mfa.peek_mfa_token(t, body.mfa_token)
     if state is None:
         raise mfa.invalid_mfa_token()
@@ -239,7 +239,8 @@ async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep,
         raise Problem("account_inactive", "This account is deactivated.")
     await mfa.forgive_attempts(t, user_id)
     await accounts.audit(db, "login_mfa", user_id=user_id, outcome="ok")
-    return await login_response(request, t, db, user, mfa.full_amr(list(state["amr"]), earned))
+    return await login_response(request, db, t.settings, t.metrics, t.logins, t.csrf_key, user,
+                                mfa.full_amr(list(state["amr"]), earned))
 
 
 @router.post("/auth/passkey/options", tags=["auth"])
@@ -258,7 +259,7 @@ async def passkey_login(body: AssertionIn, request: Request, db: DbDep,
                         t: TesseraDep) -> JSONResponse:
     """Log in with a passkey alone. With user verification (PIN, biometrics) it counts as
     two factors: `amr` ["hwk", "user", "mfa"]. Answers as login does."""
-    check_origin(request, t)
+    check_origin(request, t.settings)
     assertion = await mfa.check_assertion(t, db, body.challenge_id, body.credential)
     if assertion is None:
         await accounts.audit(db, "login_passkey", outcome="failed")
@@ -276,4 +277,5 @@ async def passkey_login(body: AssertionIn, request: Request, db: DbDep,
         factors = await mfa.enrolled(db, user.id)
         if factors.totp:  # one factor here; the account asks for two: a code next
             raise await mfa.mfa_required(t, user, amr, factors, other_than="passkey")
-    return await login_response(request, t, db, user, amr)
+    return await login_response(request, db, t.settings, t.metrics, t.logins, t.csrf_key, user,
+                                amr)

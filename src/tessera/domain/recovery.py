@@ -17,7 +17,6 @@ from tessera.domain.accounts import (
     audit,
     email_key,
     find_by_email,
-    revoke_all_sessions,
     verify_password,
 )
 from tessera.errors import Problem
@@ -118,7 +117,7 @@ async def confirm_reset(t: Tessera, db: AsyncSession, token: str, new_password: 
     await db.commit()
     t.mail.wake()
     await t.profiles.invalidate(user.id)
-    await revoke_all_sessions(t, user.id, "password_reset")
+    await t.logins.revoke_all(user.id, "password_reset")
 
 
 # --- email change ----------------------------------------------------------------------------
