@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -20,6 +21,7 @@ from tessera.api.deps import (
     CurrentSession,
     CurrentUser,
     DbDep,
+    DbFactoryDep,
     HasherDep,
     LimiterDep,
     LoginsDep,
@@ -27,6 +29,7 @@ from tessera.api.deps import (
     MetricsDep,
     OptionalSession,
     PolicyDep,
+    ProfilesDep,
     SessionsDep,
     SettingsDep,
     TesseraDep,
@@ -40,9 +43,8 @@ from tessera.edge.privacy import forbid_tracking
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.metrics import Metrics
 from tessera.security.passwords import normalise_password
-from tessera.services import Tessera
 from tessera.stores.models import User
-from tessera.stores.ratelimit import ip_bucket
+from tessera.stores.ratelimit import AttemptLimiter, ip_bucket
 from tessera.timeutil import from_epoch
 
 log = logging.getLogger("tessera.auth")
@@ -259,12 +261,13 @@ _ACCEPTED = AcceptedOut(detail="If this address belongs to an account that can u
                                "mail is on its way.").model_dump()
 
 
-async def _mail_attempt(t: Tessera, request: Request, kind: str, email: str) -> None:
-    s = t.settings
-    await t.limiter.attempt([(f"{kind}-address", accounts.email_key(email),
-                              s.mail_max_per_address),
-                             (f"{kind}-ip", client_key(request), s.mail_max_per_ip)],
-                            s.mail_limit_window_seconds)
+async def _mail_attempt(settings: Settings, limiter: AttemptLimiter, request: Request,
+                        kind: str, email: str) -> None:
+    s = settings
+    await limiter.attempt([(f"{kind}-address", accounts.email_key(email),
+                            s.mail_max_per_address),
+                           (f"{kind}-ip", client_key(request), s.mail_max_per_ip)],
+                          s.mail_limit_window_seconds)
 
 
 def _accepted() -> JSONResponse:
@@ -273,49 +276,58 @@ def _accepted() -> JSONResponse:
 
 @router.post("/verify-email", status_code=204, response_class=Response,
              responses=problem_doc({400: "invalid_token"}))
-async def verify_email(body: TokenIn, db: DbDep, t: TesseraDep) -> Response:
+async def verify_email(body: TokenIn, db: DbDep, profiles: ProfilesDep) -> Response:
     """Confirm the address with the token from the verification mail."""
-    await recovery.verify_email(t, db, body.token)
+    await recovery.verify_email(db, profiles, body.token)
     return Response(status_code=204, headers=NO_STORE)
 
 
 @router.post("/verify-email/resend", status_code=202, response_model=AcceptedOut,
              responses=problem_doc({429: "too_many_attempts"}))
-async def resend_verification(body: AddressIn, request: Request, t: TesseraDep) -> JSONResponse:
+async def resend_verification(body: AddressIn, request: Request, settings: SettingsDep,
+                              limiter: LimiterDep, db_factory: DbFactoryDep,
+                              mail_worker: MailWorkerDep) -> JSONResponse:
     """202 whatever the address: a new mail only for an active, unverified account. The
     lookup runs apart from the request, so no timing says anything about the address."""
     email = str(body.email)
-    await _mail_attempt(t, request, "verify-resend", email)
-    t.mail.detach(_quietly(recovery.resend_verification, t, email))
+    await _mail_attempt(settings, limiter, request, "verify-resend", email)
+    mail_worker.detach(_quietly(partial(recovery.resend_verification, db_factory, settings,
+                                        mail_worker, email)))
     return _accepted()
 
 
 @router.post("/password-reset", status_code=202, response_model=AcceptedOut,
              responses=problem_doc({429: "too_many_attempts"}))
-async def password_reset(body: AddressIn, request: Request, t: TesseraDep) -> JSONResponse:
+async def password_reset(body: AddressIn, request: Request, settings: SettingsDep,
+                         limiter: LimiterDep, db_factory: DbFactoryDep,
+                         mail_worker: MailWorkerDep) -> JSONResponse:
     """202, the same body and time for any address (no hashing either way): a known active
     account gets a mail with a single-use link, the lookup and the mail done apart from the
     request."""
     email = str(body.email)
-    await _mail_attempt(t, request, "reset", email)
-    t.mail.detach(_quietly(recovery.request_reset, t, email))
+    await _mail_attempt(settings, limiter, request, "reset", email)
+    mail_worker.detach(_quietly(partial(recovery.request_reset, db_factory, settings,
+                                        mail_worker, email)))
     return _accepted()
 
 
 @router.post("/password-reset/confirm", status_code=204, response_class=Response,
              responses=problem_doc({400: "invalid_token", 401: "mfa_required",
                                     422: "validation_error"}))
-async def password_reset_confirm(body: ResetConfirmIn, db: DbDep, t: TesseraDep) -> Response:
+async def password_reset_confirm(body: ResetConfirmIn, db: DbDep, settings: SettingsDep,
+                                 hasher: HasherDep, mail_worker: MailWorkerDep,
+                                 profiles: ProfilesDep, logins: LoginsDep,
+                                 t: TesseraDep) -> Response:
     """The new password; every session of the user ends; not logged in."""
-    await recovery.confirm_reset(t, db, body.token, body.new_password, body.code)
+    await recovery.confirm_reset(db, settings, hasher, mail_worker, profiles, logins, t,
+                                 body.token, body.new_password, body.code)
     return Response(status_code=204, headers=NO_STORE)
 
 
-async def _quietly(work: Callable[[Tessera, str], Awaitable[None]], t: Tessera,
-                   email: str) -> None:
+async def _quietly(work: Callable[[], Awaitable[None]]) -> None:
     """Background work after a 202: a failure is logged by type only (no address)."""
     try:
-        await work(t, email)
+        await work()
     except Exception as exc:
         log.warning("mail request failed after the answer (%s)", type(exc).__name__)
 

@@ -154,31 +154,34 @@ _FACTOR_DOC = ("mfa_required (a second factor is enrolled and none came: send `c
                          **problem_doc({401: _FACTOR_DOC, 403: "invalid_credentials",
                                         409: "email_taken", 429: "too_many_attempts"})})
 async def update_me(request: Request, body: EmailChangeIn, user: CurrentUser, db: DbDep,
+                    settings: SettingsDep, limiter: LimiterDep, hasher: HasherDep,
+                    mail_worker: MailWorkerDep, profiles: ProfilesDep,
                     t: TesseraDep) -> JSONResponse:
     """Ask to change the email: 202 with `pending_email`, a confirmation mail to the new
     address (POST /me/email/confirm) and a notice to the old one; the email changes only
     once the new address is confirmed. Needs the current password and, where a factor is
     enrolled, a second factor."""
-    s = t.settings  # 409 email_taken tells whether an address has an account: limit it
-    await t.limiter.attempt([("email-change", user.id, s.email_change_max_per_user)],
-                            s.email_change_window_seconds)
-    await confirm_attempt(t.settings, t.limiter, user, request)
+    s = settings  # 409 email_taken tells whether an address has an account: limit it
+    await limiter.attempt([("email-change", user.id, s.email_change_max_per_user)],
+                          s.email_change_window_seconds)
+    await confirm_attempt(settings, limiter, user, request)
     requested = await recovery.request_email_change(
-        t, db, user, str(body.email), password_text(body.current_password),
+        db, settings, hasher, mail_worker, profiles, t, user, str(body.email),
+        password_text(body.current_password),
         factor={"code": body.code, "challenge_id": body.challenge_id,
                 "credential": body.credential})
-    await t.limiter.forgive("password-confirm", user.id, all_of_them=True)
+    await limiter.forgive("password-confirm", user.id, all_of_them=True)
     return JSONResponse(await fresh_view(db, user), status_code=202 if requested else 200,
                         headers=NO_STORE)
 
 
 @router.post("/email/confirm", responses=problem_doc({400: "invalid_token",
                                                        409: "email_taken"}))
-async def confirm_email(body: EmailTokenIn, db: DbDep, t: TesseraDep,
-                        response: Response) -> dict[str, Any]:
+async def confirm_email(body: EmailTokenIn, db: DbDep, settings: SettingsDep,
+                        profiles: ProfilesDep, response: Response) -> dict[str, Any]:
     """The token from the mail sent to the new address (no login needed): the email changes
     and is verified."""
-    user = await recovery.confirm_email_change(t, db, body.token)
+    user = await recovery.confirm_email_change(db, settings, profiles, body.token)
     response.headers.update(NO_STORE)
     return account_view(user, await consents.current_consents(db, user.id))
 
