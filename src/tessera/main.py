@@ -100,7 +100,8 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
         redis = create_redis(redis_url)
         if settings.redis_durability == "require":
             await require_durable_redis(redis)
-        keys = KeyRing(db_factory, KeyCipher(secret), ttl_seconds=settings.session_ttl_seconds,
+        cipher = KeyCipher(secret)
+        keys = KeyRing(db_factory, cipher, ttl_seconds=settings.session_ttl_seconds,
                        cache_seconds=settings.keys_cache_seconds)
         sessions = SessionStore(redis)
         profiles = ProfileCache(redis)
@@ -112,7 +113,8 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
             logins = Logins(settings, keys, sessions, token_key, metrics)
             scrubber = SnapshotScrubber(redis)
             app.state.tessera = Tessera(
-                settings=settings, secret=secret, engine=engine, db_factory=db_factory,
+                settings=settings, secret=secret, cipher=cipher, engine=engine,
+                db_factory=db_factory,
                 redis=redis, sessions=sessions, keys=keys,
                 hasher=PasswordHasher(
                     settings.bcrypt_rounds,
@@ -130,7 +132,7 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
             usage.start()
             audit_trail.start()
             mail.start()
-            app.state.events = EventWorker(db_factory, settings, KeyCipher(secret))
+            app.state.events = EventWorker(db_factory, settings, cipher)
             app.state.events.start()
             yield
         finally:

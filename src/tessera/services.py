@@ -22,7 +22,7 @@ from tessera.metrics import Metrics
 from tessera.ops.embedded import EmbeddedRedis
 from tessera.security.passwords import PasswordHasher
 from tessera.stores.audit import AuditTrail
-from tessera.stores.keys import KeyRing
+from tessera.stores.keys import KeyCipher, KeyRing
 from tessera.stores.ratelimit import AttemptLimiter
 from tessera.stores.redis import AnyRedis
 from tessera.stores.scrub import SnapshotScrubber
@@ -34,6 +34,7 @@ from tessera.stores.usage import UsageRecorder
 class Tessera:
     settings: Settings
     secret: bytes
+    cipher: KeyCipher  # encrypts what is stored secret: signing keys, webhook secrets
     engine: AsyncEngine
     db_factory: async_sessionmaker[AsyncSession]
     redis: AnyRedis

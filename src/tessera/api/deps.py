@@ -19,6 +19,7 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tessera.api.lean import require_service_key
 from tessera.config import Settings
 from tessera.domain.accounts import Erasure, Logins
 from tessera.domain.auth import Principal, check_csrf
@@ -31,7 +32,7 @@ from tessera.metrics import Metrics
 from tessera.security.passwords import PasswordHasher
 from tessera.services import Tessera
 from tessera.stores.audit import AuditTrail
-from tessera.stores.keys import KeyRing
+from tessera.stores.keys import KeyCipher, KeyRing
 from tessera.stores.models import User
 from tessera.stores.ratelimit import AttemptLimiter
 from tessera.stores.redis import AnyRedis
@@ -66,6 +67,7 @@ def _held(name: str) -> Any:
 SettingsDep = Annotated[Settings, _held("settings")]
 DbFactoryDep = Annotated[async_sessionmaker[AsyncSession], _held("db_factory")]
 EngineDep = Annotated[AsyncEngine, _held("engine")]
+CipherDep = Annotated[KeyCipher, _held("cipher")]
 RedisDep = Annotated[AnyRedis, _held("redis")]
 SessionsDep = Annotated[SessionStore, _held("sessions")]
 KeysDep = Annotated[KeyRing, _held("keys")]
@@ -80,6 +82,15 @@ AuditTrailDep = Annotated[AuditTrail, _held("audit_trail")]
 MailWorkerDep = Annotated[MailWorker, _held("mail")]
 LoginsDep = Annotated[Logins, _held("logins")]
 ErasureDep = Annotated[Erasure, _held("erasure")]
+
+
+async def service_caller(request: Request) -> None:
+    """The caller holds a service key (the revocation feed; introspection checks the same in
+    api/lean.py)."""
+    require_service_key(request.scope, request.app.state.tessera, {})
+
+
+ServiceCaller = Annotated[None, Depends(service_caller)]
 
 
 async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
