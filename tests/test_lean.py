@@ -306,3 +306,76 @@ def test_a_forked_worker_makes_its_own_visitor_and_request_ids() -> None:
     assert child_visitor != _visitor_ids.next()  # not the parent's next one
     assert child_request[:8] != mine[1][:8].encode()  # another prefix
     assert len(mine[0]) == 24 and mine[0] != child_visitor
+
+
+# --- the token check's memos (stores/memo.py): they save decoding, never answer stale ------
+
+
+def test_memo_is_bounded_by_size_and_age(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tessera.stores import memo as memo_module
+
+    now = [1000.0]
+    monkeypatch.setattr(memo_module.time, "monotonic", lambda: now[0])
+    m: memo_module.Memo[str, int] = memo_module.Memo(limit=3, max_age=60.0)
+    for i in range(3):
+        m.put(f"k{i}", i)
+    assert [m.get(f"k{i}") for i in range(3)] == [0, 1, 2]
+    m.put("k3", 3)  # full: starts over rather than growing
+    assert len(m) == 1 and m.get("k0") is None and m.get("k3") == 3
+    now[0] += 61  # every entry leaves memory within max_age of the memo's last start
+    assert m.get("k3") is None and len(m) == 0
+
+
+async def test_memoised_token_sees_every_change_and_the_logout(clients) -> None:
+    user, token = await registered_token(clients[0])
+    auth = bearer(token)
+    for _ in range(3):  # the token, its session record and the profile are memoised now
+        first = await fresh(clients, "GET", "/me", headers=auth)
+        assert first.status_code == 200
+        assert first.json()["consents"]["analytics"]["granted"] is False
+    put = await fresh(clients, "PUT", "/me/consents/analytics", headers=auth,
+                      json={"granted": True})
+    assert put.status_code == 200
+    changed = await fresh(clients, "GET", "/me", headers=auth)
+    assert changed.json()["consents"]["analytics"]["granted"] is True
+    restricted = await fresh(clients, "PUT", "/me/restrictions", headers=auth,
+                             json={"restrict_processing": True, "object_to_processing": False})
+    assert restricted.status_code == 200
+    after = await fresh(clients, "GET", "/me", headers=auth)
+    assert after.json()["restrictions"]["restrict_processing"] is True
+    assert after.headers["tk"] == "N"  # the memoised profile did not keep tracking on
+    active = await fresh(clients, "POST", "/auth/introspect", headers={**SERVICE, **FORM},
+                         content=f"token={token}")
+    assert active.json()["active"] is True
+    assert (await fresh(clients, "POST", "/auth/logout", headers=auth)).status_code == 204
+    assert (await fresh(clients, "GET", "/me", headers=auth)).status_code == 401
+    gone = await fresh(clients, "POST", "/auth/introspect", headers={**SERVICE, **FORM},
+                       content=f"token={token}")
+    assert gone.json() == {"active": False}
+
+
+async def test_requests_finding_the_policy_stale_share_one_load(apps) -> None:
+    """A burst of gated requests at the policy cache's expiry costs one load, not one each
+    (domain/policy.py PolicyCache); an invalidation is never answered by an older load."""
+    from sqlalchemy import event
+
+    t = apps[0].state.tessera
+    statements: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "policy_version" in statement.lower():
+            statements.append(statement)
+
+    event.listen(t.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        t.policy.invalidate()
+        states = await asyncio.gather(*(t.policy.get() for _ in range(20)))
+        loads = len(statements)
+        assert loads == 2  # load_policy_state's two queries, once for all twenty
+        assert all(s is states[0] for s in states)
+        t.policy.invalidate()
+        statements.clear()
+        await t.policy.get()
+        assert len(statements) == 2  # invalidated: loaded afresh
+    finally:
+        event.remove(t.engine.sync_engine, "before_cursor_execute", count)

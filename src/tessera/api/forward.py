@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.responses import Response
-from starlette.types import Receive, Scope
+from starlette.types import ASGIApp, Receive, Scope
 
 from tessera.edge.edge import principal_in
 from tessera.edge.privacy import TRACKING, attribute_usage
@@ -60,7 +60,7 @@ def original_request(scope: Scope, t: Tessera) -> tuple[str | None, str, str, st
     return ip, method[:16], uri.split("?", 1)[0].split("#", 1)[0], host
 
 
-async def check(scope: Scope, receive: Receive, t: Tessera) -> Response:
+async def check(scope: Scope, receive: Receive, t: Tessera) -> ASGIApp:
     """Forward auth: 200 with identity headers for a valid token (bearer or session cookie),
     else 401 `not_authenticated`."""
     principal = principal_in(scope, attribute=False)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tessera.api import forward
@@ -37,24 +37,42 @@ from tessera.services import Tessera
 
 log = logging.getLogger("tessera.lean")
 
-Handler = Callable[[Scope, Receive, Tessera], Awaitable[Response]]
+Handler = Callable[[Scope, Receive, Tessera], Awaitable[ASGIApp]]
 NO_STORE = {"Cache-Control": "no-store"}
 _JSON = "application/json"
 
 
-def _json(body: bytes, status: int = 200) -> Response:
-    return Response(body, status_code=status, media_type=_JSON, headers=NO_STORE)
+class _Json:
+    """A JSON answer as plain ASGI messages (what Starlette's Response sends for
+    `Response(body, media_type="application/json", headers=NO_STORE)`, headers in the same
+    order), without building a Response object per request."""
+
+    __slots__ = ("body", "status")
+
+    def __init__(self, body: bytes, status: int = 200) -> None:
+        self.body = body
+        self.status = status
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": [
+            (b"cache-control", b"no-store"), (b"content-length", b"%d" % len(self.body)),
+            (b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": self.body})
 
 
-async def get_me(scope: Scope, receive: Receive, t: Tessera) -> Response:
+def _json(body: bytes, status: int = 200) -> _Json:
+    return _Json(body, status)
+
+
+async def get_me(scope: Scope, receive: Receive, t: Tessera) -> ASGIApp:
     principal = principal_in(scope)
     if principal is None:
         raise not_authenticated()
     # Served from the profile cached in Redis: no database read on this hot path.
-    return _json(json.dumps(principal.profile.me).encode())
+    return _json(principal.profile.me_body)
 
 
-async def healthz(scope: Scope, receive: Receive, t: Tessera) -> Response:
+async def healthz(scope: Scope, receive: Receive, t: Tessera) -> ASGIApp:
     return _json(b'{"status":"ok"}')
 
 
@@ -106,7 +124,7 @@ def require_service_key(scope: Scope, t: Tessera, fields: dict[str, list[str]]) 
                                                        'Basic realm="tessera-services"'})
 
 
-async def introspect(scope: Scope, receive: Receive, t: Tessera) -> Response:
+async def introspect(scope: Scope, receive: Receive, t: Tessera) -> ASGIApp:
     """RFC 7662. Active while the session exists: the same check every endpoint makes."""
     body = await _read_body(receive)
     if body is None:
@@ -125,14 +143,15 @@ async def introspect(scope: Scope, receive: Receive, t: Tessera) -> Response:
     if principal is None:
         return _json(b'{"active":false}')
     raw = principal.claims
-    return JSONResponse({
+    # Rendered as Starlette's JSONResponse renders (compact, UTF-8), without building one.
+    return _json(json.dumps({
         "active": True, "sub": principal.user_id, "sid": principal.sid, "exp": raw.get("exp"),
         "iat": raw.get("iat"), "iss": raw.get("iss"), "aud": raw.get("aud"),
         "jti": raw.get("jti"), "token_type": "Bearer",
         "policy_accepted": not must_consent(principal.profile.policy_seq, await t.policy.get()),
         "amr": raw.get("amr", ["pwd"]), "auth_time": raw.get("auth_time", raw.get("iat")),
         "email_verified": bool(principal.profile.me.get("email_verified")),
-    }, headers=NO_STORE)
+    }, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode())
 
 
 ROUTES: dict[tuple[str, str], Handler] = {
@@ -177,7 +196,7 @@ class LeanRoutes:
                 return
         await self.app(scope, receive, send)
 
-    async def _answer(self, handler: Handler, scope: Scope, receive: Receive) -> Response:
+    async def _answer(self, handler: Handler, scope: Scope, receive: Receive) -> ASGIApp:
         try:
             return await handler(scope, receive, self.tessera())
         except Problem as problem:

@@ -19,7 +19,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tessera.domain.profiles import Profile, ProfileCache, build_profile, profile_key
 from tessera.errors import Problem
-from tessera.security.tokens import peek_claims, token_hash
+from tessera.security.tokens import UnverifiedClaims, peek_claims, token_hash
+from tessera.stores.memo import Memo
 from tessera.stores.models import User
 from tessera.stores.sessions import SessionRecord, SessionStore
 
@@ -65,18 +66,27 @@ class TokenChecker:
         self.profiles = profiles
         self.token_key = token_key
         self.db_factory = db_factory
+        # token -> its claims and keyed hash, both pure functions of the token (memo.py)
+        self._tokens: Memo[str, tuple[UnverifiedClaims, str]] = Memo()
 
     async def check(self, token: str, *, via_cookie: bool = False) -> Principal | None:
         """The principal of an active user's live session, or None."""
         if len(token) > MAX_TOKEN_LENGTH:
             return None
-        claims = peek_claims(token)
-        if claims is None:
-            return None
+        known = self._tokens.get(token)
+        if known is None:
+            claims = peek_claims(token)
+            if claims is None:
+                return None
+            digest = token_hash(self.token_key, token)
+        else:
+            claims, digest = known
         record, raw_profile = await self.sessions.check_with(
-            claims.sub, claims.sid, token_hash(self.token_key, token), profile_key(claims.sub))
+            claims.sub, claims.sid, digest, profile_key(claims.sub))
         if record is None:
             return None
+        if known is None:  # only tokens that passed: random ones cannot churn the memo
+            self._tokens.put(token, (claims, digest))
         profile = Profile.decode(raw_profile)
         if profile is None:
             profile = await self._load_profile(record)

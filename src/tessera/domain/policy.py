@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -36,23 +37,44 @@ async def load_policy_state(db: AsyncSession) -> PolicyState:
 
 
 class PolicyCache:
-    """Policy state cached for a moment: it is read by every gated request."""
+    """Policy state cached for a moment: it is read by every gated request. One load at a
+    time: requests that find the cache stale share the load in flight (a burst of requests
+    at expiry costs one query, not one each)."""
 
     def __init__(self, factory: async_sessionmaker[AsyncSession], ttl: float = 2.0) -> None:
         self._factory = factory
         self._ttl = ttl
         self._state: PolicyState | None = None
         self._at = 0.0
+        self._generation = 0  # moved by invalidate: a load begun before it stores nothing
+        self._loading: asyncio.Task[PolicyState] | None = None
 
     async def get(self) -> PolicyState:
-        if self._state is None or time.monotonic() - self._at > self._ttl:
+        state = self._state
+        if state is not None and time.monotonic() - self._at <= self._ttl:
+            return state
+        task = self._loading
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(self._generation))
+            self._loading = task
+        # shield: a request that goes away does not cancel the others' load
+        return await asyncio.shield(task)
+
+    async def _load(self, generation: int) -> PolicyState:
+        try:
             async with self._factory() as db:
-                self._state = await load_policy_state(db)
-            self._at = time.monotonic()
-        return self._state
+                state = await load_policy_state(db)
+            if generation == self._generation:
+                self._state, self._at = state, time.monotonic()
+            return state
+        finally:
+            if self._loading is asyncio.current_task():
+                self._loading = None
 
     def invalidate(self) -> None:
         self._state = None
+        self._generation += 1
+        self._loading = None  # the next get loads afresh rather than joining an older load
 
 
 def must_consent(policy_seq: int, state: PolicyState) -> bool:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tessera.domain import consents
 from tessera.stores.durability import WriteGate, is_write_refusal
+from tessera.stores.memo import Memo
 from tessera.stores.models import User
 from tessera.stores.redis import AnyRedis
 from tessera.timeutil import rfc3339
@@ -73,17 +75,33 @@ class Profile:
     def encode(self) -> str:
         return json.dumps(asdict(self))
 
+    @cached_property
+    def me_body(self) -> bytes:
+        """The GET /me body, rendered once per decoded profile (the memo keeps it)."""
+        return json.dumps(self.me).encode()
+
     @classmethod
     def decode(cls, raw: str | None) -> Profile | None:
         if raw is None:
             return None
+        known = _decoded.get(raw)
+        if known is not None:
+            return known
         try:
             value = json.loads(raw)
-            return cls(policy_seq=int(value["policy_seq"]), is_active=bool(value["is_active"]),
-                       is_admin=bool(value["is_admin"]),
-                       tracking_allowed=bool(value["tracking_allowed"]), me=dict(value["me"]))
+            profile = cls(policy_seq=int(value["policy_seq"]),
+                          is_active=bool(value["is_active"]), is_admin=bool(value["is_admin"]),
+                          tracking_allowed=bool(value["tracking_allowed"]),
+                          me=dict(value["me"]))
         except (ValueError, TypeError, KeyError, RecursionError):
             return None  # an older or damaged entry: rebuilt from the database
+        _decoded.put(raw, profile)
+        return profile
+
+
+# The cached profile as Redis holds it -> decoded (stores/memo.py): the token check reads the
+# same entry on every request until the user changes, which writes a new one.
+_decoded: Memo[str, Profile] = Memo()
 
 
 async def build_profile(db: AsyncSession, user: User) -> Profile:

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from redis.asyncio.cluster import RedisCluster
 
 from tessera.stores.durability import WriteGate, is_write_refusal
+from tessera.stores.memo import Memo
 from tessera.stores.redis import AnyRedis, ReadBatcher
 
 REVOCATION_CHANNEL = "tessera:revocations"
@@ -66,6 +67,22 @@ for i = 3, #KEYS do
   redis.call('ZREM', KEYS[1], ARGV[i])
 end
 return records
+"""
+
+# Deletes the session KEYS[1] and its entry ARGV[1] in the index KEYS[2]; if it existed,
+# publishes {"sid", "sub", "exp"} on the revocation channel ARGV[2]. Returns 1 or 0.
+_DELETE_ONE = """
+local raw = redis.call('GET', KEYS[1])
+local deleted = redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if deleted == 1 and raw then
+  local ok, record = pcall(cjson.decode, raw)
+  if ok and type(record) == 'table' and type(record.expires_at) == 'number' then
+    redis.call('PUBLISH', ARGV[2], string.format('{"sid":%s,"sub":%s,"exp":%d}',
+      cjson.encode(record.sid), cjson.encode(record.user_id), record.expires_at))
+  end
+end
+return deleted
 """
 
 # Writes the session KEYS[2] (record ARGV[2], TTL ARGV[3]) and indexes it in KEYS[3] (sid
@@ -128,10 +145,12 @@ class SessionStore:
     def __init__(self, redis: AnyRedis) -> None:
         self.redis = redis
         self.reads = ReadBatcher(redis)
+        self._records: Memo[str, SessionRecord] = Memo()  # raw record -> decoded (memo.py)
         # Fails token checks closed while Redis refuses writes (stores/durability.py).
         self.writes = WriteGate(redis)
         self._delete_listed = redis.register_script(_DELETE_LISTED)
         self._create = redis.register_script(_CREATE)
+        self._delete_one = redis.register_script(_DELETE_ONE)
 
     async def epoch(self, user_id: str) -> str:
         """The user's auth epoch: read before the credentials are checked, handed to `create`."""
@@ -174,8 +193,15 @@ class SessionStore:
         """`check`, reading one more key of the same user (same hash slot) in the same MGET."""
         self.writes.check()
         raw, extra = await self.reads.mget([_session_key(user_id, sid), also])
-        record = _decode(raw)
-        if (record is None or not hmac.compare_digest(record.token_hash, token_hash)
+        record = self._records.get(raw) if isinstance(raw, str) else None
+        if record is None:
+            record = _decode(raw)
+            if record is None:
+                return None, None
+            if record.user_id == user_id and record.sid == sid:
+                self._records.put(raw, record)
+        if (record.user_id != user_id or record.sid != sid
+                or not hmac.compare_digest(record.token_hash, token_hash)
                 or record.expires_at <= time.time()):
             return None, None
         return record, extra if isinstance(extra, str) else None
@@ -199,16 +225,11 @@ class SessionStore:
             raise
 
     async def _delete(self, user_id: str, sid: str) -> bool:
-        key = _session_key(user_id, sid)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.get(key)
-            pipe.delete(key)
-            pipe.zrem(_index_key(user_id), sid)
-            raw, deleted, _ = await pipe.execute()
-        record = _decode(raw)
-        if deleted and record is not None:
-            await self._publish([record])
-        return bool(deleted)
+        # One round trip: delete, unindex and tell the revocation feed (a logout is on the
+        # request's path, and each write round trip waits for Redis's fsync).
+        return bool(await self._delete_one(
+            keys=[_session_key(user_id, sid), _index_key(user_id)],
+            args=[sid, REVOCATION_CHANNEL]))
 
     async def delete_all(self, user_id: str, *, keep_sid: str | None = None) -> int:
         """Delete every session of the user (but `keep_sid`) and bump the user's epoch, in one
