@@ -33,6 +33,7 @@ from tessera.domain.accounts import Erasure, Logins
 from tessera.domain.auth import TokenChecker
 from tessera.domain.events import EventWorker
 from tessera.domain.mail import MailWorker
+from tessera.domain.mfa import SecondFactors
 from tessera.domain.policy import PolicyCache
 from tessera.domain.profiles import ProfileCache
 from tessera.edge.edge import Edge
@@ -48,6 +49,7 @@ from tessera.stores.audit import AuditTrail
 from tessera.stores.db import create_engine, session_factory
 from tessera.stores.durability import require_durable_redis
 from tessera.stores.keys import KeyCipher, KeyRing, derive_key
+from tessera.stores.mfa import SecretBox
 from tessera.stores.ratelimit import AttemptLimiter
 from tessera.stores.redis import create_redis
 from tessera.stores.scrub import SnapshotScrubber
@@ -112,6 +114,7 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
             checker = TokenChecker(sessions, profiles, token_key, db_factory)
             logins = Logins(settings, keys, sessions, token_key, metrics)
             scrubber = SnapshotScrubber(redis)
+            limiter = AttemptLimiter(redis, derive_key(secret, b"rate-limit"))
             app.state.tessera = Tessera(
                 settings=settings, secret=secret, cipher=cipher, engine=engine,
                 db_factory=db_factory,
@@ -122,11 +125,12 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
                 usage=usage, metrics=metrics,
                 policy=PolicyCache(db_factory), csrf_key=derive_key(secret, b"csrf"),
                 token_key=token_key,
-                limiter=AttemptLimiter(redis, derive_key(secret, b"rate-limit")),
+                limiter=limiter,
                 profiles=profiles, auth=checker, audit_trail=audit_trail, mail=mail,
                 scrubber=scrubber, logins=logins,
                 erasure=Erasure(settings, logins, profiles, usage, audit_trail, mail, engine,
                                 scrubber),
+                factors=SecondFactors(settings, redis, limiter, SecretBox(secret)),
                 embedded_redis=embedded)
             edge.checker = checker
             usage.start()

@@ -3,7 +3,9 @@
 `Tessera` only holds the collaborators; it is handed to no route or domain function. A route
 names each collaborator it uses through its own small dependency (api/deps.py), and a domain
 function takes each as a parameter (or a purpose-built group that always travels together:
-`accounts.Logins`, `accounts.Erasure`). tests/test_layering.py keeps it that way."""
+`accounts.Logins`, `accounts.Erasure`, `mfa.SecondFactors`). The lean handlers (api/lean.py)
+are handed the holder by their dispatcher. tests/test_layering.py keeps domain and stores
+code from ever seeing it."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from tessera.config import Settings
 from tessera.domain.accounts import Erasure, Logins
 from tessera.domain.auth import TokenChecker
 from tessera.domain.mail import MailWorker
+from tessera.domain.mfa import SecondFactors
 from tessera.domain.policy import PolicyCache
 from tessera.domain.profiles import ProfileCache
 from tessera.metrics import Metrics
@@ -54,4 +57,5 @@ class Tessera:
     scrubber: SnapshotScrubber  # rewrites Redis's files after an erasure (stores/scrub.py)
     logins: Logins
     erasure: Erasure
+    factors: SecondFactors
     embedded_redis: EmbeddedRedis | None = field(default=None)

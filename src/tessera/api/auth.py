@@ -30,9 +30,9 @@ from tessera.api.deps import (
     OptionalSession,
     PolicyDep,
     ProfilesDep,
+    SecondFactorsDep,
     SessionsDep,
     SettingsDep,
-    TesseraDep,
 )
 from tessera.api.schemas import LoginJSON, RegisterIn, SessionOut, TokenOut, UserOut
 from tessera.config import Settings
@@ -169,7 +169,8 @@ async def _read_credentials(request: Request) -> tuple[str, str]:
                                     429: "too_many_attempts"}))
 async def login(request: Request, db: DbDep, settings: SettingsDep, limiter: LimiterDep,
                 sessions: SessionsDep, hasher: HasherDep, metrics: MetricsDep,
-                logins: LoginsDep, csrf_key: CsrfKeyDep, t: TesseraDep) -> JSONResponse:
+                logins: LoginsDep, csrf_key: CsrfKeyDep,
+                factors: SecondFactorsDep) -> JSONResponse:
     check_origin(request, settings)
     email, password = await _read_credentials(request)
     s = settings
@@ -196,10 +197,10 @@ async def login(request: Request, db: DbDep, settings: SettingsDep, limiter: Lim
         metrics.logins.labels("unverified").inc()
         raise Problem("email_not_verified", "Confirm your email address first "
                       "(POST /auth/verify-email/resend sends a new link).")
-    factors = await mfa.enrolled(db, user.id)
-    if factors.any:  # the password was right; the second step needs the mfa_token
+    enrolled = await mfa.enrolled(db, user.id)
+    if enrolled.any:  # the password was right; the second step needs the mfa_token
         metrics.logins.labels("mfa_required").inc()
-        raise await mfa.mfa_required(t, user, ["pwd"], factors)
+        raise await mfa.mfa_required(factors, user, ["pwd"], enrolled)
     return await login_response(request, db, settings, metrics, logins, csrf_key, user, ["pwd"],
                                 epoch=epoch)
 
@@ -317,9 +318,9 @@ async def password_reset(body: AddressIn, request: Request, settings: SettingsDe
 async def password_reset_confirm(body: ResetConfirmIn, db: DbDep, settings: SettingsDep,
                                  hasher: HasherDep, mail_worker: MailWorkerDep,
                                  profiles: ProfilesDep, logins: LoginsDep,
-                                 t: TesseraDep) -> Response:
+                                 factors: SecondFactorsDep) -> Response:
     """The new password; every session of the user ends; not logged in."""
-    await recovery.confirm_reset(db, settings, hasher, mail_worker, profiles, logins, t,
+    await recovery.confirm_reset(db, settings, hasher, mail_worker, profiles, logins, factors,
                                  body.token, body.new_password, body.code)
     return Response(status_code=204, headers=NO_STORE)
 

@@ -24,6 +24,7 @@ from tessera.config import Settings
 from tessera.domain.accounts import Erasure, Logins
 from tessera.domain.auth import Principal, check_csrf
 from tessera.domain.mail import MailWorker
+from tessera.domain.mfa import SecondFactors
 from tessera.domain.policy import PolicyCache, must_consent
 from tessera.domain.profiles import ProfileCache
 from tessera.edge.edge import principal_in
@@ -40,15 +41,6 @@ from tessera.stores.sessions import SessionStore
 from tessera.stores.usage import UsageRecorder
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-
-
-async def get_tessera(request: Request) -> Tessera:
-    # async: FastAPI would run a plain `def` dependency in a worker thread, per request.
-    tessera: Tessera = request.app.state.tessera
-    return tessera
-
-
-TesseraDep = Annotated[Tessera, Depends(get_tessera)]
 
 
 def _held(name: str) -> Any:
@@ -82,6 +74,7 @@ AuditTrailDep = Annotated[AuditTrail, _held("audit_trail")]
 MailWorkerDep = Annotated[MailWorker, _held("mail")]
 LoginsDep = Annotated[Logins, _held("logins")]
 ErasureDep = Annotated[Erasure, _held("erasure")]
+SecondFactorsDep = Annotated[SecondFactors, _held("factors")]
 
 
 async def service_caller(request: Request) -> None:

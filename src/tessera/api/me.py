@@ -28,9 +28,9 @@ from tessera.api.deps import (
     MailWorkerDep,
     PolicyDep,
     ProfilesDep,
+    SecondFactorsDep,
     SessionsDep,
     SettingsDep,
-    TesseraDep,
     UsageDep,
 )
 from tessera.api.schemas import SafeStr, SecondFactorIn
@@ -156,7 +156,7 @@ _FACTOR_DOC = ("mfa_required (a second factor is enrolled and none came: send `c
 async def update_me(request: Request, body: EmailChangeIn, user: CurrentUser, db: DbDep,
                     settings: SettingsDep, limiter: LimiterDep, hasher: HasherDep,
                     mail_worker: MailWorkerDep, profiles: ProfilesDep,
-                    t: TesseraDep) -> JSONResponse:
+                    factors: SecondFactorsDep) -> JSONResponse:
     """Ask to change the email: 202 with `pending_email`, a confirmation mail to the new
     address (POST /me/email/confirm) and a notice to the old one; the email changes only
     once the new address is confirmed. Needs the current password and, where a factor is
@@ -166,7 +166,7 @@ async def update_me(request: Request, body: EmailChangeIn, user: CurrentUser, db
                           s.email_change_window_seconds)
     await confirm_attempt(settings, limiter, user, request)
     requested = await recovery.request_email_change(
-        db, settings, hasher, mail_worker, profiles, t, user, str(body.email),
+        db, settings, hasher, mail_worker, profiles, factors, user, str(body.email),
         password_text(body.current_password),
         factor={"code": body.code, "challenge_id": body.challenge_id,
                 "credential": body.credential})
@@ -191,11 +191,11 @@ async def confirm_email(body: EmailTokenIn, db: DbDep, settings: SettingsDep,
 async def change_password(request: Request, body: PasswordChangeIn, user: CurrentUser,
                           principal: CurrentSession, db: DbDep, settings: SettingsDep,
                           limiter: LimiterDep, hasher: HasherDep, mail_worker: MailWorkerDep,
-                          logins: LoginsDep, t: TesseraDep) -> Response:
+                          logins: LoginsDep, factors: SecondFactorsDep) -> Response:
     await confirm_attempt(settings, limiter, user, request)
 
     async def second_factor() -> None:
-        await mfa.require_second_factor(t, db, user, code=body.code,
+        await mfa.require_second_factor(db, factors, user, code=body.code,
                                         challenge_id=body.challenge_id,
                                         credential=body.credential)
 
@@ -257,11 +257,11 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, usage_recorder: Usage
                responses=problem_doc({401: _FACTOR_DOC, 403: "invalid_credentials"}))
 async def delete_me(request: Request, body: PasswordConfirmIn, user: CurrentUserAnyPolicy,
                     db: DbDep, settings: SettingsDep, limiter: LimiterDep, hasher: HasherDep,
-                    erasure: ErasureDep, t: TesseraDep) -> Response:
+                    factors: SecondFactorsDep, erasure: ErasureDep) -> Response:
     await confirm_attempt(settings, limiter, user, request)
     if not await accounts.verify_password(hasher, user, password_text(body.password)):
         raise Problem("wrong_password", "The password is wrong.")
-    await mfa.require_second_factor(t, db, user, code=body.code,
+    await mfa.require_second_factor(db, factors, user, code=body.code,
                                     challenge_id=body.challenge_id, credential=body.credential)
     await erasure.delete_account(db, user)
     attribute_usage(request.scope, "")  # nothing is logged for an account that is gone

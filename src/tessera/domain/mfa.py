@@ -14,7 +14,6 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,10 +38,11 @@ from webauthn.helpers.structs import (
 
 from tessera.config import Settings
 from tessera.errors import Problem
-from tessera.services import Tessera
 from tessera.stores import mfa as store
 from tessera.stores.keys import b64url, b64url_decode
 from tessera.stores.models import User
+from tessera.stores.ratelimit import AttemptLimiter
+from tessera.stores.redis import AnyRedis
 from tessera.timeutil import rfc3339
 
 TOTP_DIGITS = 6
@@ -50,13 +50,16 @@ TOTP_PERIOD = 30
 RECOVERY_CODES = 10
 
 
-@lru_cache(maxsize=8)
-def _box(secret: bytes) -> store.SecretBox:
-    return store.SecretBox(secret)
+@dataclass(frozen=True)
+class SecondFactors:
+    """What the second-factor rules use, built once: the settings (lifetimes, limits, the
+    relying party), Redis (single-use mfa_tokens and WebAuthn challenges), the attempt
+    limiter, and the box stored TOTP secrets and recovery codes are sealed with."""
 
-
-def secret_box(t: Tessera) -> store.SecretBox:
-    return _box(t.secret)
+    settings: Settings
+    redis: AnyRedis
+    limiter: AttemptLimiter
+    box: store.SecretBox
 
 
 def invalid_code() -> Problem:
@@ -140,31 +143,32 @@ def matching_step(secret: str, code: str, now: float | None = None) -> int | Non
     return found
 
 
-async def start_totp(t: Tessera, db: AsyncSession, user: User) -> dict[str, str]:
+async def start_totp(db: AsyncSession, factors: SecondFactors, user: User) -> dict[str, str]:
     existing = await store.get_totp(db, user.id)
     if existing is not None and existing.confirmed_at is not None:
         raise Problem("totp_already_enabled",
                       "TOTP is already active; disable it first to enrol a new authenticator.")
     secret = pyotp.random_base32()  # 160 bits, as RFC 4226 recommends for SHA-1
-    await store.put_pending_totp(db, user.id, secret_box(t).encrypt(secret, user.id))
+    await store.put_pending_totp(db, user.id, factors.box.encrypt(secret, user.id))
     uri = _totp(secret).provisioning_uri(name=user.email or user.id,
-                                         issuer_name=t.settings.mfa_issuer)
+                                         issuer_name=factors.settings.mfa_issuer)
     return {"secret": secret, "otpauth_uri": uri}
 
 
-async def confirm_totp(t: Tessera, db: AsyncSession, user: User, code: str) -> list[str]:
+async def confirm_totp(db: AsyncSession, factors: SecondFactors, user: User,
+                       code: str) -> list[str]:
     factor = await store.get_totp(db, user.id)
     if factor is None or factor.confirmed_at is not None:
         raise Problem("no_pending_totp", "Start a TOTP enrolment first (POST /me/mfa/totp).")
-    await count_attempt(t, user.id)
-    step = matching_step(secret_box(t).decrypt(factor.secret_enc, user.id), code)
+    await count_attempt(factors, user.id)
+    step = matching_step(factors.box.decrypt(factor.secret_enc, user.id), code)
     if step is None or not await store.confirm_totp(db, user.id, step):
         await db.rollback()
         raise Problem("invalid_enrolment_code", "The code is wrong or expired.")
     codes = store.new_recovery_codes(RECOVERY_CODES)
-    await store.replace_recovery_codes(db, secret_box(t), user.id, codes)
+    await store.replace_recovery_codes(db, factors.box, user.id, codes)
     await db.commit()
-    await forgive_attempts(t, user.id)
+    await forgive_attempts(factors, user.id)
     return codes
 
 
@@ -173,21 +177,23 @@ async def disable_totp(db: AsyncSession, user_id: str) -> None:
     await db.commit()
 
 
-async def regenerate_recovery_codes(t: Tessera, db: AsyncSession, user: User) -> list[str]:
+async def regenerate_recovery_codes(db: AsyncSession, factors: SecondFactors,
+                                    user: User) -> list[str]:
     codes = store.new_recovery_codes(RECOVERY_CODES)
-    await store.replace_recovery_codes(db, secret_box(t), user.id, codes)
+    await store.replace_recovery_codes(db, factors.box, user.id, codes)
     await db.commit()
     return codes
 
 
-async def check_code(t: Tessera, db: AsyncSession, user_id: str, code: str) -> list[str] | None:
+async def check_code(db: AsyncSession, factors: SecondFactors, user_id: str,
+                     code: str) -> list[str] | None:
     """Consume a TOTP code (a later time step than any accepted before) or an unused
     recovery code; the amr it earns, or None. Commits what it consumed."""
     if len(code) > 64:
         return None
     factor = await store.get_totp(db, user_id)
     if factor is not None and factor.confirmed_at is not None:
-        step = matching_step(secret_box(t).decrypt(factor.secret_enc, user_id), code)
+        step = matching_step(factors.box.decrypt(factor.secret_enc, user_id), code)
         if step is not None:
             if await store.accept_step(db, user_id, step):
                 await db.commit()
@@ -195,7 +201,7 @@ async def check_code(t: Tessera, db: AsyncSession, user_id: str, code: str) -> l
             await db.rollback()
             return None  # a replay within its window
     if len(store.normalise_code(code)) == 12 and await store.use_recovery_code(
-            db, secret_box(t), user_id, code):
+            db, factors.box, user_id, code):
         await db.commit()
         return ["otp"]
     await db.rollback()
@@ -204,18 +210,18 @@ async def check_code(t: Tessera, db: AsyncSession, user_id: str, code: str) -> l
 
 # --- attempt limits -----------------------------------------------------------------------
 
-async def count_attempt(t: Tessera, user_id: str, mfa_token: str | None = None) -> None:
+async def count_attempt(factors: SecondFactors, user_id: str, mfa_token: str | None = None) -> None:
     """Counted before the check: 5 per mfa_token, 10 per account and window (all instances)."""
-    s = t.settings
+    s = factors.settings
     if mfa_token is not None:
-        await t.limiter.attempt([("mfa-token", mfa_token, s.mfa_max_failures_per_token)],
-                                s.mfa_token_ttl_seconds)
-    await t.limiter.attempt([("mfa-account", user_id, s.mfa_max_failures_per_account)],
-                            s.login_failure_window_seconds)
+        await factors.limiter.attempt(
+            [("mfa-token", mfa_token, s.mfa_max_failures_per_token)], s.mfa_token_ttl_seconds)
+    await factors.limiter.attempt([("mfa-account", user_id, s.mfa_max_failures_per_account)],
+                                  s.login_failure_window_seconds)
 
 
-async def forgive_attempts(t: Tessera, user_id: str) -> None:
-    await t.limiter.forgive("mfa-account", user_id, all_of_them=True)
+async def forgive_attempts(factors: SecondFactors, user_id: str) -> None:
+    await factors.limiter.forgive("mfa-account", user_id, all_of_them=True)
 
 
 # --- the two-step login -------------------------------------------------------------------
@@ -229,33 +235,33 @@ def password_fingerprint(user: User) -> str:
     return hashlib.sha256((user.password_hash or "").encode()).hexdigest()[:32]
 
 
-async def mfa_required(t: Tessera, user: User, amr: list[str], state: Enrolled, *,
+async def mfa_required(factors: SecondFactors, user: User, amr: list[str], state: Enrolled, *,
                        other_than: str | None = None) -> Problem:
     """The first factor was right: a single-use token for the second step, in Redis."""
     mfa_token = secrets.token_urlsafe(32)
     record = {"uid": user.id, "amr": amr, "pw": password_fingerprint(user),
               "at": int(time.time())}
-    await t.redis.set(_token_key(mfa_token), json.dumps(record),
-                      ex=t.settings.mfa_token_ttl_seconds)
+    await factors.redis.set(_token_key(mfa_token), json.dumps(record),
+                            ex=factors.settings.mfa_token_ttl_seconds)
     return Problem("mfa_required", "A second factor is needed to finish logging in.",
                    extra={"mfa_token": mfa_token,
                           "methods": [m for m in state.methods if m != other_than],
-                          "expires_in": t.settings.mfa_token_ttl_seconds})
+                          "expires_in": factors.settings.mfa_token_ttl_seconds})
 
 
-async def peek_mfa_token(t: Tessera, mfa_token: str) -> dict[str, Any] | None:
+async def peek_mfa_token(factors: SecondFactors, mfa_token: str) -> dict[str, Any] | None:
     if not mfa_token or len(mfa_token) > 128:
         return None
-    raw = await t.redis.get(_token_key(mfa_token))
+    raw = await factors.redis.get(_token_key(mfa_token))
     if raw is None:
         return None
     record: dict[str, Any] = json.loads(raw)
     return record
 
 
-async def take_mfa_token(t: Tessera, mfa_token: str) -> bool:
+async def take_mfa_token(factors: SecondFactors, mfa_token: str) -> bool:
     """Single use: exactly one caller gets True (GETDEL)."""
-    return await t.redis.getdel(_token_key(mfa_token)) is not None
+    return await factors.redis.getdel(_token_key(mfa_token)) is not None
 
 
 def invalid_mfa_token() -> Problem:
@@ -265,7 +271,7 @@ def invalid_mfa_token() -> Problem:
 
 # --- second factor for sensitive changes --------------------------------------------------
 
-async def require_second_factor(t: Tessera, db: AsyncSession, user: User, *,
+async def require_second_factor(db: AsyncSession, factors: SecondFactors, user: User, *,
                                 code: str | None, challenge_id: str | None = None,
                                 credential: dict[str, Any] | None = None) -> None:
     """Where a factor is enrolled, a sensitive change needs one: a TOTP or recovery code, or
@@ -278,15 +284,16 @@ async def require_second_factor(t: Tessera, db: AsyncSession, user: User, *,
         raise Problem("mfa_required",
                       "This account has a second factor: send `code` (or a passkey assertion).",
                       extra={"methods": state.methods})
-    await count_attempt(t, user.id)
+    await count_attempt(factors, user.id)
     if credential is not None:
-        ok = await check_assertion(t, db, challenge_id, credential, user_id=user.id) is not None
+        ok = await check_assertion(db, factors, challenge_id, credential,
+                                   user_id=user.id) is not None
     else:
         assert code is not None
-        ok = await check_code(t, db, user.id, code) is not None
+        ok = await check_code(db, factors, user.id, code) is not None
     if not ok:
         raise invalid_code()
-    await forgive_attempts(t, user.id)
+    await forgive_attempts(factors, user.id)
 
 
 # --- WebAuthn -----------------------------------------------------------------------------
@@ -303,20 +310,21 @@ def _challenge_key(challenge_id: str) -> str:
     return "tessera:webauthn-challenge:" + hashlib.sha256(challenge_id.encode()).hexdigest()
 
 
-async def _new_challenge(t: Tessera, purpose: str, user_id: str | None) -> tuple[str, bytes]:
+async def _new_challenge(factors: SecondFactors, purpose: str,
+                         user_id: str | None) -> tuple[str, bytes]:
     challenge_id, challenge = secrets.token_urlsafe(24), secrets.token_bytes(32)
-    await t.redis.set(_challenge_key(challenge_id),
-                      json.dumps({"c": b64url(challenge), "p": purpose, "u": user_id}),
-                      ex=t.settings.webauthn_challenge_ttl_seconds)
+    await factors.redis.set(_challenge_key(challenge_id),
+                            json.dumps({"c": b64url(challenge), "p": purpose, "u": user_id}),
+                            ex=factors.settings.webauthn_challenge_ttl_seconds)
     return challenge_id, challenge
 
 
-async def _take_challenge(t: Tessera, challenge_id: str | None, purpose: str,
+async def _take_challenge(factors: SecondFactors, challenge_id: str | None, purpose: str,
                           user_id: str | None) -> bytes | None:
     """Single use (GETDEL), short-lived, for one purpose (and one user when registering)."""
     if not challenge_id or len(challenge_id) > 128:
         return None
-    raw = await t.redis.getdel(_challenge_key(challenge_id))
+    raw = await factors.redis.getdel(_challenge_key(challenge_id))
     if raw is None:
         return None
     record = json.loads(raw)
@@ -331,15 +339,16 @@ def _transports(raw: str | None) -> list[AuthenticatorTransport] | None:
     return out or None
 
 
-async def registration_options(t: Tessera, db: AsyncSession, user: User) -> dict[str, Any]:
-    rp_id, _ = relying_party(t.settings)
+async def registration_options(db: AsyncSession, factors: SecondFactors,
+                               user: User) -> dict[str, Any]:
+    rp_id, _ = relying_party(factors.settings)
     handle = await store.webauthn_handle(db, user.id, create=True)
     assert handle is not None
-    challenge_id, challenge = await _new_challenge(t, "register", user.id)
+    challenge_id, challenge = await _new_challenge(factors, "register", user.id)
     options = generate_registration_options(
-        rp_id=rp_id, rp_name=t.settings.webauthn_rp_name,
+        rp_id=rp_id, rp_name=factors.settings.webauthn_rp_name,
         user_id=b64url_decode(handle), user_name=user.email or "tessera user",
-        challenge=challenge, timeout=t.settings.webauthn_challenge_ttl_seconds * 1000,
+        challenge=challenge, timeout=factors.settings.webauthn_challenge_ttl_seconds * 1000,
         authenticator_selection=AuthenticatorSelectionCriteria(
             resident_key=ResidentKeyRequirement.REQUIRED,  # discoverable: log in without email
             user_verification=UserVerificationRequirement.PREFERRED),
@@ -354,12 +363,12 @@ def invalid_credential(detail: str = "The passkey could not be verified.") -> Pr
     return Problem("invalid_credential", detail)
 
 
-async def register_passkey(t: Tessera, db: AsyncSession, user: User, challenge_id: str,
+async def register_passkey(db: AsyncSession, factors: SecondFactors, user: User, challenge_id: str,
                            credential: dict[str, Any], name: str) -> store.Passkey:
-    challenge = await _take_challenge(t, challenge_id, "register", user.id)
+    challenge = await _take_challenge(factors, challenge_id, "register", user.id)
     if challenge is None:
         raise invalid_credential("The challenge is unknown, used or expired.")
-    rp_id, origins = relying_party(t.settings)
+    rp_id, origins = relying_party(factors.settings)
     try:  # the library raises several types for malformed input; each is a bad credential
         verified = verify_registration_response(
             credential=credential, expected_challenge=challenge, expected_rp_id=rp_id,
@@ -384,12 +393,12 @@ async def register_passkey(t: Tessera, db: AsyncSession, user: User, challenge_i
     return key
 
 
-async def authentication_options(t: Tessera) -> dict[str, Any]:
-    rp_id, _ = relying_party(t.settings)
-    challenge_id, challenge = await _new_challenge(t, "authenticate", None)
+async def authentication_options(factors: SecondFactors) -> dict[str, Any]:
+    rp_id, _ = relying_party(factors.settings)
+    challenge_id, challenge = await _new_challenge(factors, "authenticate", None)
     options = generate_authentication_options(
         rp_id=rp_id, challenge=challenge,
-        timeout=t.settings.webauthn_challenge_ttl_seconds * 1000,
+        timeout=factors.settings.webauthn_challenge_ttl_seconds * 1000,
         user_verification=UserVerificationRequirement.PREFERRED)
     return {**json.loads(options_to_json(options)), "challenge_id": challenge_id}
 
@@ -400,12 +409,12 @@ class Assertion:
     amr: list[str]
 
 
-async def check_assertion(t: Tessera, db: AsyncSession, challenge_id: str | None,
+async def check_assertion(db: AsyncSession, factors: SecondFactors, challenge_id: str | None,
                           credential: dict[str, Any], *,
                           user_id: str | None = None) -> Assertion | None:
     """A passkey assertion over a fresh challenge by a registered passkey (of `user_id`, when
     given); the sign counter moves on. None for anything else."""
-    challenge = await _take_challenge(t, challenge_id, "authenticate", None)
+    challenge = await _take_challenge(factors, challenge_id, "authenticate", None)
     if challenge is None:
         return None
     try:
@@ -419,7 +428,7 @@ async def check_assertion(t: Tessera, db: AsyncSession, challenge_id: str | None
     if handle is not None and b64url(handle) != await store.webauthn_handle(
             db, key.user_id, create=False):
         return None
-    rp_id, origins = relying_party(t.settings)
+    rp_id, origins = relying_party(factors.settings)
     try:
         verified = verify_authentication_response(
             credential=parsed, expected_challenge=challenge, expected_rp_id=rp_id,

@@ -23,10 +23,10 @@ from tessera.domain.accounts import (
     verify_password,
 )
 from tessera.domain.mail import MailWorker
+from tessera.domain.mfa import SecondFactors
 from tessera.domain.profiles import ProfileCache
 from tessera.errors import Problem
 from tessera.security.passwords import PasswordHasher
-from tessera.services import Tessera
 from tessera.stores import mail as store
 from tessera.stores.mail import MailToken
 from tessera.stores.models import User, utcnow
@@ -99,7 +99,8 @@ async def request_reset(db_factory: async_sessionmaker[AsyncSession], settings: 
 
 async def confirm_reset(db: AsyncSession, settings: Settings, hasher: PasswordHasher,
                         mail_worker: MailWorker, profiles: ProfileCache, logins: Logins,
-                        t: Tessera, token: str, new_password: str, code: str | None) -> None:
+                        factors: SecondFactors, token: str, new_password: str,
+                        code: str | None) -> None:
     """A valid token sets the new password; every session and every reset token of the user
     end; a notice goes to the address. No login follows."""
     row = await store.find_token(db, token, "reset")
@@ -109,7 +110,7 @@ async def confirm_reset(db: AsyncSession, settings: Settings, hasher: PasswordHa
     # alone does not take it over. Nothing changes before both are right.
     from tessera.domain.mfa import require_second_factor
 
-    await require_second_factor(t, db, user, code=code)
+    await require_second_factor(db, factors, user, code=code)
     new_hash = await hasher.hash(new_password)
     if not await store.use_token(db, row):  # another request used it meanwhile
         await db.rollback()
@@ -132,7 +133,8 @@ async def confirm_reset(db: AsyncSession, settings: Settings, hasher: PasswordHa
 # --- email change ----------------------------------------------------------------------------
 
 async def request_email_change(db: AsyncSession, settings: Settings, hasher: PasswordHasher,
-                               mail_worker: MailWorker, profiles: ProfileCache, t: Tessera,
+                               mail_worker: MailWorker, profiles: ProfileCache,
+                               factors: SecondFactors,
                                user: User, new_email: str, password: str,
                                factor: dict[str, Any] | None = None) -> bool:
     """True when a change was requested (mails queued); False for the address it has now.
@@ -144,7 +146,7 @@ async def request_email_change(db: AsyncSession, settings: Settings, hasher: Pas
         return False
     from tessera.domain.mfa import require_second_factor
 
-    await require_second_factor(t, db, user, **(factor or {"code": None}))
+    await require_second_factor(db, factors, user, **(factor or {"code": None}))
     if await find_by_email(db, new_email) is not None:
         raise email_taken()
     await mail.queue_email_change(db, settings, user, new_email)
