@@ -592,7 +592,7 @@ def cmd_mean_rps(a):
 def cmd_mint(a):
     """Open COUNT live sessions through tessera's own code, on the same database, Redis and
     secret as the server (same TESSERA_* environment): tessera.main.create_app()'s lifespan, then
-    tessera.domain.accounts.register_user() for fresh users and tessera.domain.accounts.open_session() (what login
+    tessera.domain.accounts.register_user() for fresh users and tessera.domain.accounts.Logins.open() (what login
     does after the password check) PER_USER times each, below tessera's cap on sessions per
     user. Only the logout scenario needs this: a login costs a bcrypt verify (~4/s per core),
     so real logins cannot supply thousands of sessions per run. The users get one real
@@ -626,7 +626,7 @@ def cmd_mint(a):
                 n = min(a.per_user, a.count - len(tokens))
                 epoch = await t.sessions.epoch(user.id)
                 issued = await asyncio.gather(*(
-                    accounts.open_session(t, user, "tessera-bench (minted)", epoch=epoch)
+                    t.logins.open(user, "tessera-bench (minted)", epoch=epoch)
                     for _ in range(n)))
                 tokens.extend(i.token for i in issued if i is not None)
         random.shuffle(tokens)
@@ -710,11 +710,11 @@ async def _mint_totp_users(t, password: str, count: int, tag: str) -> list[tuple
             user = await accounts.register_user(
                 db, OneHash(), email=f"bench-totp-{tag}-{i}@example.com",  # type: ignore[arg-type]
                 password=password, policy=policy, accepted_policy=True)
-            secret = (await dmfa.start_totp(t, db, user))["secret"]
+            secret = (await dmfa.start_totp(db, t.factors, user))["secret"]
             for attempt in (1, 2):
                 previous = pyotp.TOTP(secret).at(time.time() - dmfa.TOTP_PERIOD)
                 try:
-                    await dmfa.confirm_totp(t, db, user, previous)
+                    await dmfa.confirm_totp(db, t.factors, user, previous)
                     break
                 except Problem as problem:  # a step boundary passed since `previous`
                     if problem.code != "invalid_code" or attempt == 2:
@@ -752,7 +752,7 @@ def cmd_mint_totp(a):
             for user, secret in users:
                 async with t.db_factory() as db:
                     state = await dmfa.enrolled(db, user.id)
-                problem = await dmfa.mfa_required(t, user, ["pwd"], state)
+                problem = await dmfa.mfa_required(t.factors, user, ["pwd"], state)
                 totp = pyotp.TOTP(secret)
                 codes = [totp.at(s * dmfa.TOTP_PERIOD)
                          for s in range(first, first + TOTP_HORIZON_STEPS)]
@@ -886,7 +886,7 @@ def cmd_floor_totp(a):
             ((user, secret),) = await _mint_totp_users(t, "floor-totp-password-0",
                                                        1, "floor-" + _secrets.token_hex(4))
             totp = pyotp.TOTP(secret)
-            box = dmfa.secret_box(t)
+            box = t.factors.box
             async with t.db_factory() as db:
                 enc = (await store.get_totp(db, user.id)).secret_enc  # type: ignore[union-attr]
             step = int(time.time() // dmfa.TOTP_PERIOD) + 1

@@ -309,7 +309,7 @@ fi
 
 if want logout; then
 say "POST /auth/logout (each request spends a fresh session)"
-# Sessions come from tessera's own register_user/open_session (benchtool.py mint), as logins
+# Sessions come from tessera's own register_user/Logins.open (benchtool.py mint), as logins
 # would make them without the bcrypt verify: logins alone (~4/s) cannot feed a logout flood.
 bt background --label logout --results "$RESULTS" --cpu "$SERVER_CPU"
 $PIN_L "$PY" "$HERE/benchtool.py" mint --password "$BENCH_PASSWORD" --count 3000 \

@@ -120,7 +120,6 @@ async def test_reactivation_ends_a_session_that_raced_the_deactivation(
         app: FastAPI, client: httpx.AsyncClient) -> None:
     """Belt and braces: a session that somehow outlived a deactivation (written straight to
     Redis here) does not come back to life with the account."""
-    from tessera.domain import accounts
 
     user, token = await registered_token(client)
     admin_user, admin = await registered_token(client)
@@ -132,8 +131,7 @@ async def test_reactivation_ends_a_session_that_raced_the_deactivation(
     async with t.db_factory() as db:
         row = await db.get(User, user["id"])
         assert row is not None
-        issued = await accounts.open_session(t, row, None,
-                                             epoch=await t.sessions.epoch(user["id"]))
+        issued = await t.logins.open(row, None, epoch=await t.sessions.epoch(user["id"]))
     assert issued is not None
     assert (await client.get("/me", headers=bearer(issued.token))).status_code == 401
     assert (await client.post(f"/admin/users/{user['id']}/reactivate",

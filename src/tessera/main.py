@@ -30,9 +30,11 @@ from tessera.api.docs import install_docs
 from tessera.api.lean import LeanRoutes
 from tessera.api.openapi import api_routes, install_openapi
 from tessera.config import Settings
+from tessera.domain.accounts import Erasure, Logins
 from tessera.domain.auth import TokenChecker
 from tessera.domain.events import EventWorker
 from tessera.domain.mail import MailWorker
+from tessera.domain.mfa import SecondFactors
 from tessera.domain.policy import PolicyCache
 from tessera.domain.profiles import ProfileCache
 from tessera.edge.edge import Edge
@@ -48,9 +50,11 @@ from tessera.stores.audit import AuditTrail
 from tessera.stores.db import create_engine, session_factory
 from tessera.stores.durability import require_durable_redis
 from tessera.stores.keys import KeyCipher, KeyRing, derive_key
+from tessera.stores.mfa import SecretBox
 from tessera.stores.ratelimit import AttemptLimiter
 from tessera.stores.redis import create_redis
 from tessera.stores.reserve import DiskReserve, is_disk_full, reserve_for
+from tessera.stores.scrub import SnapshotScrubber
 from tessera.stores.sessions import SessionStore
 from tessera.stores.usage import UsageRecorder
 
@@ -133,7 +137,8 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
             reserve.ensure()  # room for the shutdown flush on a full disk
         if settings.redis_durability == "require":
             await require_durable_redis(redis)
-        keys = KeyRing(db_factory, KeyCipher(secret), ttl_seconds=settings.session_ttl_seconds,
+        cipher = KeyCipher(secret)
+        keys = KeyRing(db_factory, cipher, ttl_seconds=settings.session_ttl_seconds,
                        cache_seconds=settings.keys_cache_seconds)
         sessions = SessionStore(redis, db_factory)
         profiles = ProfileCache(redis)
@@ -144,8 +149,12 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
             await sessions.writes.start()
             token_key = derive_key(secret, b"token-hash")
             checker = TokenChecker(sessions, profiles, token_key, db_factory)
+            logins = Logins(settings, keys, sessions, token_key, metrics)
+            scrubber = SnapshotScrubber(redis)
+            limiter = AttemptLimiter(redis, derive_key(secret, b"rate-limit"))
             app.state.tessera = Tessera(
-                settings=settings, secret=secret, engine=engine, db_factory=db_factory,
+                settings=settings, secret=secret, cipher=cipher, engine=engine,
+                db_factory=db_factory,
                 redis=redis, sessions=sessions, keys=keys,
                 hasher=PasswordHasher(
                     settings.bcrypt_rounds,
@@ -153,14 +162,18 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
                 usage=usage, metrics=metrics,
                 policy=PolicyCache(db_factory), csrf_key=derive_key(secret, b"csrf"),
                 token_key=token_key,
-                limiter=AttemptLimiter(redis, derive_key(secret, b"rate-limit")),
+                limiter=limiter,
                 profiles=profiles, auth=checker, audit_trail=audit_trail, mail=mail,
+                scrubber=scrubber, logins=logins,
+                erasure=Erasure(settings, logins, profiles, usage, audit_trail, mail, engine,
+                                scrubber),
+                factors=SecondFactors(settings, redis, limiter, SecretBox(secret)),
                 embedded_redis=embedded)
             edge.checker = checker
             usage.start()
             audit_trail.start()
             mail.start()
-            app.state.events = EventWorker(db_factory, settings, KeyCipher(secret))
+            app.state.events = EventWorker(db_factory, settings, cipher)
             app.state.events.start()
             yield
         finally:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sqlmodel import col, select
 
-from tessera.api.deps import AdminUser, DbDep, TesseraDep
+from tessera.api.deps import AdminUser, DbDep, ErasureDep, LoginsDep, PolicyDep, ProfilesDep
 from tessera.api.me import privacy_request_view
 from tessera.api.schemas import SafeStr
 from tessera.domain import accounts, privacy_requests
@@ -65,14 +65,17 @@ async def find_users(admin: AdminUser, db: DbDep, response: Response,
 
 
 @router.post("/users/{user_id}/minor", status_code=204, response_class=Response)
-async def mark_minor(user_id: UserId, admin: AdminUser, db: DbDep, t: TesseraDep) -> Response:
-    await accounts.erase_minor(t, db, await _target(db, user_id), actor_id=admin.id)
+async def mark_minor(user_id: UserId, admin: AdminUser, db: DbDep,
+                     erasure: ErasureDep) -> Response:
+    await erasure.erase_minor(db, await _target(db, user_id), actor_id=admin.id)
     return Response(status_code=204)
 
 
 @router.post("/users/{user_id}/reactivate", status_code=204, response_class=Response)
-async def reactivate(user_id: UserId, admin: AdminUser, db: DbDep, t: TesseraDep) -> Response:
-    await accounts.reactivate(t, db, await _target(db, user_id), actor_id=admin.id)
+async def reactivate(user_id: UserId, admin: AdminUser, db: DbDep, profiles: ProfilesDep,
+                     logins: LoginsDep) -> Response:
+    await accounts.reactivate(db, profiles, logins, await _target(db, user_id),
+                              actor_id=admin.id)
     return Response(status_code=204)
 
 
@@ -100,9 +103,9 @@ async def close_privacy_request(request_id: Annotated[str, Path(max_length=64)],
 
 @router.post("/policy", status_code=201, responses=problem_doc({409: "version_exists"}))
 async def new_policy(body: PolicyIn, admin: AdminUser, db: DbDep,
-                     t: TesseraDep) -> dict[str, Any]:
+                     policies: PolicyDep) -> dict[str, Any]:
     row = await publish_policy(db, body.version, body.substantial)
-    t.policy.invalidate()
+    policies.invalidate()
     await accounts.audit(db, "policy_published", actor_id=admin.id, detail=body.version)
     return {"version": row.version, "last_updated": rfc3339(row.published_at),
             "substantial": row.substantial}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -14,16 +15,36 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.responses import JSONResponse
 
 from tessera.api.cookies import clear_login_cookies, set_login_cookies
-from tessera.api.deps import CurrentSession, CurrentUser, DbDep, OptionalSession, TesseraDep
+from tessera.api.deps import (
+    AuditTrailDep,
+    CsrfKeyDep,
+    CurrentSession,
+    CurrentUser,
+    DbDep,
+    DbFactoryDep,
+    HasherDep,
+    LimiterDep,
+    LoginsDep,
+    MailWorkerDep,
+    MetricsDep,
+    OptionalSession,
+    PolicyDep,
+    ProfilesDep,
+    SecondFactorsDep,
+    SessionsDep,
+    SettingsDep,
+)
 from tessera.api.schemas import LoginJSON, RegisterIn, SessionOut, TokenOut, UserOut
+from tessera.config import Settings
 from tessera.domain import accounts, mail, mfa, recovery
+from tessera.domain.accounts import Logins
 from tessera.domain.auth import csrf_token_for
 from tessera.edge.privacy import forbid_tracking
 from tessera.errors import Problem, problem_doc, problem_responses
+from tessera.metrics import Metrics
 from tessera.security.passwords import normalise_password
-from tessera.services import Tessera
 from tessera.stores.models import User
-from tessera.stores.ratelimit import ip_bucket
+from tessera.stores.ratelimit import AttemptLimiter, ip_bucket
 from tessera.timeutil import from_epoch
 
 log = logging.getLogger("tessera.auth")
@@ -36,14 +57,14 @@ router = APIRouter(
 NO_STORE = {"Cache-Control": "no-store"}
 
 
-def check_origin(request: Request, t: Tessera) -> None:
+def check_origin(request: Request, settings: Settings) -> None:
     """Login CSRF: a browser page on a foreign site must not log its visitor in (or register
     them) as someone else. Pages on tessera's own origin or on a CORS-allowed one may."""
     origin = request.headers.get("origin")
     cross_site = request.headers.get("sec-fetch-site") == "cross-site"
     if origin is None and not cross_site:
         return  # not a browser, or a same-origin navigation
-    if origin is not None and origin in t.settings.cors_origins:
+    if origin is not None and origin in settings.cors_origins:
         return
     if origin is not None and not cross_site:
         host = request.headers.get("host", "")
@@ -62,23 +83,24 @@ def client_key(request: Request) -> str:
              responses=problem_doc({409: "email_taken or policy_outdated",
                                     422: "underage or validation_error"}))
 async def register(body: RegisterIn, request: Request, response: Response, db: DbDep,
-                   t: TesseraDep) -> UserOut:
+                   settings: SettingsDep, policies: PolicyDep, limiter: LimiterDep,
+                   hasher: HasherDep, mail_worker: MailWorkerDep) -> UserOut:
     if body.is_adult is not True:
         raise Problem("underage", "tessera accepts no users under 18: is_adult must be true.",
                       extra={"errors": [{"loc": ["body", "is_adult"], "msg": "must be true"}]})
-    policy = await t.policy.get()
+    policy = await policies.get()
     if body.policy_version is not None and body.policy_version != policy.current.version:
         raise Problem("policy_outdated", "That is not the current policy version.",
                       extra={"current_version": policy.current.version})
-    s = t.settings
-    check_origin(request, t)
-    await t.limiter.attempt([("register-ip", client_key(request), s.register_max_per_ip)],
-                            s.register_window_seconds)
+    s = settings
+    check_origin(request, settings)
+    await limiter.attempt([("register-ip", client_key(request), s.register_max_per_ip)],
+                          s.register_window_seconds)
     user = await accounts.register_user(
-        db, t.hasher, email=str(body.email), password=body.password, policy=policy,
+        db, hasher, email=str(body.email), password=body.password, policy=policy,
         accepted_policy=body.policy_version is not None,
-        on_create=lambda db, user: mail.queue_verification(db, t.settings, user))
-    t.mail.wake()
+        on_create=lambda db, user: mail.queue_verification(db, settings, user))
+    mail_worker.wake()
     await accounts.audit(db, "register", user_id=user.id, outcome="ok")
     response.headers.update(NO_STORE)
     assert user.email is not None
@@ -145,62 +167,67 @@ async def _read_credentials(request: Request) -> tuple[str, str]:
                                          "/auth/login/mfa) when a second factor is enrolled",
                                     403: "account_inactive or email_not_verified",
                                     429: "too_many_attempts"}))
-async def login(request: Request, db: DbDep, t: TesseraDep) -> JSONResponse:
-    check_origin(request, t)
+async def login(request: Request, db: DbDep, settings: SettingsDep, limiter: LimiterDep,
+                sessions: SessionsDep, hasher: HasherDep, metrics: MetricsDep,
+                logins: LoginsDep, csrf_key: CsrfKeyDep,
+                factors: SecondFactorsDep) -> JSONResponse:
+    check_origin(request, settings)
     email, password = await _read_credentials(request)
-    s = t.settings
+    s = settings
     account, ip = accounts.email_key(email), client_key(request)
-    await t.limiter.attempt([("login-account", account, s.login_max_failures_per_account),
-                             ("login-ip", ip, s.login_max_failures_per_ip),
-                             *accounts.password_work_limits(s, account, ip)],
-                            s.login_failure_window_seconds)
+    await limiter.attempt([("login-account", account, s.login_max_failures_per_account),
+                           ("login-ip", ip, s.login_max_failures_per_ip),
+                           *accounts.password_work_limits(s, account, ip)],
+                          s.login_failure_window_seconds)
     try:
         try:
             password = normalise_password(password, new=False)
         except ValueError:
             password = ""  # can match no stored hash; still costs one hash below
-        user, epoch = await accounts.authenticate(t, db, email, password)
+        user, epoch = await accounts.authenticate(db, sessions, hasher, email, password)
     except Problem as problem:
-        t.metrics.logins.labels("inactive" if problem.code == "account_inactive"
-                                else "failed").inc()
+        metrics.logins.labels("inactive" if problem.code == "account_inactive"
+                              else "failed").inc()
         raise
     if user.restrict_processing or user.object_to_processing:
         forbid_tracking(request.scope)
     # Only failures count: a success clears the account and takes back this IP attempt.
-    await t.limiter.forgive_success(account=("login-account", account), ip=("login-ip", ip))
+    await limiter.forgive_success(account=("login-account", account), ip=("login-ip", ip))
     if s.require_verified_email and not user.email_verified:  # the password was right
-        t.metrics.logins.labels("unverified").inc()
+        metrics.logins.labels("unverified").inc()
         raise Problem("email_not_verified", "Confirm your email address first "
                       "(POST /auth/verify-email/resend sends a new link).")
-    factors = await mfa.enrolled(db, user.id)
-    if factors.any:  # the password was right; the second step needs the mfa_token
-        t.metrics.logins.labels("mfa_required").inc()
-        raise await mfa.mfa_required(t, user, ["pwd"], factors, epoch=epoch)
-    return await login_response(request, t, db, user, ["pwd"], epoch=epoch)
+    enrolled = await mfa.enrolled(db, user.id)
+    if enrolled.any:  # the password was right; the second step needs the mfa_token
+        metrics.logins.labels("mfa_required").inc()
+        raise await mfa.mfa_required(factors, user, ["pwd"], enrolled, epoch=epoch)
+    return await login_response(request, db, settings, metrics, logins, csrf_key, user, ["pwd"],
+                                epoch=epoch)
 
 
-async def login_response(request: Request, t: Tessera, db: AsyncSession, user: User,
+async def login_response(request: Request, db: AsyncSession, settings: Settings,
+                         metrics: Metrics, logins: Logins, csrf_key: bytes, user: User,
                          amr: list[str], *, epoch: str | None = None, take: str | None = None,
                          forget: Sequence[str] = ()) -> JSONResponse:
     """The one way a login ends (password, second step, passkey): a session, its token in
     the body, and the `session` and `csrf` cookies. `epoch`: the user's auth epoch as read
     before the credentials were checked (read now when the caller had none). `take`,
-    `forget`: see `accounts.open_session` (a second step's mfa_token and counter)."""
+    `forget`: see `accounts.Logins.open` (a second step's mfa_token and counter)."""
     if user.restrict_processing or user.object_to_processing:
         forbid_tracking(request.scope)
     if epoch is None:
-        epoch = await t.sessions.epoch(user.id)
-    issued = await accounts.open_session(t, user, request.headers.get("user-agent"),
-                                         epoch=epoch, amr=amr, take=take, forget=forget)
+        epoch = await logins.epoch(user.id)
+    issued = await logins.open(user, request.headers.get("user-agent"), epoch=epoch, amr=amr,
+                               take=take, forget=forget)
     if issued is None:  # the password changed or the account ended while this one ran
-        t.metrics.logins.labels("failed").inc()
+        metrics.logins.labels("failed").inc()
         raise await accounts.superseded_login(db, user.id)
-    t.metrics.logins.labels("ok").inc()
-    csrf = csrf_token_for(t.csrf_key, issued.sid)
+    metrics.logins.labels("ok").inc()
+    csrf = csrf_token_for(csrf_key, issued.sid)
     body = TokenOut(access_token=issued.token, expires_in=issued.exp - issued.iat,
                     expires_at=from_epoch(issued.exp), session_id=issued.sid, csrf_token=csrf)
     response = JSONResponse(body.model_dump(), headers=NO_STORE)
-    set_login_cookies(response, t.settings, issued, csrf)
+    set_login_cookies(response, settings, issued, csrf)
     return response
 
 
@@ -238,12 +265,13 @@ _ACCEPTED = AcceptedOut(detail="If this address belongs to an account that can u
                                "mail is on its way.").model_dump()
 
 
-async def _mail_attempt(t: Tessera, request: Request, kind: str, email: str) -> None:
-    s = t.settings
-    await t.limiter.attempt([(f"{kind}-address", accounts.email_key(email),
-                              s.mail_max_per_address),
-                             (f"{kind}-ip", client_key(request), s.mail_max_per_ip)],
-                            s.mail_limit_window_seconds)
+async def _mail_attempt(settings: Settings, limiter: AttemptLimiter, request: Request,
+                        kind: str, email: str) -> None:
+    s = settings
+    await limiter.attempt([(f"{kind}-address", accounts.email_key(email),
+                            s.mail_max_per_address),
+                           (f"{kind}-ip", client_key(request), s.mail_max_per_ip)],
+                          s.mail_limit_window_seconds)
 
 
 def _accepted() -> JSONResponse:
@@ -252,95 +280,105 @@ def _accepted() -> JSONResponse:
 
 @router.post("/verify-email", status_code=204, response_class=Response,
              responses=problem_doc({400: "invalid_token"}))
-async def verify_email(body: TokenIn, db: DbDep, t: TesseraDep) -> Response:
+async def verify_email(body: TokenIn, db: DbDep, profiles: ProfilesDep) -> Response:
     """Confirm the address with the token from the verification mail."""
-    await recovery.verify_email(t, db, body.token)
+    await recovery.verify_email(db, profiles, body.token)
     return Response(status_code=204, headers=NO_STORE)
 
 
 @router.post("/verify-email/resend", status_code=202, response_model=AcceptedOut,
              responses=problem_doc({429: "too_many_attempts"}))
-async def resend_verification(body: AddressIn, request: Request, t: TesseraDep) -> JSONResponse:
+async def resend_verification(body: AddressIn, request: Request, settings: SettingsDep,
+                              limiter: LimiterDep, db_factory: DbFactoryDep,
+                              mail_worker: MailWorkerDep) -> JSONResponse:
     """202 whatever the address: a new mail only for an active, unverified account. The
     lookup runs apart from the request, so no timing says anything about the address."""
     email = str(body.email)
-    await _mail_attempt(t, request, "verify-resend", email)
-    t.mail.detach(_quietly(recovery.resend_verification, t, email))
+    await _mail_attempt(settings, limiter, request, "verify-resend", email)
+    mail_worker.detach(_quietly(partial(recovery.resend_verification, db_factory, settings,
+                                        mail_worker, email)))
     return _accepted()
 
 
 @router.post("/password-reset", status_code=202, response_model=AcceptedOut,
              responses=problem_doc({429: "too_many_attempts"}))
-async def password_reset(body: AddressIn, request: Request, t: TesseraDep) -> JSONResponse:
+async def password_reset(body: AddressIn, request: Request, settings: SettingsDep,
+                         limiter: LimiterDep, db_factory: DbFactoryDep,
+                         mail_worker: MailWorkerDep) -> JSONResponse:
     """202, the same body and time for any address (no hashing either way): a known active
     account gets a mail with a single-use link, the lookup and the mail done apart from the
     request."""
     email = str(body.email)
-    await _mail_attempt(t, request, "reset", email)
-    t.mail.detach(_quietly(recovery.request_reset, t, email))
+    await _mail_attempt(settings, limiter, request, "reset", email)
+    mail_worker.detach(_quietly(partial(recovery.request_reset, db_factory, settings,
+                                        mail_worker, email)))
     return _accepted()
 
 
 @router.post("/password-reset/confirm", status_code=204, response_class=Response,
              responses=problem_doc({400: "invalid_token", 401: "mfa_required",
                                     422: "validation_error"}))
-async def password_reset_confirm(body: ResetConfirmIn, db: DbDep, t: TesseraDep) -> Response:
+async def password_reset_confirm(body: ResetConfirmIn, db: DbDep, settings: SettingsDep,
+                                 hasher: HasherDep, mail_worker: MailWorkerDep,
+                                 profiles: ProfilesDep, logins: LoginsDep,
+                                 factors: SecondFactorsDep) -> Response:
     """The new password; every session of the user ends; not logged in."""
-    await recovery.confirm_reset(t, db, body.token, body.new_password, body.code)
+    await recovery.confirm_reset(db, settings, hasher, mail_worker, profiles, logins, factors,
+                                 body.token, body.new_password, body.code)
     return Response(status_code=204, headers=NO_STORE)
 
 
-async def _quietly(work: Callable[[Tessera, str], Awaitable[None]], t: Tessera,
-                   email: str) -> None:
+async def _quietly(work: Callable[[], Awaitable[None]]) -> None:
     """Background work after a 202: a failure is logged by type only (no address)."""
     try:
-        await work(t, email)
+        await work()
     except Exception as exc:
         log.warning("mail request failed after the answer (%s)", type(exc).__name__)
 
 
 @router.post("/logout", status_code=204, response_class=Response)
-async def logout(principal: OptionalSession, t: TesseraDep) -> Response:
+async def logout(principal: OptionalSession, logins: LoginsDep, audit_trail: AuditTrailDep,
+                 settings: SettingsDep) -> Response:
     response = Response(status_code=204, headers=NO_STORE)
     if principal is not None:
-        await accounts.revoke_session(t, principal.user_id, principal.sid, "logout")
-        accounts.audit_later(t, "logout", user_id=principal.user_id, webhook=(
+        await logins.revoke(principal.user_id, principal.sid, "logout")
+        accounts.audit_later(audit_trail, "logout", user_id=principal.user_id, webhook=(
             "session.revoked", {"user_id": principal.user_id, "session_id": principal.sid}))
-    clear_login_cookies(response, t.settings)
+    clear_login_cookies(response, settings)
     return response
 
 
 @router.post("/logout-all", status_code=204, response_class=Response)
-async def logout_all(principal: CurrentSession, t: TesseraDep) -> Response:
-    await accounts.revoke_all_sessions(t, principal.user_id, "logout_all")
+async def logout_all(principal: CurrentSession, logins: LoginsDep, audit_trail: AuditTrailDep,
+                     settings: SettingsDep) -> Response:
+    await logins.revoke_all(principal.user_id, "logout_all")
     # session_id null: every session of the user.
-    accounts.audit_later(t, "logout_all", user_id=principal.user_id, webhook=(
+    accounts.audit_later(audit_trail, "logout_all", user_id=principal.user_id, webhook=(
         "session.revoked", {"user_id": principal.user_id, "session_id": None}))
     response = Response(status_code=204, headers=NO_STORE)
-    clear_login_cookies(response, t.settings)
+    clear_login_cookies(response, settings)
     return response
 
 
 @router.get("/csrf")
-async def csrf_token(principal: CurrentSession, t: TesseraDep) -> JSONResponse:
+async def csrf_token(principal: CurrentSession, csrf_key: CsrfKeyDep) -> JSONResponse:
     """The current session's X-CSRF-Token, e.g. for a page reloaded on another host."""
-    return JSONResponse({"csrf_token": csrf_token_for(t.csrf_key, principal.sid)},
+    return JSONResponse({"csrf_token": csrf_token_for(csrf_key, principal.sid)},
                         headers=NO_STORE)
 
 
 @router.get("/sessions", response_model=list[SessionOut])
 async def list_sessions(user: CurrentUser, principal: CurrentSession, response: Response,
-                        t: TesseraDep) -> list[SessionOut]:
+                        sessions: SessionsDep) -> list[SessionOut]:
     response.headers.update(NO_STORE)
     return [SessionOut(id=r.sid, created_at=from_epoch(r.created_at),
                        expires_at=from_epoch(r.expires_at), user_agent=r.user_agent,
                        current=r.sid == principal.sid)
-            for r in await t.sessions.list(user.id)]
+            for r in await sessions.list(user.id)]
 
 
 @router.delete("/sessions/{session_id}", status_code=204, response_class=Response)
-async def delete_session(session_id: str, user: CurrentUser, t: TesseraDep) -> Response:
-    if len(session_id) > 64 or not await accounts.revoke_session(t, user.id, session_id,
-                                                                  "ended_by_user"):
+async def delete_session(session_id: str, user: CurrentUser, logins: LoginsDep) -> Response:
+    if len(session_id) > 64 or not await logins.revoke(user.id, session_id, "ended_by_user"):
         raise Problem("not_found", "No such session of yours.")
     return Response(status_code=204, headers=NO_STORE)

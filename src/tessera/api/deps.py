@@ -1,5 +1,9 @@
 """Typed dependencies: route signatures read like sentences.
 
+A route names each collaborator it uses (`settings: SettingsDep`, `logins: LoginsDep`, ...):
+one small dependency per collaborator the lifespan built (services.py), never the whole
+holder.
+
 The edge (edge/edge.py) has already checked the request's token, once, with the one token
 check (domain/auth.py) and left the principal on `request.state`; these dependencies only
 read it, check CSRF for cookie-authenticated changes and apply the policy gate. They are
@@ -9,32 +13,82 @@ flat (they take only the request): each level of FastAPI dependency solving cost
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tessera.api.lean import require_service_key
+from tessera.config import Settings
+from tessera.domain.accounts import Erasure, Logins
 from tessera.domain.auth import Principal, check_csrf
-from tessera.domain.policy import must_consent
+from tessera.domain.mail import MailWorker
+from tessera.domain.mfa import SecondFactors
+from tessera.domain.policy import PolicyCache, must_consent
+from tessera.domain.profiles import ProfileCache
 from tessera.edge.edge import principal_in
 from tessera.errors import Problem, not_authenticated
+from tessera.metrics import Metrics
+from tessera.security.passwords import PasswordHasher
 from tessera.services import Tessera
+from tessera.stores.audit import AuditTrail
+from tessera.stores.keys import KeyCipher, KeyRing
 from tessera.stores.models import User
+from tessera.stores.ratelimit import AttemptLimiter
+from tessera.stores.redis import AnyRedis
+from tessera.stores.sessions import SessionStore
+from tessera.stores.usage import UsageRecorder
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-async def get_tessera(request: Request) -> Tessera:
-    # async: FastAPI would run a plain `def` dependency in a worker thread, per request.
-    tessera: Tessera = request.app.state.tessera
-    return tessera
+def _held(name: str) -> Any:
+    """The dependency that hands a route the one collaborator `name` of the holder."""
+    if name not in Tessera.__dataclass_fields__:
+        raise AttributeError(f"the lifespan builds no collaborator {name!r}")
+
+    async def dependency(request: Request) -> Any:
+        # async: FastAPI would run a plain `def` dependency in a worker thread, per request.
+        return getattr(request.app.state.tessera, name)
+
+    dependency.__name__ = dependency.__qualname__ = f"get_{name}"
+    return Depends(dependency)
 
 
-TesseraDep = Annotated[Tessera, Depends(get_tessera)]
+SettingsDep = Annotated[Settings, _held("settings")]
+DbFactoryDep = Annotated[async_sessionmaker[AsyncSession], _held("db_factory")]
+EngineDep = Annotated[AsyncEngine, _held("engine")]
+CipherDep = Annotated[KeyCipher, _held("cipher")]
+RedisDep = Annotated[AnyRedis, _held("redis")]
+SessionsDep = Annotated[SessionStore, _held("sessions")]
+KeysDep = Annotated[KeyRing, _held("keys")]
+HasherDep = Annotated[PasswordHasher, _held("hasher")]
+UsageDep = Annotated[UsageRecorder, _held("usage")]
+MetricsDep = Annotated[Metrics, _held("metrics")]
+PolicyDep = Annotated[PolicyCache, _held("policy")]
+CsrfKeyDep = Annotated[bytes, _held("csrf_key")]
+LimiterDep = Annotated[AttemptLimiter, _held("limiter")]
+ProfilesDep = Annotated[ProfileCache, _held("profiles")]
+AuditTrailDep = Annotated[AuditTrail, _held("audit_trail")]
+MailWorkerDep = Annotated[MailWorker, _held("mail")]
+LoginsDep = Annotated[Logins, _held("logins")]
+ErasureDep = Annotated[Erasure, _held("erasure")]
+SecondFactorsDep = Annotated[SecondFactors, _held("factors")]
+
+
+async def service_caller(request: Request) -> None:
+    """The caller holds a service key (the revocation feed; introspection checks the same in
+    api/lean.py)."""
+    require_service_key(request.scope, request.app.state.tessera, {})
+
+
+ServiceCaller = Annotated[None, Depends(service_caller)]
 
 
 async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
-    async with (await get_tessera(request)).db_factory() as db:
+    db_factory: async_sessionmaker[AsyncSession] = request.app.state.tessera.db_factory
+    async with db_factory() as db:
         yield db
 
 

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from starlette.responses import JSONResponse, Response
 
-from tessera.api.deps import TesseraDep
+from tessera.api.deps import EngineDep, MetricsDep, RedisDep, SessionsDep, SettingsDep
 from tessera.errors import problem_body, problem_doc, problem_responses
 from tessera.stores.durability import persistence_problem, write_problem
 
@@ -25,9 +25,10 @@ async def _check(coro: object) -> str:
 
 
 @router.get("/readyz", responses=problem_doc({503: "unavailable"}))
-async def readyz(t: TesseraDep) -> Response:
+async def readyz(engine: EngineDep, redis: RedisDep, settings: SettingsDep,
+                 sessions: SessionsDep) -> Response:
     async def db_ping() -> None:
-        async with t.engine.connect() as conn:
+        async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
     reasons: dict[str, str] = {}
@@ -35,11 +36,11 @@ async def readyz(t: TesseraDep) -> Response:
     async def redis_check() -> None:
         # A write, not a PING: a Redis that refuses writes (MISCONF on a full disk, READONLY,
         # OOM) cannot end a session, so tessera is not ready on it.
-        problem = await write_problem(t.redis)
-        if problem is None and t.settings.redis_durability == "require":
-            problem = await persistence_problem(t.redis)
-        if problem is None and t.sessions.writes.failing and not await t.sessions.writes.replay():
-            problem = f"Redis refused deletions that are not done yet ({t.sessions.writes.reason})"
+        problem = await write_problem(redis)
+        if problem is None and settings.redis_durability == "require":
+            problem = await persistence_problem(redis)
+        if problem is None and sessions.writes.failing and not await sessions.writes.replay():
+            problem = f"Redis refused deletions that are not done yet ({sessions.writes.reason})"
         if problem is not None:
             reasons["redis"] = problem
             raise RuntimeError(problem)
@@ -58,5 +59,5 @@ async def readyz(t: TesseraDep) -> Response:
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}},
                              "description": "Prometheus text format"}})
-async def metrics(t: TesseraDep) -> Response:
-    return Response(t.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(registry: MetricsDep) -> Response:
+    return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)

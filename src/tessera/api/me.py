@@ -16,21 +16,33 @@ from starlette.responses import JSONResponse
 from tessera.api.auth import client_key
 from tessera.api.cookies import clear_login_cookies
 from tessera.api.deps import (
+    AuditTrailDep,
     CurrentSession,
     CurrentUser,
     CurrentUserAnyPolicy,
     DbDep,
-    TesseraDep,
+    ErasureDep,
+    HasherDep,
+    LimiterDep,
+    LoginsDep,
+    MailWorkerDep,
+    PolicyDep,
+    ProfilesDep,
+    SecondFactorsDep,
+    SessionsDep,
+    SettingsDep,
+    UsageDep,
 )
 from tessera.api.schemas import SafeStr, SecondFactorIn
+from tessera.config import Settings
 from tessera.domain import accounts, consents, events, mfa, privacy_requests, recovery
 from tessera.domain.profiles import account_view
 from tessera.edge.privacy import attribute_usage
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.security.passwords import normalise_password
-from tessera.services import Tessera
 from tessera.stores.mail import mails_of
 from tessera.stores.models import AuditEvent, PrivacyRequest, User
+from tessera.stores.ratelimit import AttemptLimiter
 from tessera.stores.usage import usage_log_of
 from tessera.timeutil import from_epoch, rfc3339
 
@@ -96,11 +108,12 @@ class PrivacyRequestIn(_Body):
         return privacy_requests.normalise_region(value)
 
 
-async def confirm_attempt(t: Tessera, user: User, request: Request) -> None:
+async def confirm_attempt(settings: Settings, limiter: AttemptLimiter, user: User,
+                          request: Request) -> None:
     """A stolen token must not buy unlimited password guesses: confirmations are limited
     like logins, and count as password work like them (whatever the outcome)."""
-    s = t.settings
-    await t.limiter.attempt(
+    s = settings
+    await limiter.attempt(
         [("password-confirm", user.id, s.login_max_failures_per_account),
          *accounts.password_work_limits(s, accounts.account_of(user), client_key(request))],
         s.login_failure_window_seconds)
@@ -141,31 +154,34 @@ _FACTOR_DOC = ("mfa_required (a second factor is enrolled and none came: send `c
                          **problem_doc({401: _FACTOR_DOC, 403: "invalid_credentials",
                                         409: "email_taken", 429: "too_many_attempts"})})
 async def update_me(request: Request, body: EmailChangeIn, user: CurrentUser, db: DbDep,
-                    t: TesseraDep) -> JSONResponse:
+                    settings: SettingsDep, limiter: LimiterDep, hasher: HasherDep,
+                    mail_worker: MailWorkerDep, profiles: ProfilesDep,
+                    factors: SecondFactorsDep) -> JSONResponse:
     """Ask to change the email: 202 with `pending_email`, a confirmation mail to the new
     address (POST /me/email/confirm) and a notice to the old one; the email changes only
     once the new address is confirmed. Needs the current password and, where a factor is
     enrolled, a second factor."""
-    s = t.settings  # 409 email_taken tells whether an address has an account: limit it
-    await t.limiter.attempt([("email-change", user.id, s.email_change_max_per_user)],
-                            s.email_change_window_seconds)
-    await confirm_attempt(t, user, request)
+    s = settings  # 409 email_taken tells whether an address has an account: limit it
+    await limiter.attempt([("email-change", user.id, s.email_change_max_per_user)],
+                          s.email_change_window_seconds)
+    await confirm_attempt(settings, limiter, user, request)
     requested = await recovery.request_email_change(
-        t, db, user, str(body.email), password_text(body.current_password),
+        db, settings, hasher, mail_worker, profiles, factors, user, str(body.email),
+        password_text(body.current_password),
         factor={"code": body.code, "challenge_id": body.challenge_id,
                 "credential": body.credential})
-    await t.limiter.forgive("password-confirm", user.id, all_of_them=True)
+    await limiter.forgive("password-confirm", user.id, all_of_them=True)
     return JSONResponse(await fresh_view(db, user), status_code=202 if requested else 200,
                         headers=NO_STORE)
 
 
 @router.post("/email/confirm", responses=problem_doc({400: "invalid_token",
                                                        409: "email_taken"}))
-async def confirm_email(body: EmailTokenIn, db: DbDep, t: TesseraDep,
-                        response: Response) -> dict[str, Any]:
+async def confirm_email(body: EmailTokenIn, db: DbDep, settings: SettingsDep,
+                        profiles: ProfilesDep, response: Response) -> dict[str, Any]:
     """The token from the mail sent to the new address (no login needed): the email changes
     and is verified."""
-    user = await recovery.confirm_email_change(t, db, body.token)
+    user = await recovery.confirm_email_change(db, settings, profiles, body.token)
     response.headers.update(NO_STORE)
     return account_view(user, await consents.current_consents(db, user.id))
 
@@ -173,33 +189,36 @@ async def confirm_email(body: EmailTokenIn, db: DbDep, t: TesseraDep,
 @router.post("/password", status_code=204, response_class=Response,
              responses=problem_doc({401: _FACTOR_DOC, 403: "invalid_credentials"}))
 async def change_password(request: Request, body: PasswordChangeIn, user: CurrentUser,
-                          principal: CurrentSession, db: DbDep, t: TesseraDep) -> Response:
-    await confirm_attempt(t, user, request)
+                          principal: CurrentSession, db: DbDep, settings: SettingsDep,
+                          limiter: LimiterDep, hasher: HasherDep, mail_worker: MailWorkerDep,
+                          logins: LoginsDep, factors: SecondFactorsDep) -> Response:
+    await confirm_attempt(settings, limiter, user, request)
 
     async def second_factor() -> None:
-        await mfa.require_second_factor(t, db, user, code=body.code,
+        await mfa.require_second_factor(db, factors, user, code=body.code,
                                         challenge_id=body.challenge_id,
                                         credential=body.credential)
 
-    await accounts.change_password(t, db, user, password_text(body.current_password),
-                                   body.new_password, keep_sid=principal.sid,
-                                   check_factor=second_factor)
-    await t.limiter.forgive("password-confirm", user.id, all_of_them=True)
+    await accounts.change_password(db, settings, hasher, mail_worker, logins, user,
+                                   password_text(body.current_password), body.new_password,
+                                   keep_sid=principal.sid, check_factor=second_factor)
+    await limiter.forgive("password-confirm", user.id, all_of_them=True)
     return Response(status_code=204, headers=NO_STORE)
 
 
 @router.get("/export")
-async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Response:
+async def export_me(user: CurrentUserAnyPolicy, db: DbDep, usage_recorder: UsageDep,
+                    audit_trail: AuditTrailDep, session_store: SessionsDep) -> Response:
     """Everything held on the user, as one machine-readable JSON download (P5 portability)."""
     try:  # events still buffered on this instance are included
-        await t.usage.flush()
-        await t.audit_trail.flush()
+        await usage_recorder.flush()
+        await audit_trail.flush()
     except Exception:  # the flushers retry; the export still answers with what is stored
         log.warning("flush before export failed; exporting what is stored")
     usage = await usage_log_of(db, user.id)
     audit_rows = (await db.exec(select(AuditEvent).where(AuditEvent.user_id == user.id)
                                 .order_by(col(AuditEvent.at), col(AuditEvent.id)))).all()
-    sessions = await t.sessions.list(user.id)
+    sessions = await session_store.list(user.id)
     document = {
         "format": "tessera-export/1",
         "account": {**account_view(user, await consents.current_consents(db, user.id)),
@@ -237,24 +256,26 @@ async def export_me(user: CurrentUserAnyPolicy, db: DbDep, t: TesseraDep) -> Res
 @router.delete("", status_code=204, response_class=Response,
                responses=problem_doc({401: _FACTOR_DOC, 403: "invalid_credentials"}))
 async def delete_me(request: Request, body: PasswordConfirmIn, user: CurrentUserAnyPolicy,
-                    db: DbDep, t: TesseraDep) -> Response:
-    await confirm_attempt(t, user, request)
-    if not await accounts.verify_password(t.hasher, user, password_text(body.password)):
+                    db: DbDep, settings: SettingsDep, limiter: LimiterDep, hasher: HasherDep,
+                    factors: SecondFactorsDep, erasure: ErasureDep) -> Response:
+    await confirm_attempt(settings, limiter, user, request)
+    if not await accounts.verify_password(hasher, user, password_text(body.password)):
         raise Problem("wrong_password", "The password is wrong.")
-    await mfa.require_second_factor(t, db, user, code=body.code,
+    await mfa.require_second_factor(db, factors, user, code=body.code,
                                     challenge_id=body.challenge_id, credential=body.credential)
-    await accounts.delete_account(t, db, user)
+    await erasure.delete_account(db, user)
     attribute_usage(request.scope, "")  # nothing is logged for an account that is gone
     response = Response(status_code=204, headers=NO_STORE)
-    clear_login_cookies(response, t.settings)
+    clear_login_cookies(response, settings)
     return response
 
 
 @router.post("/deactivate", status_code=204, response_class=Response)
-async def deactivate_me(user: CurrentUser, db: DbDep, t: TesseraDep) -> Response:
-    await accounts.deactivate(t, db, user, actor_id=user.id)
+async def deactivate_me(user: CurrentUser, db: DbDep, profiles: ProfilesDep, logins: LoginsDep,
+                        settings: SettingsDep) -> Response:
+    await accounts.deactivate(db, profiles, logins, user, actor_id=user.id)
     response = Response(status_code=204, headers=NO_STORE)
-    clear_login_cookies(response, t.settings)
+    clear_login_cookies(response, settings)
     return response
 
 
@@ -266,17 +287,18 @@ async def get_consents(user: CurrentUser, db: DbDep, response: Response) -> dict
 
 @router.put("/consents/{purpose}", responses=problem_doc({404: "not_found"}))
 async def put_consent(purpose: Annotated[str, Path(max_length=64)], body: ConsentIn,
-                      user: CurrentUser, db: DbDep, t: TesseraDep,
-                      response: Response) -> dict[str, Any]:
-    await accounts.set_consent(t, db, user, purpose, body.granted)
+                      user: CurrentUser, db: DbDep, settings: SettingsDep,
+                      profiles: ProfilesDep, response: Response) -> dict[str, Any]:
+    await accounts.set_consent(db, settings, profiles, user, purpose, body.granted)
     response.headers.update(NO_STORE)
     return {"purposes": await consents.current_consents(db, user.id)}
 
 
 @router.put("/restrictions")
-async def put_restrictions(body: RestrictionsIn, user: CurrentUser, db: DbDep, t: TesseraDep,
-                           response: Response) -> dict[str, bool]:
-    user = await accounts.set_restrictions(t, db, user, restrict=body.restrict_processing,
+async def put_restrictions(body: RestrictionsIn, user: CurrentUser, db: DbDep,
+                           profiles: ProfilesDep, response: Response) -> dict[str, bool]:
+    user = await accounts.set_restrictions(db, profiles, user,
+                                           restrict=body.restrict_processing,
                                            object_to=body.object_to_processing)
     response.headers.update(NO_STORE)
     return restrictions_view(user)
@@ -285,8 +307,8 @@ async def put_restrictions(body: RestrictionsIn, user: CurrentUser, db: DbDep, t
 @router.post("/policy-consent", status_code=204, response_class=Response,
              responses=problem_doc({409: "policy_outdated"}))
 async def policy_consent(body: PolicyConsentIn, user: CurrentUserAnyPolicy, db: DbDep,
-                         t: TesseraDep) -> Response:
-    await accounts.accept_policy(t, db, user, body.version)
+                         policies: PolicyDep, profiles: ProfilesDep) -> Response:
+    await accounts.accept_policy(db, policies, profiles, user, body.version)
     return Response(status_code=204, headers=NO_STORE)
 
 

@@ -11,14 +11,28 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 from tessera.api.auth import NO_STORE, check_origin, login_response
-from tessera.api.deps import CurrentUser, DbDep, TesseraDep, principal_of
+from tessera.api.deps import (
+    AuditTrailDep,
+    CsrfKeyDep,
+    CurrentUser,
+    DbDep,
+    HasherDep,
+    LimiterDep,
+    LoginsDep,
+    MetricsDep,
+    SecondFactorsDep,
+    SettingsDep,
+    principal_of,
+)
 from tessera.api.me import confirm_attempt, password_text
 from tessera.api.schemas import SafeStr, SecondFactorIn
+from tessera.config import Settings
 from tessera.domain import accounts, mfa
 from tessera.edge.privacy import forbid_tracking
 from tessera.errors import Problem, problem_doc, problem_responses
-from tessera.services import Tessera
+from tessera.security.passwords import PasswordHasher
 from tessera.stores.models import User
+from tessera.stores.ratelimit import AttemptLimiter
 from tessera.stores.sessions import AlreadyTaken
 
 router = APIRouter(tags=["second factors"],
@@ -74,20 +88,21 @@ def _json(body: dict[str, Any], status: int = 200) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=NO_STORE)
 
 
-async def _check_password(t: Tessera, user: User, password: str, request: Request) -> None:
-    await confirm_attempt(t, user, request)
-    if not await accounts.verify_password(t.hasher, user, password_text(password)):
+async def _check_password(settings: Settings, limiter: AttemptLimiter, hasher: PasswordHasher,
+                          user: User, password: str, request: Request) -> None:
+    await confirm_attempt(settings, limiter, user, request)
+    if not await accounts.verify_password(hasher, user, password_text(password)):
         raise Problem("wrong_password", "The current password is wrong.")
-    await t.limiter.forgive("password-confirm", user.id, all_of_them=True)
+    await limiter.forgive("password-confirm", user.id, all_of_them=True)
 
 
-def _recent_login(t: Tessera, request: Request) -> bool:
+def _recent_login(settings: Settings, request: Request) -> bool:
     """The session's login is at most TESSERA_REAUTH_SECONDS old (its `auth_time`), or 403
     `reauthentication_required`. True if that login used two factors (`amr` has `mfa`)."""
     principal = principal_of(request)
     claims = principal.claims if principal is not None else {}
     auth_time = claims.get("auth_time", claims.get("iat"))
-    if not isinstance(auth_time, int) or time.time() - auth_time > t.settings.reauth_seconds:
+    if not isinstance(auth_time, int) or time.time() - auth_time > settings.reauth_seconds:
         raise Problem("reauthentication_required",
                       "This session's login is too old for this change: send "
                       "`current_password` (and a second factor where one is enrolled).")
@@ -95,9 +110,10 @@ def _recent_login(t: Tessera, request: Request) -> bool:
     return isinstance(amr, list) and "mfa" in amr
 
 
-async def _check_factor(t: Tessera, db: DbDep, user: User, body: SecondFactorIn) -> None:
-    await mfa.require_second_factor(t, db, user, code=body.code, challenge_id=body.challenge_id,
-                                    credential=body.credential)
+async def _check_factor(db: DbDep, factors: mfa.SecondFactors, user: User,
+                        body: SecondFactorIn) -> None:
+    await mfa.require_second_factor(db, factors, user, code=body.code,
+                                    challenge_id=body.challenge_id, credential=body.credential)
 
 
 # --- /me/mfa ------------------------------------------------------------------------------
@@ -113,15 +129,16 @@ async def get_mfa(user: CurrentUser, db: DbDep) -> JSONResponse:
     401: "mfa_required / invalid_code: a passkey is enrolled, so " + _CODE_DOC,
     403: "invalid_credentials", 409: "totp_already_enabled"}))
 async def start_totp(request: Request, body: PasswordAndFactorIn, user: CurrentUser, db: DbDep,
-                     t: TesseraDep) -> JSONResponse:
+                     settings: SettingsDep, limiter: LimiterDep, hasher: HasherDep,
+                     factors: SecondFactorsDep) -> JSONResponse:
     """Enrol an authenticator app: `{secret, otpauth_uri}` (RFC 6238: SHA-1, 6 digits, 30 s).
     Not active until confirmed with a first code."""
-    await _check_password(t, user, body.current_password, request)
+    await _check_password(settings, limiter, hasher, user, body.current_password, request)
     if (await mfa.enrolled(db, user.id)).totp:
         raise Problem("totp_already_enabled",
                       "TOTP is already active; disable it first to enrol a new authenticator.")
-    await _check_factor(t, db, user, body)
-    enrolment = await mfa.start_totp(t, db, user)
+    await _check_factor(db, factors, user, body)
+    enrolment = await mfa.start_totp(db, factors, user)
     await accounts.audit(db, "totp_enrolment_started", user_id=user.id)
     return _json(enrolment, 201)
 
@@ -129,9 +146,9 @@ async def start_totp(request: Request, body: PasswordAndFactorIn, user: CurrentU
 @router.post("/me/mfa/totp/confirm", responses=problem_doc({
     400: "invalid_code", 409: "no_pending_totp", 429: "too_many_attempts"}))
 async def confirm_totp(body: CodeIn, user: CurrentUser, db: DbDep,
-                       t: TesseraDep) -> JSONResponse:
+                       factors: SecondFactorsDep) -> JSONResponse:
     """Activate TOTP with its first code: `{recovery_codes: [10 strings]}`, shown only now."""
-    codes = await mfa.confirm_totp(t, db, user, body.code)
+    codes = await mfa.confirm_totp(db, factors, user, body.code)
     await accounts.audit(db, "totp_enabled", user_id=user.id)
     return _json({"recovery_codes": codes})
 
@@ -140,12 +157,13 @@ async def confirm_totp(body: CodeIn, user: CurrentUser, db: DbDep,
                responses=problem_doc({401: "mfa_required or invalid_code: " + _CODE_DOC,
                                       403: "invalid_credentials", 404: "not_found"}))
 async def disable_totp(request: Request, body: PasswordAndFactorIn, user: CurrentUser, db: DbDep,
-                       t: TesseraDep) -> Response:
+                       settings: SettingsDep, limiter: LimiterDep, hasher: HasherDep,
+                       factors: SecondFactorsDep) -> Response:
     """Remove the authenticator app (and the recovery codes): password and a code."""
-    await _check_password(t, user, body.current_password, request)
+    await _check_password(settings, limiter, hasher, user, body.current_password, request)
     if not (await mfa.enrolled(db, user.id)).totp:
         raise Problem("not_found", "TOTP is not enabled.")
-    await _check_factor(t, db, user, body)
+    await _check_factor(db, factors, user, body)
     await mfa.disable_totp(db, user.id)
     await accounts.audit(db, "totp_disabled", user_id=user.id)
     return Response(status_code=204, headers=NO_STORE)
@@ -155,13 +173,14 @@ async def disable_totp(request: Request, body: PasswordAndFactorIn, user: Curren
     401: "mfa_required or invalid_code: " + _CODE_DOC, 403: "invalid_credentials",
     409: "mfa_not_enabled"}))
 async def new_recovery_codes(request: Request, body: PasswordAndFactorIn, user: CurrentUser,
-                             db: DbDep, t: TesseraDep) -> JSONResponse:
+                             db: DbDep, settings: SettingsDep, limiter: LimiterDep,
+                             hasher: HasherDep, factors: SecondFactorsDep) -> JSONResponse:
     """A new set of 10 recovery codes; the old set stops working."""
-    await _check_password(t, user, body.current_password, request)
+    await _check_password(settings, limiter, hasher, user, body.current_password, request)
     if not (await mfa.enrolled(db, user.id)).any:
         raise Problem("mfa_not_enabled", "Enrol TOTP or a passkey first.")
-    await _check_factor(t, db, user, body)
-    codes = await mfa.regenerate_recovery_codes(t, db, user)
+    await _check_factor(db, factors, user, body)
+    codes = await mfa.regenerate_recovery_codes(db, factors, user)
     await accounts.audit(db, "recovery_codes_regenerated", user_id=user.id)
     return _json({"recovery_codes": codes})
 
@@ -170,11 +189,11 @@ async def new_recovery_codes(request: Request, body: PasswordAndFactorIn, user: 
 
 @router.post("/me/passkeys/options")
 async def passkey_creation_options(user: CurrentUser, db: DbDep,
-                                   t: TesseraDep) -> JSONResponse:
+                                   factors: SecondFactorsDep) -> JSONResponse:
     """`PublicKeyCredentialCreationOptions` (JSON, base64url) for
     `navigator.credentials.create`, with the `challenge_id` to send back. The challenge is
     single use and expires after TESSERA_WEBAUTHN_CHALLENGE_TTL_SECONDS."""
-    return _json(await mfa.registration_options(t, db, user))
+    return _json(await mfa.registration_options(db, factors, user))
 
 
 @router.post("/me/passkeys", status_code=201, responses=problem_doc({
@@ -184,20 +203,22 @@ async def passkey_creation_options(user: CurrentUser, db: DbDep,
     401: "mfa_required or invalid_code, where a factor is enrolled: `code`, or "
          "`assertion_challenge_id` + `assertion`"}))
 async def add_passkey(request: Request, body: PasskeyIn, user: CurrentUser, db: DbDep,
-                      t: TesseraDep) -> JSONResponse:
+                      settings: SettingsDep, limiter: LimiterDep, hasher: HasherDep,
+                      factors: SecondFactorsDep) -> JSONResponse:
     """Needs the current password and, where a factor is enrolled, a second factor: a
     stolen session alone must not add a factor (it would pass for two factors later). A
     session whose login is recent (TESSERA_REAUTH_SECONDS) proved them at that login."""
     if body.current_password is None:
-        proved_factor = _recent_login(t, request)
+        proved_factor = _recent_login(settings, request)
     else:
-        await _check_password(t, user, body.current_password, request)
+        await _check_password(settings, limiter, hasher, user, body.current_password, request)
         proved_factor = False
     if not proved_factor or body.code is not None or body.assertion is not None:
-        await mfa.require_second_factor(t, db, user, code=body.code,
+        await mfa.require_second_factor(db, factors, user, code=body.code,
                                         challenge_id=body.assertion_challenge_id,
                                         credential=body.assertion)
-    key = await mfa.register_passkey(t, db, user, body.challenge_id, body.credential, body.name)
+    key = await mfa.register_passkey(db, factors, user, body.challenge_id, body.credential,
+                                     body.name)
     await accounts.audit(db, "passkey_added", user_id=user.id)
     view = mfa.passkey_view(key)
     return _json({"id": view["id"], "name": view["name"], "created_at": view["created_at"]}, 201)
@@ -208,13 +229,14 @@ async def add_passkey(request: Request, body: PasskeyIn, user: CurrentUser, db: 
                                       403: "invalid_credentials", 404: "not_found"}))
 async def remove_passkey(request: Request, passkey_id: Annotated[str, Path(max_length=64)],
                          body: PasswordAndFactorIn, user: CurrentUser, db: DbDep,
-                         t: TesseraDep) -> Response:
+                         settings: SettingsDep, limiter: LimiterDep, hasher: HasherDep,
+                         factors: SecondFactorsDep) -> Response:
     """Needs the password and, as every factor change, a second factor (a code, or an
     assertion, which may come from this very passkey)."""
-    await _check_password(t, user, body.current_password, request)
+    await _check_password(settings, limiter, hasher, user, body.current_password, request)
     if not any(k["id"] == passkey_id for k in (await mfa.mfa_view(db, user.id))["passkeys"]):
         raise Problem("not_found", "No such passkey of yours.")
-    await _check_factor(t, db, user, body)
+    await _check_factor(db, factors, user, body)
     if not await mfa.delete_passkey(db, user.id, passkey_id):
         raise Problem("not_found", "No such passkey of yours.")
     await accounts.audit(db, "passkey_removed", user_id=user.id)
@@ -227,16 +249,17 @@ async def remove_passkey(request: Request, passkey_id: Annotated[str, Path(max_l
     401: "invalid_code (wrong, replayed or used code or assertion); invalid_token (the "
          "mfa_token is unknown, used or expired)",
     403: "account_inactive", 429: "too_many_attempts"}))
-async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep,
-                    t: TesseraDep) -> JSONResponse:
+async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep, settings: SettingsDep,
+                    factors: SecondFactorsDep, metrics: MetricsDep, logins: LoginsDep,
+                    csrf_key: CsrfKeyDep, audit_trail: AuditTrailDep) -> JSONResponse:
     """The second login step: the `mfa_token` from the 401 `mfa_required` of POST
     /auth/login, and a TOTP code or a recovery code as `code`, or a passkey assertion as
     `challenge_id` + `credential`. Answers as login does (body and cookies). At most 5 wrong
     tries per mfa_token and 10 per account in the login window."""
-    check_origin(request, t)
+    check_origin(request, settings)
     # One Redis round trip before the factor is checked (the token read, the attempt counted)
     # and one after (the session written, the token taken, the counter cleared: one script).
-    step = await mfa.begin_second_step(t, body.mfa_token)
+    step = await mfa.begin_second_step(factors, body.mfa_token)
     if step is None:
         raise mfa.invalid_mfa_token()
     user_id = step.user_id
@@ -248,11 +271,11 @@ async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep,
     if body.credential is not None:
         if "hwk" in step.amr:  # the first step was a passkey: the second must differ
             raise mfa.invalid_code()
-        assertion = await mfa.check_assertion(t, db, body.challenge_id, body.credential,
+        assertion = await mfa.check_assertion(db, factors, body.challenge_id, body.credential,
                                               user_id=user_id)
         earned = assertion.amr if assertion else None
     elif body.code:
-        earned = await mfa.check_code_with(t, db, user_id, body.code, totp)
+        earned = await mfa.check_code_with(db, factors, user_id, body.code, totp)
     else:
         raise Problem("validation_error", "Send `code` or `challenge_id` + `credential`.",
                       extra={"errors": [{"loc": ["body", "code"], "msg": "Field required"}]})
@@ -262,34 +285,35 @@ async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep,
     if not user.is_active:
         raise Problem("account_inactive", "This account is deactivated.")
     try:  # the session only if the epoch read at the first step still holds
-        response = await login_response(request, t, db, user,
+        response = await login_response(request, db, settings, metrics, logins, csrf_key, user,
                                         mfa.full_amr(step.amr, earned), epoch=step.epoch,
                                         take=step.take, forget=step.forget)
     except AlreadyTaken:
         raise mfa.invalid_mfa_token() from None  # used meanwhile by a concurrent request
     # Buffered (stores/audit.py): the step's one commit is the replay guard's.
-    accounts.audit_later(t, "login_mfa", user_id=user_id, outcome="ok")
+    accounts.audit_later(audit_trail, "login_mfa", user_id=user_id, outcome="ok")
     return response
 
 
 @router.post("/auth/passkey/options", tags=["auth"])
-async def passkey_request_options(request: Request, t: TesseraDep,
+async def passkey_request_options(request: Request, factors: SecondFactorsDep,
                                   body: EmptyIn | None = None) -> JSONResponse:
     """`PublicKeyCredentialRequestOptions` for a discoverable passkey (no
     allowCredentials), with a single-use `challenge_id`. Also the challenge for a passkey
     as second factor (POST /auth/login/mfa, sensitive changes)."""
-    return _json(await mfa.authentication_options(t))
+    return _json(await mfa.authentication_options(factors))
 
 
 @router.post("/auth/passkey/login", tags=["auth"], responses=problem_doc({
     401: "invalid_credentials; or mfa_required when the authenticator did not verify the "
          "user and the account also has TOTP", 403: "account_inactive"}))
-async def passkey_login(body: AssertionIn, request: Request, db: DbDep,
-                        t: TesseraDep) -> JSONResponse:
+async def passkey_login(body: AssertionIn, request: Request, db: DbDep, settings: SettingsDep,
+                        factors: SecondFactorsDep, metrics: MetricsDep, logins: LoginsDep,
+                        csrf_key: CsrfKeyDep) -> JSONResponse:
     """Log in with a passkey alone. With user verification (PIN, biometrics) it counts as
     two factors: `amr` ["hwk", "user", "mfa"]. Answers as login does."""
-    check_origin(request, t)
-    assertion = await mfa.check_assertion(t, db, body.challenge_id, body.credential)
+    check_origin(request, settings)
+    assertion = await mfa.check_assertion(db, factors, body.challenge_id, body.credential)
     if assertion is None:
         await accounts.audit(db, "login_passkey", outcome="failed")
         raise accounts.invalid_credentials()
@@ -303,7 +327,8 @@ async def passkey_login(body: AssertionIn, request: Request, db: DbDep,
     await accounts.audit(db, "login_passkey", user_id=user.id, outcome="ok")
     amr = mfa.full_amr(assertion.amr)
     if "mfa" not in amr:
-        factors = await mfa.enrolled(db, user.id)
-        if factors.totp:  # one factor here; the account asks for two: a code next
-            raise await mfa.mfa_required(t, user, amr, factors, other_than="passkey")
-    return await login_response(request, t, db, user, amr)
+        enrolled = await mfa.enrolled(db, user.id)
+        if enrolled.totp:  # one factor here; the account asks for two: a code next
+            raise await mfa.mfa_required(factors, user, amr, enrolled, other_than="passkey",
+                                         epoch=await logins.epoch(user.id))
+    return await login_response(request, db, settings, metrics, logins, csrf_key, user, amr)

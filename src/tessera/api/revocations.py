@@ -24,8 +24,7 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from tessera.api.deps import TesseraDep
-from tessera.api.lean import require_service_key
+from tessera.api.deps import RedisDep, ServiceCaller
 from tessera.errors import Problem
 from tessera.stores.redis import AnyRedis
 from tessera.stores.sessions import REVOCATION_CHANNEL
@@ -286,10 +285,10 @@ class EventStreamResponse(StreamingResponse):
         503: {"description": "unavailable: no subscription to Redis"},
     },
 )
-async def revocations(request: Request, t: TesseraDep) -> EventStreamResponse:
+async def revocations(request: Request, service: ServiceCaller,
+                      redis: RedisDep) -> EventStreamResponse:
     """Follow session deletions, to reject logged-out tokens that are verified locally."""
-    require_service_key(request.scope, t, {})
-    hub = revocation_hub(request.app, t.redis)
+    hub = revocation_hub(request.app, redis)
     try:
         client = await hub.join()
     except FeedUnavailable:

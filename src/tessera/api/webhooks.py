@@ -10,12 +10,11 @@ from fastapi import APIRouter, Path, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlmodel import col, delete, select
 
-from tessera.api.deps import AdminUser, DbDep, TesseraDep
+from tessera.api.deps import AdminUser, CipherDep, DbDep, SettingsDep
 from tessera.api.schemas import SafeStr
 from tessera.domain import events
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.stores.events import WebhookDelivery, WebhookSubscription
-from tessera.stores.keys import KeyCipher
 from tessera.timeutil import rfc3339
 
 router = APIRouter(
@@ -61,16 +60,16 @@ def delivery_view(row: WebhookDelivery) -> dict[str, Any]:
 
 
 @router.post("", status_code=201, responses=problem_doc({422: "validation_error"}))
-async def create_webhook(body: WebhookIn, admin: AdminUser, db: DbDep, t: TesseraDep,
-                         response: Response) -> dict[str, Any]:
+async def create_webhook(body: WebhookIn, admin: AdminUser, db: DbDep, settings: SettingsDep,
+                         cipher: CipherDep, response: Response) -> dict[str, Any]:
     """The `secret` (`whsec_` + base64) is shown only in this answer."""
     try:
-        await events.check_url(body.url, t.settings.webhook_allowed_hosts)
+        await events.check_url(body.url, settings.webhook_allowed_hosts)
     except events.UnsafeURL as exc:
         raise Problem("validation_error", f"The webhook URL is refused: {exc}.",
                       extra={"errors": [{"loc": ["body", "url"], "msg": str(exc)}]}) from None
     row, secret = await events.create_subscription(
-        db, KeyCipher(t.secret), url=body.url, events=body.events,
+        db, cipher, url=body.url, events=body.events,
         description=body.description)
     response.headers.update(NO_STORE)
     return {**subscription_view(row), "secret": secret}

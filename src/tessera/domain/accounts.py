@@ -6,25 +6,32 @@ import logging
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tessera.config import Settings
 from tessera.domain import events, mail
-from tessera.domain.policy import NEVER_ACCEPTED, PolicyState
+from tessera.domain.mail import MailWorker
+from tessera.domain.policy import NEVER_ACCEPTED, PolicyCache, PolicyState
+from tessera.domain.profiles import ProfileCache
 from tessera.errors import Problem
+from tessera.metrics import Metrics
 from tessera.security.passwords import PasswordHasher
 from tessera.security.tokens import IssuedToken, issue_token, new_session_id, token_hash
-from tessera.services import Tessera
 from tessera.stores import mail as mail_store
+from tessera.stores.audit import AuditTrail
+from tessera.stores.keys import KeyRing
 from tessera.stores.models import AuditEvent, User, utcnow
 from tessera.stores.ratelimit import Limit
-from tessera.stores.scrub import checkpoint_sqlite
-from tessera.stores.sessions import SessionRecord
+from tessera.stores.scrub import SnapshotScrubber, checkpoint_sqlite
+from tessera.stores.sessions import SessionRecord, SessionStore
+from tessera.stores.usage import UsageRecorder
 
 audit_log = logging.getLogger("tessera.audit")
 
@@ -105,8 +112,8 @@ async def register_user(db: AsyncSession, hasher: PasswordHasher, *, email: str,
     return user
 
 
-async def authenticate(t: Tessera, db: AsyncSession, email: str,
-                       password: str) -> tuple[User, str]:
+async def authenticate(db: AsyncSession, sessions: SessionStore, hasher: PasswordHasher,
+                       email: str, password: str) -> tuple[User, str]:
     """The user for these credentials, and the user's auth epoch read before the row the
     password is checked against (hand it to `open_session`). An unknown email costs one hash,
     like a wrong password. Every attempt is audited (by user id) here, where the user is
@@ -116,10 +123,10 @@ async def authenticate(t: Tessera, db: AsyncSession, email: str,
     if user is not None:
         # The epoch first, then the row again: a change committed before it was bumped is
         # seen in the row, one committed after it makes the session's creation fail.
-        epoch = await t.sessions.epoch(user.id)
+        epoch = await sessions.epoch(user.id)
         user = await fresh_user(db, user.id)
-    ok, new_hash = await t.hasher.verify(password, user.password_hash if user else None,
-                                         account=email_key(email))
+    ok, new_hash = await hasher.verify(password, user.password_hash if user else None,
+                                       account=email_key(email))
     user_id = user.id if user else None
     if user is None or not ok:
         await audit(db, "login", user_id=user_id, outcome="failed")
@@ -155,50 +162,64 @@ async def verify_password(hasher: PasswordHasher, user: User, password: str) -> 
     return ok
 
 
-async def open_session(t: Tessera, user: User, user_agent: str | None, *, epoch: str,
-                       amr: list[str] | None = None,
-                       auth_time: int | None = None, take: str | None = None,
-                       forget: Sequence[str] = ()) -> IssuedToken | None:
-    """A new session, if the user's auth epoch is still `epoch` (read before the credentials
-    were checked); None if a change that ends sessions happened meanwhile. `amr`: how the
-    user authenticated (RFC 8176; a password alone by default). `take`, `forget`: a
-    single-use key spent and keys cleared in the same Redis script as the session's
-    creation (a second login step's mfa_token and attempt counter; `SessionStore.create`)."""
-    s = t.settings
-    await t.keys.maybe_refresh()  # a rotation on another instance reaches this one
-    now = int(time.time())
-    amr = list(amr) if amr is not None else ["pwd"]
-    auth_time = auth_time if auth_time is not None else now
-    issued = issue_token(t.keys, sub=user.id, sid=new_session_id(),
-                         ttl_seconds=s.session_ttl_seconds, issuer=s.issuer,
-                         audience=s.audience, now=now, amr=amr, auth_time=auth_time)
-    created = await t.sessions.create(SessionRecord(
-        sid=issued.sid, user_id=user.id, token_hash=token_hash(t.token_key, issued.token),
-        created_at=issued.iat, expires_at=issued.exp,
-        user_agent=(user_agent or "")[:256] or None, amr=amr, auth_time=auth_time),
-        epoch=epoch, take=take, forget=forget)
-    if not created:
-        return None
-    t.metrics.sessions_issued.inc()
-    return issued
+@dataclass(frozen=True)
+class Logins:
+    """Opening and ending sessions: a session is a signed token (`keys`, `settings` say for
+    whom and how long) and its record in the session store; both ends are counted."""
+
+    settings: Settings
+    keys: KeyRing
+    sessions: SessionStore
+    token_key: bytes
+    metrics: Metrics
+
+    async def open(self, user: User, user_agent: str | None, *, epoch: str,
+                   amr: list[str] | None = None, auth_time: int | None = None,
+                   take: str | None = None, forget: Sequence[str] = ()) -> IssuedToken | None:
+        """A new session, if the user's auth epoch is still `epoch` (read before the
+        credentials were checked); None if a change that ends sessions happened meanwhile.
+        `amr`: how the user authenticated (RFC 8176; a password alone by default). `take`,
+        `forget`: a single-use key spent and keys cleared in the same Redis script as the
+        session's creation (a second login step's mfa_token and attempt counter;
+        `SessionStore.create`)."""
+        s = self.settings
+        await self.keys.maybe_refresh()  # a rotation on another instance reaches this one
+        now = int(time.time())
+        amr = list(amr) if amr is not None else ["pwd"]
+        auth_time = auth_time if auth_time is not None else now
+        issued = issue_token(self.keys, sub=user.id, sid=new_session_id(),
+                             ttl_seconds=s.session_ttl_seconds, issuer=s.issuer,
+                             audience=s.audience, now=now, amr=amr, auth_time=auth_time)
+        created = await self.sessions.create(SessionRecord(
+            sid=issued.sid, user_id=user.id,
+            token_hash=token_hash(self.token_key, issued.token),
+            created_at=issued.iat, expires_at=issued.exp,
+            user_agent=(user_agent or "")[:256] or None, amr=amr, auth_time=auth_time),
+            epoch=epoch, take=take, forget=forget)
+        if not created:
+            return None
+        self.metrics.sessions_issued.inc()
+        return issued
+
+    async def epoch(self, user_id: str) -> str:
+        """The user's auth epoch now (for a login whose credentials were checked elsewhere)."""
+        return await self.sessions.epoch(user_id)
+
+    async def revoke(self, user_id: str, sid: str, reason: str) -> bool:
+        deleted = await self.sessions.delete(user_id, sid)
+        if deleted:
+            self.metrics.sessions_revoked.labels(reason).inc()
+        return deleted
+
+    async def revoke_all(self, user_id: str, reason: str, keep_sid: str | None = None) -> int:
+        count = await self.sessions.delete_all(user_id, keep_sid=keep_sid)
+        if count:
+            self.metrics.sessions_revoked.labels(reason).inc(count)
+        return count
 
 
-async def revoke_session(t: Tessera, user_id: str, sid: str, reason: str) -> bool:
-    deleted = await t.sessions.delete(user_id, sid)
-    if deleted:
-        t.metrics.sessions_revoked.labels(reason).inc()
-    return deleted
-
-
-async def revoke_all_sessions(t: Tessera, user_id: str, reason: str,
-                              keep_sid: str | None = None) -> int:
-    count = await t.sessions.delete_all(user_id, keep_sid=keep_sid)
-    if count:
-        t.metrics.sessions_revoked.labels(reason).inc(count)
-    return count
-
-
-def audit_later(t: Tessera, event: str, *, user_id: str, outcome: str | None = None,
+def audit_later(audit_trail: AuditTrail, event: str, *, user_id: str,
+                outcome: str | None = None,
                 webhook: tuple[str, dict[str, Any]] | None = None) -> None:
     """A security event that needs no transaction of its own (logouts): buffered, written
     within the flush interval, off the request's critical path (stores/audit.py), with the
@@ -215,7 +236,7 @@ def audit_later(t: Tessera, event: str, *, user_id: str, outcome: str | None = N
         def also(db: AsyncSession) -> None:
             events.emit(db, kind, data)
 
-    t.audit_trail.record(event, user_id=user_id, outcome=outcome, also=also)
+    audit_trail.record(event, user_id=user_id, outcome=outcome, also=also)
 
 
 async def audit(db: AsyncSession, event: str, *, user_id: str | None = None,
@@ -240,16 +261,16 @@ async def promote_to_admin(db: AsyncSession, user: User) -> None:
     await db.commit()
 
 
-async def user_changed(t: Tessera, user_id: str) -> None:
+async def user_changed(profiles: ProfileCache, user_id: str) -> None:
     """After a committed change to a user (their row, consents, policy acceptance): the
     cached profile (GET /me, the tracking decision, the policy gate) is dropped, so the next
     request sees the change. Every write to a user goes through a function here that ends
     with this; routes never touch the cache."""
-    await t.profiles.invalidate(user_id)
+    await profiles.invalidate(user_id)
 
 
-async def set_restrictions(t: Tessera, db: AsyncSession, user: User, *, restrict: bool,
-                           object_to: bool) -> User:
+async def set_restrictions(db: AsyncSession, profiles: ProfileCache, user: User, *,
+                           restrict: bool, object_to: bool) -> User:
     user.restrict_processing = restrict
     user.object_to_processing = object_to
     user.updated_at = utcnow()
@@ -258,30 +279,32 @@ async def set_restrictions(t: Tessera, db: AsyncSession, user: User, *, restrict
     events.emit(db, "restriction.changed", {
         "user_id": user.id, "restrict_processing": restrict, "object_to_processing": object_to})
     await db.commit()
-    await user_changed(t, user.id)
+    await user_changed(profiles, user.id)
     return user
 
 
-async def set_consent(t: Tessera, db: AsyncSession, user: User, purpose: str,
-                      granted: bool) -> None:
+async def set_consent(db: AsyncSession, settings: Settings, profiles: ProfileCache, user: User,
+                      purpose: str, granted: bool) -> None:
     from tessera.domain import consents
 
-    await consents.set_consent(db, user, purpose, granted, settings=t.settings)
-    await user_changed(t, user.id)
+    await consents.set_consent(db, user, purpose, granted, settings=settings)
+    await user_changed(profiles, user.id)
     await audit(db, "consent_" + ("granted" if granted else "withdrawn"), user_id=user.id,
                 detail=purpose)
 
 
-async def accept_policy(t: Tessera, db: AsyncSession, user: User, version: str) -> None:
+async def accept_policy(db: AsyncSession, policy: PolicyCache, profiles: ProfileCache,
+                        user: User, version: str) -> None:
     from tessera.domain.policy import accept_policy as record_acceptance
 
-    t.policy.invalidate()
-    await record_acceptance(db, user, version, await t.policy.get())
-    await user_changed(t, user.id)
+    policy.invalidate()
+    await record_acceptance(db, user, version, await policy.get())
+    await user_changed(profiles, user.id)
     await audit(db, "policy_accepted", user_id=user.id, detail=version)
 
 
-async def reactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str) -> None:
+async def reactivate(db: AsyncSession, profiles: ProfileCache, logins: Logins, user: User, *,
+                     actor_id: str) -> None:
     user.is_active = True
     user.deactivated_at = None
     user.updated_at = utcnow()
@@ -289,40 +312,42 @@ async def reactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str)
     await audit(db, "reactivated", user_id=user.id, actor_id=actor_id, commit=False)
     events.emit(db, "user.reactivated", {"user_id": user.id})
     await db.commit()
-    await user_changed(t, user.id)
+    await user_changed(profiles, user.id)
     # No session from before the deactivation comes back with the account (issue 12.1).
-    await revoke_all_sessions(t, user.id, "reactivated")
+    await logins.revoke_all(user.id, "reactivated")
 
 
-async def change_password(t: Tessera, db: AsyncSession, user: User, current: str, new: str,
-                          keep_sid: str,
+async def change_password(db: AsyncSession, settings: Settings, hasher: PasswordHasher,
+                          mail_worker: MailWorker, logins: Logins, user: User, current: str,
+                          new: str, keep_sid: str,
                           check_factor: Callable[[], Awaitable[None]] | None = None) -> None:
     """`check_factor`: the second-factor check, run once the current password is right."""
-    if not await verify_password(t.hasher, user, current):
+    if not await verify_password(hasher, user, current):
         raise Problem("wrong_password", "The current password is wrong.")
     if check_factor is not None:
         await check_factor()
-    user.password_hash = await t.hasher.hash(new, account=account_of(user))
+    user.password_hash = await hasher.hash(new, account=account_of(user))
     user.updated_at = utcnow()
     db.add(user)
     await mail_store.end_tokens(db, user.id, "reset")  # any password change ends reset links
-    mail.queue_password_changed(db, t.settings, user, "with the current password")
+    mail.queue_password_changed(db, settings, user, "with the current password")
     await audit(db, "password_changed", user_id=user.id, commit=False)
     events.emit(db, "user.password_changed", {"user_id": user.id})
     await db.commit()
-    t.mail.wake()
-    await revoke_all_sessions(t, user.id, "password_changed", keep_sid=keep_sid)
+    mail_worker.wake()
+    await logins.revoke_all(user.id, "password_changed", keep_sid=keep_sid)
 
 
-async def deactivate(t: Tessera, db: AsyncSession, user: User, *, actor_id: str | None) -> None:
+async def deactivate(db: AsyncSession, profiles: ProfileCache, logins: Logins, user: User, *,
+                     actor_id: str | None) -> None:
     user.is_active = False
     user.deactivated_at = user.updated_at = utcnow()
     db.add(user)
     await audit(db, "deactivated", user_id=user.id, actor_id=actor_id, commit=False)
     events.emit(db, "user.deactivated", {"user_id": user.id})
     await db.commit()
-    await user_changed(t, user.id)
-    await revoke_all_sessions(t, user.id, "deactivated")
+    await user_changed(profiles, user.id)
+    await logins.revoke_all(user.id, "deactivated")
 
 
 async def _erase_personal_rows(db: AsyncSession, user_id: str) -> None:
@@ -343,59 +368,74 @@ async def _erase_personal_rows(db: AsyncSession, user_id: str) -> None:
                   .values(actor_id=None))
 
 
-async def _tell_the_vendor_to_forget(t: Tessera, db: AsyncSession, user: User) -> None:
+async def _tell_the_vendor_to_forget(db: AsyncSession, settings: Settings, user: User) -> None:
     """P8/P9: a mailing vendor that was given the email is told to delete it (queued in the
     caller's unit of work, before the email is erased)."""
-    if not events.vendor_enabled(t.settings):
+    if not events.vendor_enabled(settings):
         return
     from tessera.domain.consents import has_consent
 
-    await events.forget_at_vendor(db, t.settings, user,
+    await events.forget_at_vendor(db, settings, user,
                                   consented=await has_consent(db, user.id, "email_vendor"))
 
 
-async def delete_account(t: Tessera, db: AsyncSession, user: User) -> None:
-    """P5/P9: the account, its sessions, usage log and every row tied to it are gone."""
-    user_id = user.id
-    await t.usage.forget(user_id)
-    await t.audit_trail.flush()  # buffered events of theirs are anonymised below too
-    await revoke_all_sessions(t, user_id, "account_deleted")
-    await _tell_the_vendor_to_forget(t, db, user)
-    await _erase_personal_rows(db, user_id)
-    if user.email is not None:  # the notice outlives the account until it is sent
-        mail.queue_account_deleted(db, t.settings, user.email)
-    await db.delete(user)
-    await audit(db, "account_deleted", commit=False)
-    await events.forget_events(db, user_id)
-    # Subscribers delete their copy of the user's data (the policy's right to delete).
-    events.emit(db, "user.deleted", {"user_id": user_id})
-    await db.commit()
-    t.mail.wake()
-    await t.profiles.forget(user_id)
-    await revoke_all_sessions(t, user_id, "account_deleted")  # any login that raced the delete
-    await scrub_traces(t)
+@dataclass(frozen=True)
+class Erasure:
+    """Forgetting a person (P5, P7, P9): everywhere their data lives, the usage log and the
+    audit buffer, their sessions and cached profile, the rows, and the disk (SQLite's WAL,
+    Redis's files)."""
 
+    settings: Settings
+    logins: Logins
+    profiles: ProfileCache
+    usage: UsageRecorder
+    audit_trail: AuditTrail
+    mail_worker: MailWorker
+    engine: AsyncEngine
+    scrubber: SnapshotScrubber
 
-async def scrub_traces(t: Tessera) -> None:
-    """The deleted data off the disk too: the SQLite WAL, Redis's snapshot and AOF."""
-    await checkpoint_sqlite(t.engine)
-    t.scrubber.request()
+    async def delete_account(self, db: AsyncSession, user: User) -> None:
+        """P5/P9: the account, its sessions, usage log and every row tied to it are gone."""
+        user_id = user.id
+        await self.usage.forget(user_id)
+        await self.audit_trail.flush()  # buffered events of theirs are anonymised below too
+        await self.logins.revoke_all(user_id, "account_deleted")
+        await _tell_the_vendor_to_forget(db, self.settings, user)
+        await _erase_personal_rows(db, user_id)
+        if user.email is not None:  # the notice outlives the account until it is sent
+            mail.queue_account_deleted(db, self.settings, user.email)
+        await db.delete(user)
+        await audit(db, "account_deleted", commit=False)
+        await events.forget_events(db, user_id)
+        # Subscribers delete their copy of the user's data (the policy's right to delete).
+        events.emit(db, "user.deleted", {"user_id": user_id})
+        await db.commit()
+        self.mail_worker.wake()
+        await self.profiles.forget(user_id)
+        # Any login that raced the delete:
+        await self.logins.revoke_all(user_id, "account_deleted")
+        await self.scrub_traces()
 
+    async def scrub_traces(self) -> None:
+        """The deleted data off the disk too: the SQLite WAL, Redis's snapshot and AOF."""
+        await checkpoint_sqlite(self.engine)
+        self.scrubber.request()
 
-async def erase_minor(t: Tessera, db: AsyncSession, user: User, *, actor_id: str) -> None:
-    """P7: deactivate and delete the personal data, email included; the id stays as a tombstone."""
-    await t.usage.forget(user.id)
-    await t.audit_trail.flush()  # buffered events of theirs are anonymised below too
-    await _tell_the_vendor_to_forget(t, db, user)  # while the email is still known
-    user.is_active = False
-    user.email = user.email_key = user.password_hash = None
-    user.restrict_processing = user.object_to_processing = False
-    user.deactivated_at = user.updated_at = utcnow()
-    db.add(user)
-    await _erase_personal_rows(db, user.id)
-    await audit(db, "minor_erased", user_id=user.id, actor_id=actor_id, commit=False)
-    events.emit(db, "user.erased", {"user_id": user.id})
-    await db.commit()
-    await user_changed(t, user.id)
-    await revoke_all_sessions(t, user.id, "minor_erased")
-    await scrub_traces(t)
+    async def erase_minor(self, db: AsyncSession, user: User, *, actor_id: str) -> None:
+        """P7: deactivate and delete the personal data, email included; the id stays as a
+        tombstone."""
+        await self.usage.forget(user.id)
+        await self.audit_trail.flush()  # buffered events of theirs are anonymised below too
+        await _tell_the_vendor_to_forget(db, self.settings, user)  # while the email is known
+        user.is_active = False
+        user.email = user.email_key = user.password_hash = None
+        user.restrict_processing = user.object_to_processing = False
+        user.deactivated_at = user.updated_at = utcnow()
+        db.add(user)
+        await _erase_personal_rows(db, user.id)
+        await audit(db, "minor_erased", user_id=user.id, actor_id=actor_id, commit=False)
+        events.emit(db, "user.erased", {"user_id": user.id})
+        await db.commit()
+        await user_changed(self.profiles, user.id)
+        await self.logins.revoke_all(user.id, "minor_erased")
+        await self.scrub_traces()

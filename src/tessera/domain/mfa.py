@@ -14,7 +14,6 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,11 +38,12 @@ from webauthn.helpers.structs import (
 
 from tessera.config import Settings
 from tessera.errors import Problem
-from tessera.services import Tessera
 from tessera.stores import mfa as store
 from tessera.stores import mfa_login as logins
 from tessera.stores.keys import b64url, b64url_decode
 from tessera.stores.models import User
+from tessera.stores.ratelimit import AttemptLimiter
+from tessera.stores.redis import AnyRedis
 from tessera.timeutil import rfc3339
 
 TOTP_DIGITS = 6
@@ -51,13 +51,16 @@ TOTP_PERIOD = 30
 RECOVERY_CODES = 10
 
 
-@lru_cache(maxsize=8)
-def _box(secret: bytes) -> store.SecretBox:
-    return store.SecretBox(secret)
+@dataclass(frozen=True)
+class SecondFactors:
+    """What the second-factor rules use, built once: the settings (lifetimes, limits, the
+    relying party), Redis (single-use mfa_tokens and WebAuthn challenges), the attempt
+    limiter, and the box stored TOTP secrets and recovery codes are sealed with."""
 
-
-def secret_box(t: Tessera) -> store.SecretBox:
-    return _box(t.secret)
+    settings: Settings
+    redis: AnyRedis
+    limiter: AttemptLimiter
+    box: store.SecretBox
 
 
 def invalid_code() -> Problem:
@@ -141,31 +144,32 @@ def matching_step(secret: str, code: str, now: float | None = None) -> int | Non
     return found
 
 
-async def start_totp(t: Tessera, db: AsyncSession, user: User) -> dict[str, str]:
+async def start_totp(db: AsyncSession, factors: SecondFactors, user: User) -> dict[str, str]:
     existing = await store.get_totp(db, user.id)
     if existing is not None and existing.confirmed_at is not None:
         raise Problem("totp_already_enabled",
                       "TOTP is already active; disable it first to enrol a new authenticator.")
     secret = pyotp.random_base32()  # 160 bits, as RFC 4226 recommends for SHA-1
-    await store.put_pending_totp(db, user.id, secret_box(t).encrypt(secret, user.id))
+    await store.put_pending_totp(db, user.id, factors.box.encrypt(secret, user.id))
     uri = _totp(secret).provisioning_uri(name=user.email or user.id,
-                                         issuer_name=t.settings.mfa_issuer)
+                                         issuer_name=factors.settings.mfa_issuer)
     return {"secret": secret, "otpauth_uri": uri}
 
 
-async def confirm_totp(t: Tessera, db: AsyncSession, user: User, code: str) -> list[str]:
+async def confirm_totp(db: AsyncSession, factors: SecondFactors, user: User,
+                       code: str) -> list[str]:
     factor = await store.get_totp(db, user.id)
     if factor is None or factor.confirmed_at is not None:
         raise Problem("no_pending_totp", "Start a TOTP enrolment first (POST /me/mfa/totp).")
-    await count_attempt(t, user.id)
-    step = matching_step(secret_box(t).decrypt(factor.secret_enc, user.id), code)
+    await count_attempt(factors, user.id)
+    step = matching_step(factors.box.decrypt(factor.secret_enc, user.id), code)
     if step is None or not await store.confirm_totp(db, user.id, step):
         await db.rollback()
         raise Problem("invalid_enrolment_code", "The code is wrong or expired.")
     codes = store.new_recovery_codes(RECOVERY_CODES)
-    await store.replace_recovery_codes(db, secret_box(t), user.id, codes)
+    await store.replace_recovery_codes(db, factors.box, user.id, codes)
     await db.commit()
-    await forgive_attempts(t, user.id)
+    await forgive_attempts(factors, user.id)
     return codes
 
 
@@ -174,22 +178,24 @@ async def disable_totp(db: AsyncSession, user_id: str) -> None:
     await db.commit()
 
 
-async def regenerate_recovery_codes(t: Tessera, db: AsyncSession, user: User) -> list[str]:
+async def regenerate_recovery_codes(db: AsyncSession, factors: SecondFactors,
+                                    user: User) -> list[str]:
     codes = store.new_recovery_codes(RECOVERY_CODES)
-    await store.replace_recovery_codes(db, secret_box(t), user.id, codes)
+    await store.replace_recovery_codes(db, factors.box, user.id, codes)
     await db.commit()
     return codes
 
 
-async def check_code(t: Tessera, db: AsyncSession, user_id: str, code: str) -> list[str] | None:
+async def check_code(db: AsyncSession, factors: SecondFactors, user_id: str,
+                     code: str) -> list[str] | None:
     """Consume a TOTP code (a later time step than any accepted before) or an unused
     recovery code; the amr it earns, or None. Commits what it consumed."""
     if len(code) > 64:
         return None
-    return await check_code_with(t, db, user_id, code, await store.get_totp(db, user_id))
+    return await check_code_with(db, factors, user_id, code, await store.get_totp(db, user_id))
 
 
-async def check_code_with(t: Tessera, db: AsyncSession, user_id: str, code: str,
+async def check_code_with(db: AsyncSession, factors: SecondFactors, user_id: str, code: str,
                           factor: store.TotpFactor | None, *,
                           now: float | None = None) -> list[str] | None:
     """`check_code` with the user's TOTP factor already loaded (the login loads it with the
@@ -198,7 +204,7 @@ async def check_code_with(t: Tessera, db: AsyncSession, user_id: str, code: str,
     if len(code) > 64:
         return None
     if factor is not None and factor.confirmed_at is not None:
-        step = matching_step(secret_box(t).decrypt(factor.secret_enc, user_id), code, now)
+        step = matching_step(factors.box.decrypt(factor.secret_enc, user_id), code, now)
         if step is not None:
             if await store.accept_step(db, user_id, step):
                 await db.commit()
@@ -206,7 +212,7 @@ async def check_code_with(t: Tessera, db: AsyncSession, user_id: str, code: str,
             await db.rollback()
             return None  # a replay within its window
     if len(store.normalise_code(code)) == 12 and await store.use_recovery_code(
-            db, secret_box(t), user_id, code):
+            db, factors.box, user_id, code):
         await db.commit()
         return ["otp"]
     await db.rollback()
@@ -215,16 +221,17 @@ async def check_code_with(t: Tessera, db: AsyncSession, user_id: str, code: str,
 
 # --- attempt limits -----------------------------------------------------------------------
 
-async def count_attempt(t: Tessera, user_id: str) -> None:
+async def count_attempt(factors: SecondFactors, user_id: str) -> None:
     """Counted before the check: 10 per account and window (all instances), the same
     counter as the login's second step (`begin_second_step`)."""
-    s = t.settings
-    await logins.count_account_attempt(t.redis, user_id, maximum=s.mfa_max_failures_per_account,
+    s = factors.settings
+    await logins.count_account_attempt(factors.redis, user_id,
+                                       maximum=s.mfa_max_failures_per_account,
                                        window=s.login_failure_window_seconds)
 
 
-async def forgive_attempts(t: Tessera, user_id: str) -> None:
-    await logins.forgive_account(t.redis, user_id)
+async def forgive_attempts(factors: SecondFactors, user_id: str) -> None:
+    await logins.forgive_account(factors.redis, user_id)
 
 
 # --- the two-step login -------------------------------------------------------------------
@@ -234,23 +241,22 @@ def password_fingerprint(user: User) -> str:
     return hashlib.sha256((user.password_hash or "").encode()).hexdigest()[:32]
 
 
-async def mfa_required(t: Tessera, user: User, amr: list[str], state: Enrolled, *,
-                       other_than: str | None = None, epoch: str | None = None) -> Problem:
+async def mfa_required(factors: SecondFactors, user: User, amr: list[str], state: Enrolled, *,
+                       epoch: str, other_than: str | None = None) -> Problem:
     """The first factor was right: a single-use token for the second step, in Redis. `epoch`:
-    the user's auth epoch as read before the first factor was checked (read now if None);
-    the second step's session is written only if it is still the same."""
-    if epoch is None:
-        epoch = await t.sessions.epoch(user.id)
+    the user's auth epoch as read before the first factor was checked; the second step's
+    session is written only if it is still the same."""
     # `<user id>.<secret>`: the second step finds the token under the user's hash tag, so it
     # is taken in the same Redis script that writes the session (stores/mfa_login.py).
     mfa_token = f"{user.id}.{secrets.token_urlsafe(32)}"
     record = {"uid": user.id, "amr": amr, "pw": password_fingerprint(user),
               "at": int(time.time()), "ep": epoch}
-    await logins.put(t.redis, user.id, mfa_token, record, t.settings.mfa_token_ttl_seconds)
+    await logins.put(factors.redis, user.id, mfa_token, record,
+                     factors.settings.mfa_token_ttl_seconds)
     return Problem("mfa_required", "A second factor is needed to finish logging in.",
                    extra={"mfa_token": mfa_token,
                           "methods": [m for m in state.methods if m != other_than],
-                          "expires_in": t.settings.mfa_token_ttl_seconds})
+                          "expires_in": factors.settings.mfa_token_ttl_seconds})
 
 
 @dataclass(frozen=True)
@@ -276,15 +282,15 @@ def _token_user(mfa_token: str) -> str | None:
     return user_id
 
 
-async def begin_second_step(t: Tessera, mfa_token: str) -> SecondStep | None:
+async def begin_second_step(factors: SecondFactors, mfa_token: str) -> SecondStep | None:
     """The mfa_token's record, this attempt counted (5 per mfa_token, 10 per account and
     window; 429 past either) before any factor is checked: one Redis round trip. None for
     an unknown, used or expired token (nothing counted)."""
     user_id = _token_user(mfa_token)
     if user_id is None:
         return None
-    s = t.settings
-    pending = await logins.begin(t.redis, user_id, mfa_token,
+    s = factors.settings
+    pending = await logins.begin(factors.redis, user_id, mfa_token,
                                  max_per_token=s.mfa_max_failures_per_token,
                                  max_per_account=s.mfa_max_failures_per_account,
                                  window=s.login_failure_window_seconds)
@@ -309,7 +315,7 @@ def invalid_mfa_token() -> Problem:
 
 # --- second factor for sensitive changes --------------------------------------------------
 
-async def require_second_factor(t: Tessera, db: AsyncSession, user: User, *,
+async def require_second_factor(db: AsyncSession, factors: SecondFactors, user: User, *,
                                 code: str | None, challenge_id: str | None = None,
                                 credential: dict[str, Any] | None = None) -> None:
     """Where a factor is enrolled, a sensitive change needs one: a TOTP or recovery code, or
@@ -322,15 +328,16 @@ async def require_second_factor(t: Tessera, db: AsyncSession, user: User, *,
         raise Problem("mfa_required",
                       "This account has a second factor: send `code` (or a passkey assertion).",
                       extra={"methods": state.methods})
-    await count_attempt(t, user.id)
+    await count_attempt(factors, user.id)
     if credential is not None:
-        ok = await check_assertion(t, db, challenge_id, credential, user_id=user.id) is not None
+        ok = await check_assertion(db, factors, challenge_id, credential,
+                                   user_id=user.id) is not None
     else:
         assert code is not None
-        ok = await check_code(t, db, user.id, code) is not None
+        ok = await check_code(db, factors, user.id, code) is not None
     if not ok:
         raise invalid_code()
-    await forgive_attempts(t, user.id)
+    await forgive_attempts(factors, user.id)
 
 
 # --- WebAuthn -----------------------------------------------------------------------------
@@ -347,20 +354,21 @@ def _challenge_key(challenge_id: str) -> str:
     return "tessera:webauthn-challenge:" + hashlib.sha256(challenge_id.encode()).hexdigest()
 
 
-async def _new_challenge(t: Tessera, purpose: str, user_id: str | None) -> tuple[str, bytes]:
+async def _new_challenge(factors: SecondFactors, purpose: str,
+                         user_id: str | None) -> tuple[str, bytes]:
     challenge_id, challenge = secrets.token_urlsafe(24), secrets.token_bytes(32)
-    await t.redis.set(_challenge_key(challenge_id),
-                      json.dumps({"c": b64url(challenge), "p": purpose, "u": user_id}),
-                      ex=t.settings.webauthn_challenge_ttl_seconds)
+    await factors.redis.set(_challenge_key(challenge_id),
+                            json.dumps({"c": b64url(challenge), "p": purpose, "u": user_id}),
+                            ex=factors.settings.webauthn_challenge_ttl_seconds)
     return challenge_id, challenge
 
 
-async def _take_challenge(t: Tessera, challenge_id: str | None, purpose: str,
+async def _take_challenge(factors: SecondFactors, challenge_id: str | None, purpose: str,
                           user_id: str | None) -> bytes | None:
     """Single use (GETDEL), short-lived, for one purpose (and one user when registering)."""
     if not challenge_id or len(challenge_id) > 128:
         return None
-    raw = await t.redis.getdel(_challenge_key(challenge_id))
+    raw = await factors.redis.getdel(_challenge_key(challenge_id))
     if raw is None:
         return None
     record = json.loads(raw)
@@ -375,15 +383,16 @@ def _transports(raw: str | None) -> list[AuthenticatorTransport] | None:
     return out or None
 
 
-async def registration_options(t: Tessera, db: AsyncSession, user: User) -> dict[str, Any]:
-    rp_id, _ = relying_party(t.settings)
+async def registration_options(db: AsyncSession, factors: SecondFactors,
+                               user: User) -> dict[str, Any]:
+    rp_id, _ = relying_party(factors.settings)
     handle = await store.webauthn_handle(db, user.id, create=True)
     assert handle is not None
-    challenge_id, challenge = await _new_challenge(t, "register", user.id)
+    challenge_id, challenge = await _new_challenge(factors, "register", user.id)
     options = generate_registration_options(
-        rp_id=rp_id, rp_name=t.settings.webauthn_rp_name,
+        rp_id=rp_id, rp_name=factors.settings.webauthn_rp_name,
         user_id=b64url_decode(handle), user_name=user.email or "tessera user",
-        challenge=challenge, timeout=t.settings.webauthn_challenge_ttl_seconds * 1000,
+        challenge=challenge, timeout=factors.settings.webauthn_challenge_ttl_seconds * 1000,
         authenticator_selection=AuthenticatorSelectionCriteria(
             resident_key=ResidentKeyRequirement.REQUIRED,  # discoverable: log in without email
             user_verification=UserVerificationRequirement.PREFERRED),
@@ -398,12 +407,12 @@ def invalid_credential(detail: str = "The passkey could not be verified.") -> Pr
     return Problem("invalid_credential", detail)
 
 
-async def register_passkey(t: Tessera, db: AsyncSession, user: User, challenge_id: str,
+async def register_passkey(db: AsyncSession, factors: SecondFactors, user: User, challenge_id: str,
                            credential: dict[str, Any], name: str) -> store.Passkey:
-    challenge = await _take_challenge(t, challenge_id, "register", user.id)
+    challenge = await _take_challenge(factors, challenge_id, "register", user.id)
     if challenge is None:
         raise invalid_credential("The challenge is unknown, used or expired.")
-    rp_id, origins = relying_party(t.settings)
+    rp_id, origins = relying_party(factors.settings)
     try:  # the library raises several types for malformed input; each is a bad credential
         verified = verify_registration_response(
             credential=credential, expected_challenge=challenge, expected_rp_id=rp_id,
@@ -428,12 +437,12 @@ async def register_passkey(t: Tessera, db: AsyncSession, user: User, challenge_i
     return key
 
 
-async def authentication_options(t: Tessera) -> dict[str, Any]:
-    rp_id, _ = relying_party(t.settings)
-    challenge_id, challenge = await _new_challenge(t, "authenticate", None)
+async def authentication_options(factors: SecondFactors) -> dict[str, Any]:
+    rp_id, _ = relying_party(factors.settings)
+    challenge_id, challenge = await _new_challenge(factors, "authenticate", None)
     options = generate_authentication_options(
         rp_id=rp_id, challenge=challenge,
-        timeout=t.settings.webauthn_challenge_ttl_seconds * 1000,
+        timeout=factors.settings.webauthn_challenge_ttl_seconds * 1000,
         user_verification=UserVerificationRequirement.PREFERRED)
     return {**json.loads(options_to_json(options)), "challenge_id": challenge_id}
 
@@ -444,12 +453,12 @@ class Assertion:
     amr: list[str]
 
 
-async def check_assertion(t: Tessera, db: AsyncSession, challenge_id: str | None,
+async def check_assertion(db: AsyncSession, factors: SecondFactors, challenge_id: str | None,
                           credential: dict[str, Any], *,
                           user_id: str | None = None) -> Assertion | None:
     """A passkey assertion over a fresh challenge by a registered passkey (of `user_id`, when
     given); the sign counter moves on. None for anything else."""
-    challenge = await _take_challenge(t, challenge_id, "authenticate", None)
+    challenge = await _take_challenge(factors, challenge_id, "authenticate", None)
     if challenge is None:
         return None
     try:
@@ -463,7 +472,7 @@ async def check_assertion(t: Tessera, db: AsyncSession, challenge_id: str | None
     if handle is not None and b64url(handle) != await store.webauthn_handle(
             db, key.user_id, create=False):
         return None
-    rp_id, origins = relying_party(t.settings)
+    rp_id, origins = relying_party(factors.settings)
     try:
         verified = verify_authentication_response(
             credential=parsed, expected_challenge=challenge, expected_rp_id=rp_id,
