@@ -752,7 +752,8 @@ def cmd_mint_totp(a):
             for user, secret in users:
                 async with t.db_factory() as db:
                     state = await dmfa.enrolled(db, user.id)
-                problem = await dmfa.mfa_required(t.factors, user, ["pwd"], state)
+                problem = await dmfa.mfa_required(t.factors, user, ["pwd"], state,
+                                                  epoch=await t.logins.epoch(user.id))
                 totp = pyotp.TOTP(secret)
                 codes = [totp.at(s * dmfa.TOTP_PERIOD)
                          for s in range(first, first + TOTP_HORIZON_STEPS)]
@@ -909,8 +910,8 @@ def cmd_floor_totp(a):
                 async with t.db_factory() as db:
                     if hasattr(dmfa, "check_code_with"):
                         _user, factor = await dmfa.login_state(db, user.id)
-                        earned = await dmfa.check_code_with(t, db, user.id, code, factor,
-                                                            now=step * dmfa.TOTP_PERIOD)
+                        earned = await dmfa.check_code_with(db, t.factors, user.id, code,
+                                                            factor, now=step * dmfa.TOTP_PERIOD)
                     else:  # a tessera from before login_state (to measure it for comparison)
                         await db.get(User, user.id)
                         factor = await store.get_totp(db, user.id)
