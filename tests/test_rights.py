@@ -298,6 +298,10 @@ async def test_registration_without_policy_version_records_no_acceptance(client)
 async def test_substantial_policy_change_needs_fresh_consent(app: FastAPI, client) -> None:
     admin = await make_admin(app, client)
     user, token = await registered_token(client)
+    for _ in range(2):  # the answer is memoised now (api/lean.py): it must not outlive the policy
+        before = await client.post("/auth/introspect", data={"token": token},
+                                   headers=bearer(SERVICE_KEY))
+        assert before.json()["policy_accepted"] is True
     minor = await client.post("/admin/policy", headers=bearer(admin),
                               json={"version": "minor-" + new_email()[:12], "substantial": False})
     assert minor.status_code == 201

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope
 
+from tessera.api.raw import RawResponse
 from tessera.edge.edge import principal_in
 from tessera.edge.privacy import TRACKING, attribute_usage
 from tessera.edge.proxy import direct_peer, trusted
@@ -26,7 +26,6 @@ from tessera.services import Tessera
 
 PATH = "/auth/check"
 PREFIX = PATH + "/"
-NO_STORE = {"Cache-Control": "no-store"}
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -66,17 +65,20 @@ async def check(scope: Scope, receive: Receive, t: Tessera) -> ASGIApp:
     principal = principal_in(scope, attribute=False)
     if principal is None:
         raise not_authenticated()
-    headers = {**NO_STORE, "X-Auth-User-Id": principal.user_id,
-               "X-Auth-Session-Id": principal.sid}
+    # As `Response(status_code=200, headers={Cache-Control, X-Auth-*})` sends them.
+    headers = [(b"cache-control", b"no-store"),
+               (b"x-auth-user-id", principal.user_id.encode("latin-1")),
+               (b"x-auth-session-id", principal.sid.encode("latin-1"))]
     amr: Any = principal.claims.get("amr")
     if isinstance(amr, list) and amr:
-        headers["X-Auth-Amr"] = ",".join(str(a) for a in amr)
+        headers.append((b"x-auth-amr", ",".join(str(a) for a in amr).encode("latin-1")))
+    headers.append((b"content-length", b"0"))
     if scope.get("state", {}).get(TRACKING, False):
         ip, method, path, host = original_request(scope, t)
         t.usage.record(user_id=principal.user_id, ip=ip, method=method, path=path, host=host,
                        status=200, nbytes=0)
     attribute_usage(scope, "")  # recorded above (or not at all): not again as /auth/check
-    return Response(status_code=200, headers=headers)
+    return RawResponse(200, headers)
 
 
 OPENAPI: dict[str, dict[str, Any]] = {PATH: {"get": {

@@ -21,8 +21,10 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tessera.api import forward
+from tessera.api.raw import json_response
 from tessera.domain.auth import MAX_TOKEN_LENGTH
-from tessera.domain.policy import must_consent
+from tessera.domain.policy import PolicyState, must_consent
+from tessera.domain.profiles import Profile
 from tessera.edge.edge import ROUTE_KEY, principal_in
 from tessera.errors import (
     PROBLEM_SCHEMA,
@@ -34,6 +36,8 @@ from tessera.errors import (
     unavailable_response,
 )
 from tessera.services import Tessera
+from tessera.stores.memo import Memo
+from tessera.stores.sessions import SessionRecord
 
 log = logging.getLogger("tessera.lean")
 
@@ -42,26 +46,7 @@ NO_STORE = {"Cache-Control": "no-store"}
 _JSON = "application/json"
 
 
-class _Json:
-    """A JSON answer as plain ASGI messages (what Starlette's Response sends for
-    `Response(body, media_type="application/json", headers=NO_STORE)`, headers in the same
-    order), without building a Response object per request."""
-
-    __slots__ = ("body", "status")
-
-    def __init__(self, body: bytes, status: int = 200) -> None:
-        self.body = body
-        self.status = status
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status, "headers": [
-            (b"cache-control", b"no-store"), (b"content-length", b"%d" % len(self.body)),
-            (b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": self.body})
-
-
-def _json(body: bytes, status: int = 200) -> _Json:
-    return _Json(body, status)
+_json = json_response
 
 
 async def get_me(scope: Scope, receive: Receive, t: Tessera) -> ASGIApp:
@@ -142,16 +127,30 @@ async def introspect(scope: Scope, receive: Receive, t: Tessera) -> ASGIApp:
     principal = await t.auth.check(token) if len(token) <= MAX_TOKEN_LENGTH else None
     if principal is None:
         return _json(b'{"active":false}')
+    policy = await t.policy.get()
+    # The answer is a function of the token (its claims), its session record, the profile
+    # and the policy state: the memos hand back the same objects while none of them changed,
+    # so the rendered body is kept beside them.
+    known = _introspected.get(token)
+    if known is not None and known[0] is principal.session and known[1] is principal.profile \
+            and known[2] is policy:
+        return _json(known[3])
     raw = principal.claims
     # Rendered as Starlette's JSONResponse renders (compact, UTF-8), without building one.
-    return _json(json.dumps({
+    body = json.dumps({
         "active": True, "sub": principal.user_id, "sid": principal.sid, "exp": raw.get("exp"),
         "iat": raw.get("iat"), "iss": raw.get("iss"), "aud": raw.get("aud"),
         "jti": raw.get("jti"), "token_type": "Bearer",
-        "policy_accepted": not must_consent(principal.profile.policy_seq, await t.policy.get()),
+        "policy_accepted": not must_consent(principal.profile.policy_seq, policy),
         "amr": raw.get("amr", ["pwd"]), "auth_time": raw.get("auth_time", raw.get("iat")),
         "email_verified": bool(principal.profile.me.get("email_verified")),
-    }, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode())
+    }, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    _introspected.put(token, (principal.session, principal.profile, policy, body))
+    return _json(body)
+
+
+# token -> (session record, profile, policy state, body) of its last active answer
+_introspected: Memo[str, tuple[SessionRecord, Profile, PolicyState, bytes]] = Memo()
 
 
 ROUTES: dict[tuple[str, str], Handler] = {
