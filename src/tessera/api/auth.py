@@ -10,7 +10,7 @@ from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, ValidationError, field_validator
+from pydantic import BaseModel, EmailStr, Field, ValidationError, field_validator
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.responses import JSONResponse
 
@@ -34,7 +34,14 @@ from tessera.api.deps import (
     SessionsDep,
     SettingsDep,
 )
-from tessera.api.schemas import LoginJSON, RegisterIn, SessionOut, TokenOut, UserOut
+from tessera.api.schemas import (
+    Closed,
+    LoginJSON,
+    RegisterIn,
+    SessionOut,
+    TokenOut,
+    UserOut,
+)
 from tessera.config import Settings
 from tessera.domain import accounts, mail, mfa, recovery
 from tessera.domain.accounts import Logins
@@ -233,15 +240,11 @@ async def login_response(request: Request, db: AsyncSession, settings: Settings,
 
 # --- email verification and password reset (docs/mail.md) --------------------------------
 
-class _MailBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_max_length=4096)
-
-
-class AddressIn(_MailBody):
+class AddressIn(Closed):
     email: EmailStr = Field(max_length=254)
 
 
-class TokenIn(_MailBody):
+class TokenIn(Closed):
     token: str = Field(min_length=1, max_length=512)
 
 

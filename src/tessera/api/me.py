@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 from fastapi import APIRouter, Path, Request, Response
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StrictBool, field_validator
+from pydantic import EmailStr, Field, StrictBool, field_validator
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.responses import JSONResponse
@@ -33,7 +33,7 @@ from tessera.api.deps import (
     SettingsDep,
     UsageDep,
 )
-from tessera.api.schemas import SafeStr, SecondFactorIn
+from tessera.api.schemas import Closed, SafeStr, SecondFactorIn
 from tessera.config import Settings
 from tessera.domain import accounts, consents, events, mfa, privacy_requests, recovery
 from tessera.domain.profiles import account_view
@@ -56,16 +56,12 @@ router = APIRouter(
 NO_STORE = {"Cache-Control": "no-store"}
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_max_length=4096)
-
-
 class EmailChangeIn(SecondFactorIn):
     email: EmailStr = Field(max_length=254)
     current_password: str = Field(max_length=1024)
 
 
-class EmailTokenIn(_Body):
+class EmailTokenIn(Closed):
     token: str = Field(min_length=1, max_length=512)
 
 
@@ -83,20 +79,20 @@ class PasswordConfirmIn(SecondFactorIn):
     password: str = Field(max_length=1024)
 
 
-class ConsentIn(_Body):
+class ConsentIn(Closed):
     granted: StrictBool
 
 
-class RestrictionsIn(_Body):
+class RestrictionsIn(Closed):
     restrict_processing: StrictBool
     object_to_processing: StrictBool
 
 
-class PolicyConsentIn(_Body):
+class PolicyConsentIn(Closed):
     version: SafeStr = Field(min_length=1, max_length=64)
 
 
-class PrivacyRequestIn(_Body):
+class PrivacyRequestIn(Closed):
     kind: Literal["confirm", "access", "rectify", "delete", "restrict", "portability", "object",
                   "withdraw_consent"]
     region: str = Field(max_length=8, pattern=r"^[A-Za-z]{2}$")

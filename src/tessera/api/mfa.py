@@ -25,7 +25,7 @@ from tessera.api.deps import (
     principal_of,
 )
 from tessera.api.me import confirm_attempt, password_text
-from tessera.api.schemas import SafeStr, SecondFactorIn
+from tessera.api.schemas import Closed, SafeStr, SecondFactorIn
 from tessera.config import Settings
 from tessera.domain import accounts, mfa
 from tessera.edge.privacy import forbid_tracking
@@ -42,19 +42,15 @@ _CODE_DOC = ("`code`: a current TOTP code or an unused recovery code; instead, a
              "assertion: `challenge_id` (from POST /auth/passkey/options) and `credential`")
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_max_length=4096)
-
-
 class PasswordAndFactorIn(SecondFactorIn):
     current_password: str = Field(max_length=1024)
 
 
-class CodeIn(_Body):
+class CodeIn(Closed):
     code: str = Field(min_length=1, max_length=64)
 
 
-class PasskeyIn(_Body):
+class PasskeyIn(Closed):
     challenge_id: str = Field(min_length=1, max_length=128)
     credential: dict[str, Any] = Field(description="the PublicKeyCredential JSON "
                                                    "(navigator.credentials.create)")
@@ -70,7 +66,7 @@ class PasskeyIn(_Body):
         default=None, description="a WebAuthn assertion of an enrolled passkey")
 
 
-class AssertionIn(_Body):
+class AssertionIn(Closed):
     challenge_id: str = Field(min_length=1, max_length=128)
     credential: dict[str, Any] = Field(description="the PublicKeyCredential JSON "
                                                    "(navigator.credentials.get)")

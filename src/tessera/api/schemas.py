@@ -33,6 +33,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="ignore", str_max_length=4096)
 
 
+class Closed(BaseModel):
+    """A request body that takes no unknown field (422), strings at most 4096 characters."""
+
+    model_config = ConfigDict(extra="forbid", str_max_length=4096)
+
+
 class RegisterIn(Strict):
     email: EmailStr = Field(max_length=254)
     password: str = Field(json_schema_extra={"minLength": 8, "maxLength": 256})
@@ -81,11 +87,9 @@ class SessionOut(BaseModel):
 
 
 
-class SecondFactorIn(BaseModel):
+class SecondFactorIn(Closed):
     """A second factor, needed where one is enrolled: a TOTP or recovery code, or a passkey
     assertion (`challenge_id` from POST /auth/passkey/options, and `credential`)."""
-
-    model_config = ConfigDict(extra="forbid", str_max_length=4096)
 
     code: str | None = Field(default=None, max_length=64,
                              description="a TOTP code or a recovery code")
