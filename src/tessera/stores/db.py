@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from sqlalchemy import event
@@ -56,10 +56,9 @@ _UNAVAILABLE_NAMES = {"ConnectionDoesNotExistError", "ConnectionFailureError",
                       "TooManyConnectionsError", "QueryCanceledError"}
 
 
-def is_unavailable(exc: BaseException) -> bool:
-    """Is this the database being unreachable (a restart, a partition, a timeout), rather
-    than a statement it refused? Walks the exception, its DBAPI original and their causes:
-    asyncpg's errors reach SQLAlchemy as a plain DBAPIError."""
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, its DBAPI original (`orig`) and their causes and contexts, each once:
+    asyncpg's and sqlite3's errors reach SQLAlchemy wrapped in its own."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
     while todo:
@@ -67,6 +66,14 @@ def is_unavailable(exc: BaseException) -> bool:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
+        yield current
+        todo += [getattr(current, "orig", None), current.__cause__, current.__context__]
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Is this the database being unreachable (a restart, a partition, a timeout), rather
+    than a statement it refused? Anywhere in the exception's chain."""
+    for current in exception_chain(exc):
         if getattr(current, "connection_invalidated", False) or isinstance(current, (
                 sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError,
                 sa_exc.TimeoutError)):
@@ -79,7 +86,6 @@ def is_unavailable(exc: BaseException) -> bool:
         if type(current).__name__ in _UNAVAILABLE_NAMES and \
                 type(current).__module__.startswith("asyncpg"):
             return True
-        todo += [getattr(current, "orig", None), current.__cause__, current.__context__]
     return False
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
+from tessera.stores.db import exception_chain
+
 log = logging.getLogger("tessera.db")
 
 RESERVE_BYTES = 4 * 1024 * 1024
@@ -67,18 +69,11 @@ def reserve_for(database_url: str) -> DiskReserve | None:
 
 def is_disk_full(exc: BaseException) -> bool:
     """SQLITE_FULL (`database or disk is full`) or ENOSPC, anywhere in the exception's chain."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in exception_chain(exc):
         if isinstance(current, sqlite3.OperationalError) and (
                 getattr(current, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
                 or "disk is full" in str(current)):
             return True
         if isinstance(current, OSError) and current.errno == errno.ENOSPC:
             return True
-        todo += [getattr(current, "orig", None), current.__cause__, current.__context__]
     return False
