@@ -239,7 +239,10 @@ def redis_cluster(base_dir: Path, masters: int = 3, timeout: float = 30.0,
             proc = subprocess.Popen(
                 [binary, "--port", str(port), "--bind", LOOPBACK, "--cluster-enabled", "yes",
                  "--cluster-config-file", str(node_dir / "nodes.conf"),
-                 "--cluster-node-timeout", "5000", "--dir", str(node_dir), "--save", "",
+                 # A node's link is dropped (and what it relays, PUBLISH among it, lost) after
+                 # node-timeout/2 without a pong: 5 s was short enough for a busy CI machine
+                 # to stall past it. No test fails a node over, so a long timeout costs nothing.
+                 "--cluster-node-timeout", "20000", "--dir", str(node_dir), "--save", "",
                  # Durable as tessera requires (TESSERA_REDIS_DURABILITY=require).
                  "--appendonly", "yes", "--appendfsync", "everysec", "--protected-mode", "yes",
                  "--logfile", str(node_dir / "redis.log"), "--daemonize", "no"],
@@ -272,6 +275,14 @@ def redis_cluster(base_dir: Path, masters: int = 3, timeout: float = 30.0,
                 info = info if isinstance(info, str) else info.decode()
                 if ("cluster_state:ok" not in info
                         or f"cluster_known_nodes:{masters}" not in info):
+                    return False
+                nodes = client.execute_command("CLUSTER", "NODES")
+                nodes = nodes if isinstance(nodes, str) else nodes.decode()
+                # Every link up (field 8 of each line), none still in handshake: a PUBLISH
+                # is relayed only over links that are.
+                lines = [line.split() for line in nodes.splitlines() if line.strip()]
+                if any(fields[7] != "connected" or "handshake" in fields[2]
+                       for fields in lines):
                     return False
             return True
 
