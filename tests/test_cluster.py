@@ -25,9 +25,9 @@ from tessera.stores.sessions import (
     REVOCATION_CHANNEL,
     SessionRecord,
     SessionStore,
-    _epoch_key,
     _index_key,
     _session_key,
+    epoch_key,
 )
 from tests.servers import LOOPBACK, RedisClusterProcesses, redis_cluster
 
@@ -174,7 +174,7 @@ async def test_delete_all_retries_when_a_login_races_it(store: SessionStore) -> 
     await create(store, record(user, "s1"))
     await create(store, record(user, "s2"))
     stale = await store._delete_listed(
-        keys=[_index_key(user), _epoch_key(user), _session_key(user, "s1")],
+        keys=[_index_key(user), epoch_key(user), _session_key(user, "s1")],
         args=["", 60, "s1"])
     assert stale is None  # s2 arrived after the list was read: nothing deleted
     assert {r.sid for r in await store.list(user)} == {"s1", "s2"}
@@ -202,7 +202,7 @@ async def test_users_spread_over_the_cluster_one_slot_each(cluster: RedisCluster
         for _ in range(30):
             user = new_user()
             slots = {client.keyslot(_index_key(user)), client.keyslot(_session_key(user, "x")),
-                     client.keyslot(_epoch_key(user))}
+                     client.keyslot(epoch_key(user))}
             assert len(slots) == 1  # the hash tag keeps one user's keys together
             owners.add(client.nodes_manager.get_node_from_slot(slots.pop()).port)
         assert owners == set(cluster.ports)  # and the users are spread over every master

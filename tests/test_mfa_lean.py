@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from sqlalchemy import event, update
 
 from tessera.stores.models import User
-from tests.conftest import assert_problem, bearer, client_for, registered_token
+from tests.conftest import PASSWORD, assert_problem, bearer, client_for, registered_token
 from tests.test_mfa import enrol_totp, mfa_token_for, totp_code
 
 
@@ -95,9 +95,10 @@ async def test_a_second_step_asks_redis_twice(client: httpx.AsyncClient,
 
 
 async def test_a_second_step_commits_once(app: FastAPI, client: httpx.AsyncClient) -> None:
-    """The database work of a TOTP second step: one read (the user with the factor), one
-    write (the compare-and-set of the last time step), one commit; the audit event is
-    buffered off the request's path (stores/audit.py)."""
+    """The database work of a TOTP second step: one statement (the compare-and-set of the
+    last time step, which returns the user's flags; the factor came sealed in the
+    mfa_token) and one commit, no read; the audit event is buffered off the request's path
+    (stores/audit.py)."""
     user, _, secret, _ = await user_with_totp(client)
     mfa_token = await mfa_token_for(client, user["email"])
     client.cookies.clear()
@@ -126,7 +127,7 @@ async def test_a_second_step_commits_once(app: FastAPI, client: httpx.AsyncClien
     writes = [s for s in statements if s.split()[0] in ("INSERT", "UPDATE", "DELETE")]
     reads = [s for s in statements if s.split()[0] == "SELECT"]
     assert [w.split()[:2] for w in writes] == [["UPDATE", "MFA_TOTP"]], statements
-    assert len(reads) == 1, statements
+    assert reads == [], statements
     assert len(commits) == 1, statements
     await app.state.tessera.audit_trail.flush()  # the event is there once flushed
     async with app.state.tessera.db_factory() as db:
@@ -212,3 +213,62 @@ async def test_a_token_past_its_limit_spends_nothing_of_the_account(
     done = await client.post("/auth/login/mfa", json={"mfa_token": other,
                                                       "code": totp_code(secret, 1)})
     assert done.status_code == 200, done.text
+
+
+async def test_a_factor_replaced_between_the_steps_is_not_the_one_checked(
+        client: httpx.AsyncClient) -> None:
+    """The mfa_token carries the factor sealed as the first step found it; the second step's
+    one statement takes the time step only if that factor is still the user's. TOTP
+    disabled and enrolled anew in between (another session, no change that ends sessions):
+    the old authenticator's code opens nothing, the new one's does."""
+    user, token, old_secret, _ = await user_with_totp(client)
+    pending = await mfa_token_for(client, user["email"])
+    disabled = await client.request("DELETE", "/me/mfa/totp", headers=bearer(token), json={
+        "current_password": PASSWORD, "code": totp_code(old_secret, 1)})
+    assert disabled.status_code == 204, disabled.text
+    new_secret, _ = await enrol_totp(client, token)  # its last step: the current one
+    # A later step than the new factor's last: only the factor check can refuse it.
+    old_code = await client.post("/auth/login/mfa", json={
+        "mfa_token": pending, "code": totp_code(old_secret, 1)})
+    assert_problem(old_code, 401, "invalid_code")
+    new_code = await client.post("/auth/login/mfa", json={
+        "mfa_token": pending, "code": totp_code(new_secret, 1)})
+    assert new_code.status_code == 200, new_code.text
+
+
+async def test_a_restriction_made_between_the_steps_stops_tracking_the_login(
+        app: FastAPI) -> None:
+    """The user's flags come from the second step's own statement, not from the first
+    step: restricted in between (from another session), the login is not tracked."""
+    async with client_for(app) as client:
+        user, token, secret, _ = await user_with_totp(client)
+        pending = await mfa_token_for(client, user["email"])
+        restricted = await client.put("/me/restrictions", headers=bearer(token), json={
+            "restrict_processing": True, "object_to_processing": False})
+        assert restricted.status_code in (200, 204), restricted.text
+        client.cookies.clear()
+        done = await client.post("/auth/login/mfa", json={"mfa_token": pending,
+                                                          "code": totp_code(secret, 1)})
+    assert done.status_code == 200, done.text
+    assert done.headers["tk"] == "N"
+    assert "visitor" not in done.headers.get("set-cookie", "")
+
+
+async def test_the_second_step_without_update_returning(
+        app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the database cannot return rows from an UPDATE (SQLite before 3.35), the step
+    is taken and the flags read in one transaction: the same answers."""
+    engine = app.state.tessera.engine
+    monkeypatch.setattr(engine.dialect, "update_returning", False)
+    user, token, secret, _ = await user_with_totp(client)
+    await client.put("/me/restrictions", headers=bearer(token), json={
+        "restrict_processing": True, "object_to_processing": False})
+    pending = await mfa_token_for(client, user["email"])
+    client.cookies.clear()
+    done = await client.post("/auth/login/mfa", json={"mfa_token": pending,
+                                                      "code": totp_code(secret, 1)})
+    assert done.status_code == 200, done.text
+    assert done.headers["tk"] == "N"
+    replay = await client.post("/auth/login/mfa", json={
+        "mfa_token": await mfa_token_for(client, user["email"]), "code": totp_code(secret, 1)})
+    assert_problem(replay, 401, "invalid_code")

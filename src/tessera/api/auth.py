@@ -44,13 +44,12 @@ from tessera.api.schemas import (
 )
 from tessera.config import Settings
 from tessera.domain import accounts, mail, mfa, recovery
-from tessera.domain.accounts import Logins
+from tessera.domain.accounts import Logins, LoginSubject
 from tessera.domain.auth import csrf_token_for
 from tessera.edge.privacy import forbid_tracking
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.metrics import Metrics
 from tessera.security.passwords import normalise_password
-from tessera.stores.models import User
 from tessera.stores.ratelimit import AttemptLimiter, ip_bucket
 from tessera.timeutil import from_epoch
 
@@ -213,7 +212,7 @@ async def login(request: Request, db: DbDep, settings: SettingsDep, limiter: Lim
 
 
 async def login_response(request: Request, db: AsyncSession, settings: Settings,
-                         metrics: Metrics, logins: Logins, csrf_key: bytes, user: User,
+                         metrics: Metrics, logins: Logins, csrf_key: bytes, user: LoginSubject,
                          amr: list[str], *, epoch: str | None = None, take: str | None = None,
                          forget: Sequence[str] = ()) -> JSONResponse:
     """The one way a login ends (password, second step, passkey): a session, its token in

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.responses import JSONResponse
 
 from tessera.api.auth import NO_STORE, check_origin, login_response
@@ -30,7 +31,9 @@ from tessera.config import Settings
 from tessera.domain import accounts, mfa
 from tessera.edge.privacy import forbid_tracking
 from tessera.errors import Problem, problem_doc, problem_responses
+from tessera.metrics import Metrics
 from tessera.security.passwords import PasswordHasher
+from tessera.stores.audit import AuditTrail
 from tessera.stores.models import User
 from tessera.stores.ratelimit import AttemptLimiter
 from tessera.stores.sessions import AlreadyTaken
@@ -259,6 +262,17 @@ async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep, settings: Set
     if step is None:
         raise mfa.invalid_mfa_token()
     user_id = step.user_id
+    if (body.code and body.credential is None and step.sealed_totp is not None
+            and step.unchanged and mfa.looks_like_totp(body.code)):
+        # The common case: a TOTP code, and the account as the first step left it. The
+        # factor came sealed in the mfa_token, and one statement takes the time step and
+        # reads the user's flags: no read of the user or the factor.
+        flags = await mfa.check_sealed_totp(factors, step, body.code)
+        if flags is not None:
+            return await _second_step_done(request, db, settings, metrics, logins, csrf_key,
+                                           audit_trail, flags, step, ["otp"])
+        # Not the sealed factor's code (a wrong code, a replay, or the factor was replaced
+        # since the first step): the check below, on the factor as it is now, decides.
     user, totp = await mfa.login_state(db, user_id)
     if user is None or mfa.password_fingerprint(user) != step.password:
         raise mfa.invalid_mfa_token()  # the password changed (or the account went)
@@ -278,16 +292,27 @@ async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep, settings: Set
     if earned is None:
         await accounts.audit(db, "login_mfa", user_id=user_id, outcome="failed")
         raise mfa.invalid_code()
+    return await _second_step_done(request, db, settings, metrics, logins, csrf_key,
+                                   audit_trail, user, step, earned)
+
+
+async def _second_step_done(request: Request, db: AsyncSession, settings: Settings,
+                            metrics: Metrics, logins: accounts.Logins, csrf_key: bytes,
+                            audit_trail: AuditTrail, user: accounts.LoginSubject,
+                            step: mfa.SecondStep,
+                            earned: list[str]) -> JSONResponse:
+    """The second factor was right: the session, if the account is active and the epoch
+    read at the first step still holds."""
     if not user.is_active:
         raise Problem("account_inactive", "This account is deactivated.")
-    try:  # the session only if the epoch read at the first step still holds
+    try:
         response = await login_response(request, db, settings, metrics, logins, csrf_key, user,
                                         mfa.full_amr(step.amr, earned), epoch=step.epoch,
                                         take=step.take, forget=step.forget)
     except AlreadyTaken:
         raise mfa.invalid_mfa_token() from None  # used meanwhile by a concurrent request
     # Buffered (stores/audit.py): the step's one commit is the replay guard's.
-    accounts.audit_later(audit_trail, "login_mfa", user_id=user_id, outcome="ok")
+    accounts.audit_later(audit_trail, "login_mfa", user_id=user.id, outcome="ok")
     return response
 
 

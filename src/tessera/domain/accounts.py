@@ -7,7 +7,7 @@ import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.exc import IntegrityError
@@ -162,6 +162,20 @@ async def verify_password(hasher: PasswordHasher, user: User, password: str) -> 
     return ok
 
 
+class LoginSubject(Protocol):
+    """What a login needs of the user besides the credential: a `User` row, or the flags a
+    second step's one statement read (`stores.mfa.LoginFlags`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def is_active(self) -> bool: ...
+    @property
+    def restrict_processing(self) -> bool: ...
+    @property
+    def object_to_processing(self) -> bool: ...
+
+
 @dataclass(frozen=True)
 class Logins:
     """Opening and ending sessions: a session is a signed token (`keys`, `settings` say for
@@ -173,7 +187,7 @@ class Logins:
     token_key: bytes
     metrics: Metrics
 
-    async def open(self, user: User, user_agent: str | None, *, epoch: str,
+    async def open(self, user: LoginSubject, user_agent: str | None, *, epoch: str,
                    amr: list[str] | None = None, auth_time: int | None = None,
                    take: str | None = None, forget: Sequence[str] = ()) -> IssuedToken | None:
         """A new session, if the user's auth epoch is still `epoch` (read before the

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import pyotp
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel.ext.asyncio.session import AsyncSession
 from webauthn import (
     generate_authentication_options,
@@ -61,6 +62,7 @@ class SecondFactors:
     redis: AnyRedis
     limiter: AttemptLimiter
     box: store.SecretBox
+    engine: AsyncEngine  # the second step's one statement runs on a connection of its own
 
 
 def invalid_code() -> Problem:
@@ -74,6 +76,7 @@ class Enrolled:
     totp: bool
     passkeys: int
     recovery_codes_left: int
+    totp_sealed: str | None = None  # the confirmed TOTP secret, as stored (encrypted)
 
     @property
     def any(self) -> bool:
@@ -91,8 +94,9 @@ class Enrolled:
 
 async def enrolled(db: AsyncSession, user_id: str) -> Enrolled:
     """One round trip: every login asks this after the password."""
-    totp, passkeys, codes_left = await store.factor_counts(db, user_id)
-    return Enrolled(totp=totp > 0, passkeys=passkeys, recovery_codes_left=codes_left)
+    sealed, passkeys, codes_left = await store.factor_counts(db, user_id)
+    return Enrolled(totp=sealed is not None, passkeys=passkeys, recovery_codes_left=codes_left,
+                    totp_sealed=sealed)
 
 
 def passkey_view(key: store.Passkey) -> dict[str, Any]:
@@ -251,6 +255,10 @@ async def mfa_required(factors: SecondFactors, user: User, amr: list[str], state
     mfa_token = f"{user.id}.{secrets.token_urlsafe(32)}"
     record = {"uid": user.id, "amr": amr, "pw": password_fingerprint(user),
               "at": int(time.time()), "ep": epoch}
+    if state.totp_sealed is not None and other_than != "totp":
+        # The TOTP secret as stored (sealed: AES-GCM under a key of the service secret), so
+        # that the second step checks a code without reading the factor (`check_sealed_totp`).
+        record["tf"] = state.totp_sealed
     await logins.put(factors.redis, user.id, mfa_token, record,
                      factors.settings.mfa_token_ttl_seconds)
     return Problem("mfa_required", "A second factor is needed to finish logging in.",
@@ -271,6 +279,14 @@ class SecondStep:
     epoch: str
     take: str
     forget: tuple[str, ...]
+    sealed_totp: str | None = None  # the confirmed TOTP secret at the first step, sealed
+    epoch_now: str = ""  # the user's auth epoch as this step began
+
+    @property
+    def unchanged(self) -> bool:
+        """No change that ends sessions (password, deactivation, erasure, reset) happened
+        since the first step: the account is as that step found it."""
+        return self.epoch_now == self.epoch
 
 
 def _token_user(mfa_token: str) -> str | None:
@@ -297,9 +313,33 @@ async def begin_second_step(factors: SecondFactors, mfa_token: str) -> SecondSte
     if pending is None or pending.record.get("uid") != user_id:
         return None
     record = pending.record
+    sealed = record.get("tf")
     return SecondStep(user_id=user_id, amr=list(record["amr"]), password=str(record["pw"]),
                       epoch=str(record.get("ep", "0")), take=pending.key,
-                      forget=(logins.account_key(user_id),))
+                      forget=(logins.account_key(user_id),),
+                      sealed_totp=sealed if isinstance(sealed, str) else None,
+                      epoch_now=pending.epoch)
+
+
+def looks_like_totp(code: str) -> bool:
+    normalised = code.strip().replace(" ", "")
+    return len(normalised) == TOTP_DIGITS and normalised.isdigit()
+
+
+async def check_sealed_totp(factors: SecondFactors, step: SecondStep,
+                            code: str) -> store.LoginFlags | None:
+    """The second step's TOTP check when nothing that ends sessions happened since the
+    first (`step.unchanged`) and the first step sealed the factor into the mfa_token: the
+    code checked against that secret, and the time step taken in one statement that also
+    proves the factor is still the same and hands back the user's flags (no read of the
+    user or the factor). None: a wrong code or a replay, nothing taken."""
+    assert step.sealed_totp is not None
+    secret = factors.box.decrypt(step.sealed_totp, step.user_id)
+    matched = matching_step(secret, code)
+    if matched is None:
+        return None
+    return await store.accept_sealed_step(factors.engine, step.user_id, step.sealed_totp,
+                                          matched)
 
 
 async def login_state(db: AsyncSession, user_id: str) -> tuple[User | None,

@@ -10,10 +10,13 @@ import hashlib
 import hmac
 import os
 import secrets
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import Field, SQLModel, col, delete, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -92,18 +95,20 @@ class SecretBox:
         return hmac.new(self._code_key, normalised_code.encode(), hashlib.sha256).hexdigest()
 
 
-async def factor_counts(db: AsyncSession, user_id: str) -> tuple[int, int, int]:
-    """(confirmed TOTP, passkeys, unused recovery codes) in one query."""
+async def factor_counts(db: AsyncSession, user_id: str) -> tuple[str | None, int, int]:
+    """(the confirmed TOTP factor's sealed secret or None, passkeys, unused recovery codes)
+    in one query."""
     def count(table: type[SQLModel], *where: sa.ColumnElement[bool]) -> sa.ScalarSelect[int]:
         return sa.select(sa.func.count()).select_from(table).where(*where).scalar_subquery()
 
     row = (await db.exec(sa.select(  # type: ignore[call-overload]
-        count(TotpFactor, col(TotpFactor.user_id) == user_id,
-              col(TotpFactor.confirmed_at).is_not(None)),
+        sa.select(col(TotpFactor.secret_enc)).where(
+            col(TotpFactor.user_id) == user_id,
+            col(TotpFactor.confirmed_at).is_not(None)).scalar_subquery(),
         count(Passkey, col(Passkey.user_id) == user_id),
         count(RecoveryCode, col(RecoveryCode.user_id) == user_id,
               col(RecoveryCode.used_at).is_(None))))).one()
-    return int(row[0]), int(row[1]), int(row[2])
+    return (str(row[0]) if row[0] is not None else None), int(row[1]), int(row[2])
 
 
 # --- TOTP ---------------------------------------------------------------------------------
@@ -146,6 +151,60 @@ async def accept_step(db: AsyncSession, user_id: str, step: int) -> bool:
                col(TotpFactor.last_step) < step)
         .values(last_step=step))
     return bool(result.rowcount)
+
+
+@dataclass(frozen=True)
+class LoginFlags:
+    """What a login needs of the user's row besides the credential: its id, whether it is
+    active, and the two rights that stop tracking."""
+
+    id: str
+    is_active: bool
+    restrict_processing: bool
+    object_to_processing: bool
+
+
+# The replay guard of a second step whose factor came with its mfa_token (`sealed`: the
+# secret as the first step read it): the step is taken only if that factor is still the
+# user's, confirmed, and no equal or later step was accepted.
+_TAKE_SEALED_STEP = (sa.update(TotpFactor)
+                     .where(col(TotpFactor.user_id) == sa.bindparam("uid"),
+                            col(TotpFactor.secret_enc) == sa.bindparam("sealed_secret"),
+                            col(TotpFactor.confirmed_at).is_not(None),
+                            col(TotpFactor.last_step) < sa.bindparam("step_no"))
+                     .values(last_step=sa.bindparam("step_no")))
+
+
+def _flag(column: Any) -> sa.ScalarSelect[bool]:
+    return sa.select(column).where(col(User.id) == sa.bindparam("uid")).scalar_subquery()
+
+
+# ... and the user's flags back from the same statement.
+_ACCEPT_SEALED_STEP = _TAKE_SEALED_STEP.returning(
+    _flag(col(User.is_active)), _flag(col(User.restrict_processing)),
+    _flag(col(User.object_to_processing)))
+_USER_FLAGS = sa.select(col(User.is_active), col(User.restrict_processing),
+                        col(User.object_to_processing)).where(
+    col(User.id) == sa.bindparam("uid"))
+
+
+async def accept_sealed_step(engine: AsyncEngine, user_id: str, sealed: str,
+                             step: int) -> LoginFlags | None:
+    """`accept_step` for the login's second step, on a connection of its own and without
+    the ORM: one statement, committed (UPDATE ... RETURNING; an UPDATE then a SELECT in one
+    transaction where the database has no RETURNING on UPDATE, as SQLite before 3.35).
+    None: a replay, or the factor changed or went since the first step."""
+    params = {"uid": user_id, "sealed_secret": sealed, "step_no": step}
+    async with engine.begin() as conn:
+        if engine.dialect.update_returning:
+            row = (await conn.execute(_ACCEPT_SEALED_STEP, params)).first()
+        else:
+            taken = await conn.execute(_TAKE_SEALED_STEP, params)
+            row = (await conn.execute(_USER_FLAGS, params)).first() if taken.rowcount else None
+    if row is None or row[0] is None:  # no step taken (or, impossibly, no user row)
+        return None
+    return LoginFlags(id=user_id, is_active=bool(row[0]), restrict_processing=bool(row[1]),
+                      object_to_processing=bool(row[2]))
 
 
 async def delete_totp(db: AsyncSession, user_id: str) -> None:

@@ -137,7 +137,7 @@ def _index_key(user_id: str) -> str:
     return f"tessera:{{{user_id}}}:sessions"
 
 
-def _epoch_key(user_id: str) -> str:
+def epoch_key(user_id: str) -> str:
     return f"tessera:{{{user_id}}}:epoch"
 
 
@@ -166,7 +166,7 @@ class SessionStore:
 
     async def epoch(self, user_id: str) -> str:
         """The user's auth epoch: read before the credentials are checked, handed to `create`."""
-        raw = await self.redis.get(_epoch_key(user_id))
+        raw = await self.redis.get(epoch_key(user_id))
         return str(raw) if raw is not None else "0"
 
     async def create(self, record: SessionRecord, *, epoch: str, take: str | None = None,
@@ -179,7 +179,7 @@ class SessionStore:
         now = int(time.time())
         ttl = max(1, record.expires_at - now)
         index = _index_key(record.user_id)
-        keys = [_epoch_key(record.user_id), _session_key(record.user_id, record.sid), index]
+        keys = [epoch_key(record.user_id), _session_key(record.user_id, record.sid), index]
         if take is not None:
             keys += [take, *forget]
         # Score: the expiry, with the sub-second of creation so the oldest sorts first.
@@ -267,7 +267,7 @@ class SessionStore:
         while True:
             sids = [s for s in map(str, await self.redis.zrange(index, 0, -1)) if s != keep_sid]
             raws = await self._delete_listed(
-                keys=[index, _epoch_key(user_id), *(_session_key(user_id, s) for s in sids)],
+                keys=[index, epoch_key(user_id), *(_session_key(user_id, s) for s in sids)],
                 args=[keep_sid or "", EPOCH_TTL_SECONDS, *sids])
             if raws is None:
                 continue  # a login or logout changed the index meanwhile
