@@ -325,6 +325,10 @@ async def test_export_lists_factors_without_secrets_and_deletion_removes_them(
     assert mfa["totp"]["confirmed_at"] and mfa["recovery_codes"]["left"] == 10
     assert mfa["passkeys"] == []
     assert secret not in export.text and not any(c in export.text for c in codes)
+    redis = app.state.tessera.redis
+    await mfa_token_for(client, user["email"])  # a login left at its second step
+    pending = [k async for k in redis.scan_iter(match=f"tessera:{{{user['id']}}}:mfa*")]
+    assert pending  # the mfa_token (its record holds the sealed TOTP secret) and its list
     deleted = await client.request("DELETE", "/me", headers=bearer(token), json={
         "password": PASSWORD, "code": codes[0]})
     assert deleted.status_code == 204
@@ -332,6 +336,7 @@ async def test_export_lists_factors_without_secrets_and_deletion_removes_them(
         assert await db.get(TotpFactor, user["id"]) is None
         assert (await db.exec(select(RecoveryCode)
                               .where(RecoveryCode.user_id == user["id"]))).all() == []
+    assert await redis.exists(*pending) == 0
 
 
 async def test_tokens_and_introspection_say_how_the_user_authenticated(client) -> None:

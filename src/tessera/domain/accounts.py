@@ -25,6 +25,7 @@ from tessera.metrics import Metrics
 from tessera.security.passwords import PasswordHasher
 from tessera.security.tokens import IssuedToken, issue_token, new_session_id, token_hash
 from tessera.stores import mail as mail_store
+from tessera.stores import mfa_login
 from tessera.stores.audit import AuditTrail
 from tessera.stores.keys import KeyRing
 from tessera.stores.models import AuditEvent, User, utcnow
@@ -426,6 +427,7 @@ class Erasure:
         await db.commit()
         self.mail_worker.wake()
         await self.profiles.forget(user_id)
+        await mfa_login.forget(self.logins.sessions.redis, user_id)
         # Any login that raced the delete:
         await self.logins.revoke_all(user_id, "account_deleted")
         await self.scrub_traces()
@@ -451,5 +453,6 @@ class Erasure:
         events.emit(db, "user.erased", {"user_id": user.id})
         await db.commit()
         await user_changed(self.profiles, user.id)
+        await mfa_login.forget(self.logins.sessions.redis, user.id)
         await self.logins.revoke_all(user.id, "minor_erased")
         await self.scrub_traces()

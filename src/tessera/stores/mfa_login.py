@@ -5,6 +5,7 @@ attempt counters, all under the user's `{user-id}` hash tag, beside the user's s
     tessera:{<uid>}:mfa:<sha256(mfa_token)>   hash: r = the record (JSON), n = tries so far;
                                               TTL = the mfa_token's life
     tessera:{<uid>}:rl:mfa-account            wrong second factors of the account (a window)
+    tessera:{<uid>}:mfa-pending               set: the user's mfa_token keys (erasure's list)
 
 A second step costs two round trips, both writes: `begin` (read the token, count the attempt
 on the token and on the account, *before* the check) and the session's creation, which also
@@ -78,13 +79,28 @@ class PendingLogin:
     epoch: str  # the user's auth epoch as this step began
 
 
+def pending_key(user_id: str) -> str:
+    return f"tessera:{{{user_id}}}:mfa-pending"
+
+
 async def put(redis: AnyRedis, user_id: str, mfa_token: str, record: dict[str, Any],
               ttl: int) -> None:
-    key = token_key(user_id, mfa_token)
+    key, pending = token_key(user_id, mfa_token), pending_key(user_id)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(key, "r", json.dumps(record))
         pipe.expire(key, ttl)
+        pipe.sadd(pending, key)  # lives as long as the newest token of the user's
+        pipe.expire(pending, ttl)
         await pipe.execute()
+
+
+async def forget(redis: AnyRedis, user_id: str) -> None:
+    """The account is erased: its pending second steps go too (their records hold the
+    sealed TOTP secret), not only the ones a later epoch would refuse."""
+    pending = pending_key(user_id)
+    keys = [k.decode() if isinstance(k, bytes) else str(k)
+            for k in await redis.smembers(pending)]
+    await redis.delete(pending, *keys)
 
 
 async def begin(redis: AnyRedis, user_id: str, mfa_token: str, *, max_per_token: int,
