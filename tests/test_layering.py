@@ -121,3 +121,24 @@ def test_no_route_takes_the_holder(tmp_path: Path) -> None:
                   for call in (route.endpoint, *_dependency_calls(route.dependant))
                   for v in _takes_holder(call)]
     assert violations == [], "\n".join(violations)
+
+
+
+def test_no_lean_handler_takes_the_holder() -> None:
+    """The plain ASGI endpoints (api/lean.py) name their collaborators too: the dispatcher
+    builds each handler from the holder in one place (`lean.handlers`), and no handler
+    sees the holder itself."""
+    import functools
+    from types import SimpleNamespace
+
+    from tessera.api import lean
+
+    holder = SimpleNamespace(settings=SimpleNamespace(service_keys=[]), **{name: object() for name in (
+        "usage", "auth", "policy", "db_factory", "factors", "metrics", "logins", "csrf_key",
+        "audit_trail")})
+    built = lean.handlers(holder)  # type: ignore[arg-type]
+    assert set(built) == set(lean.ROUTES)
+    functions = [h.func if isinstance(h, functools.partial) else h for h in built.values()]
+    violations = [v for f in functions for v in _takes_holder(f)]
+    assert violations == [], "\n".join(violations)
+    assert _takes_holder(lean.handlers) == ["tessera.api.lean.handlers(t)"]  # the one place

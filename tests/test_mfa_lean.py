@@ -272,3 +272,56 @@ async def test_the_second_step_without_update_returning(
     replay = await client.post("/auth/login/mfa", json={
         "mfa_token": await mfa_token_for(client, user["email"]), "code": totp_code(secret, 1)})
     assert_problem(replay, 401, "invalid_code")
+
+
+_NOT_AN_OBJECT = "Input should be a valid dictionary or object to extract fields from"
+
+
+@pytest.mark.parametrize(("request_kw", "status", "code", "errors"), [
+    ({"content": b'{"mfa_token":"x","code":"1"}'}, 422, "validation_error",
+     [{"loc": ["body"], "msg": _NOT_AN_OBJECT}]),  # no content type: not read as JSON
+    ({"content": b'{"mfa_token":"x"}', "headers": {"content-type": "text/plain"}}, 422,
+     "validation_error", [{"loc": ["body"], "msg": _NOT_AN_OBJECT}]),
+    ({"data": {"mfa_token": "x", "code": "1"}}, 422, "validation_error",
+     [{"loc": ["body"], "msg": _NOT_AN_OBJECT}]),
+    ({"content": b'{"mfa_token":', "headers": {"content-type": "application/json"}}, 422,
+     "validation_error", [{"loc": ["body", 13], "msg": "JSON decode error"}]),
+    ({"json": [1, 2]}, 422, "validation_error", [{"loc": ["body"], "msg": _NOT_AN_OBJECT}]),
+    ({"json": {"mfa_token": "x", "code": "1", "zzz": 1}}, 422, "validation_error",
+     [{"loc": ["body", "zzz"], "msg": "Extra inputs are not permitted"}]),
+    ({"json": {"mfa_token": "x" * 200}}, 422, "validation_error",
+     [{"loc": ["body", "mfa_token"], "msg": "String should have at most 128 characters"}]),
+    ({"json": {"mfa_token": "x", "code": 123456}}, 422, "validation_error",
+     [{"loc": ["body", "code"], "msg": "Input should be a valid string"}]),
+    ({"content": b"", "headers": {"content-type": "application/json"}}, 422,
+     "validation_error", [{"loc": ["body"], "msg": "Field required"}]),
+    ({"content": b'{"mfa_token":"\xff"}', "headers": {"content-type": "application/json"}},
+     400, "malformed_body", None),
+    ({"content": b'{"mfa_token":"x","code":"1"}',
+      "headers": {"content-type": "application/vnd.api+json; charset=utf-8"}},
+     401, "invalid_token", None),  # any +json type is JSON
+    ({"content": b"[" * 20_000 + b"]" * 20_000,
+      "headers": {"content-type": "application/json"}}, 400, "malformed_body", None),
+])
+async def test_the_lean_second_step_reads_its_body_as_every_route_does(
+        client: httpx.AsyncClient, request_kw: dict[str, Any], status: int, code: str,
+        errors: list[dict[str, Any]] | None) -> None:
+    """POST /auth/login/mfa is a plain ASGI handler (api/lean.py); its body is read and
+    validated as FastAPI reads a route's body model (api/schemas.py `read_json`): the same
+    answer, status, code and errors, as before it was lean."""
+    answer = await client.post("/auth/login/mfa", **request_kw)
+    body = assert_problem(answer, status, code)
+    if errors is not None:
+        assert body["errors"] == errors
+
+
+async def test_the_lean_second_step_is_in_the_schema_and_other_methods_are_405(
+        client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    operation = schema["paths"]["/auth/login/mfa"]["post"]
+    body = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["mfa_token"] and body["additionalProperties"] is False
+    assert {"200", "401", "422", "429"} <= set(operation["responses"])
+    refused = await client.get("/auth/login/mfa")
+    assert_problem(refused, 405, "method_not_allowed")
+    assert refused.headers["allow"] == "POST"

@@ -4,8 +4,8 @@
 names each collaborator it uses through its own small dependency (api/deps.py), and a domain
 function takes each as a parameter (or a purpose-built group that always travels together:
 `accounts.Logins`, `accounts.Erasure`, `mfa.SecondFactors`). The lean handlers (api/lean.py)
-are handed the holder by their dispatcher. tests/test_layering.py keeps domain and stores
-code from ever seeing it."""
+name theirs as keyword parameters, bound in one place (`lean.handlers`).
+tests/test_layering.py keeps domain, stores, routes and lean handlers from ever seeing it."""
 
 from __future__ import annotations
 

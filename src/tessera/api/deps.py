@@ -19,7 +19,7 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tessera.api.lean import require_service_key
+from tessera.api.clients import require_service_key
 from tessera.config import Settings
 from tessera.domain.accounts import Erasure, Logins
 from tessera.domain.auth import Principal, check_csrf
@@ -77,10 +77,10 @@ ErasureDep = Annotated[Erasure, _held("erasure")]
 SecondFactorsDep = Annotated[SecondFactors, _held("factors")]
 
 
-async def service_caller(request: Request) -> None:
+async def service_caller(request: Request, settings: SettingsDep) -> None:
     """The caller holds a service key (the revocation feed; introspection checks the same in
     api/lean.py)."""
-    require_service_key(request.scope, request.app.state.tessera, {})
+    require_service_key(request.scope, settings.service_keys, {})
 
 
 ServiceCaller = Annotated[None, Depends(service_caller)]

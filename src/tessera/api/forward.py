@@ -18,11 +18,12 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope
 
 from tessera.api.raw import RawResponse
+from tessera.config import Settings
 from tessera.edge.edge import principal_in
 from tessera.edge.privacy import TRACKING, attribute_usage
 from tessera.edge.proxy import direct_peer, trusted
 from tessera.errors import PROBLEM_SCHEMA, not_authenticated
-from tessera.services import Tessera
+from tessera.stores.usage import UsageRecorder
 
 PATH = "/auth/check"
 PREFIX = PATH + "/"
@@ -35,17 +36,18 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def original_request(scope: Scope, t: Tessera) -> tuple[str | None, str, str, str | None]:
+def original_request(scope: Scope, settings: Settings,
+                     ) -> tuple[str | None, str, str, str | None]:
     """(client ip, method, path, host) of the request the proxy asks about; the check itself
     when the peer is not a trusted proxy. The query string is never kept (it may carry
     tokens or personal data)."""
     client = scope.get("client")
     ip = client[0] if client else None
     host = _header(scope, b"host")
-    if not trusted(direct_peer(scope), t.settings.forwarded_allow_ips):
+    if not trusted(direct_peer(scope), settings.forwarded_allow_ips):
         return ip, "GET", PATH, host
     forwarded_for = _header(scope, b"x-forwarded-for")
-    if not t.settings.proxy_headers and forwarded_for:
+    if not settings.proxy_headers and forwarded_for:
         ip = forwarded_for.rsplit(",", 1)[-1].strip() or ip  # as the proxy saw its client
     # Envoy's ext_authz (HTTP) sends the original method, and the original path after its
     # `path_prefix` (/auth/check/<path>).
@@ -59,7 +61,8 @@ def original_request(scope: Scope, t: Tessera) -> tuple[str | None, str, str, st
     return ip, method[:16], uri.split("?", 1)[0].split("#", 1)[0], host
 
 
-async def check(scope: Scope, receive: Receive, t: Tessera) -> ASGIApp:
+async def check(scope: Scope, receive: Receive, *, settings: Settings,
+                usage: UsageRecorder) -> ASGIApp:
     """Forward auth: 200 with identity headers for a valid token (bearer or session cookie),
     else 401 `not_authenticated`."""
     principal = principal_in(scope, attribute=False)
@@ -74,8 +77,8 @@ async def check(scope: Scope, receive: Receive, t: Tessera) -> ASGIApp:
         headers.append((b"x-auth-amr", ",".join(str(a) for a in amr).encode("latin-1")))
     headers.append((b"content-length", b"0"))
     if scope.get("state", {}).get(TRACKING, False):
-        ip, method, path, host = original_request(scope, t)
-        t.usage.record(user_id=principal.user_id, ip=ip, method=method, path=path, host=host,
+        ip, method, path, host = original_request(scope, settings)
+        usage.record(user_id=principal.user_id, ip=ip, method=method, path=path, host=host,
                        status=200, nbytes=0)
     attribute_usage(scope, "")  # recorded above (or not at all): not again as /auth/check
     return RawResponse(200, headers)

@@ -1,29 +1,34 @@
 """The endpoints other services and proxies call on every request they serve, written once
-each as plain ASGI handlers: `GET /me` (bearer or cookie), `POST /auth/introspect` and
-`GET /healthz`. FastAPI's routing and dependency solving cost more than their own work (one
-batched Redis read, done by the edge), so they skip it; they are declared in the OpenAPI
-schema like every other route (`OPENAPI`), and answer through the same edge (privacy
-headers, usage log, metrics) and the same problem rendering (errors.py).
+each as plain ASGI handlers: `GET /me` (bearer or cookie), `POST /auth/introspect`,
+`GET /auth/check` (api/forward.py), `GET /healthz`, and the second login step
+`POST /auth/login/mfa` (api/mfa.py). FastAPI's routing and dependency solving cost more
+than their own work, so they skip it; they are declared in the OpenAPI schema like every
+other route (`OPENAPI`), and answer through the same edge (privacy headers, usage log,
+metrics) and the same problem rendering (errors.py).
+
+A lean handler names the collaborators it uses as keyword parameters, as a route names its
+dependencies; `handlers` is the one place they are taken from the lifespan's holder, as
+api/deps.py is for FastAPI's routes.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
+from pydantic import SecretStr
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tessera.api import forward
+from tessera.api import forward, mfa
+from tessera.api.clients import require_service_key
 from tessera.api.raw import json_response
-from tessera.domain.auth import MAX_TOKEN_LENGTH
-from tessera.domain.policy import PolicyState, must_consent
+from tessera.domain.auth import MAX_TOKEN_LENGTH, TokenChecker
+from tessera.domain.policy import PolicyCache, PolicyState, must_consent
 from tessera.domain.profiles import Profile
 from tessera.edge.edge import ROUTE_KEY, principal_in
 from tessera.errors import (
@@ -41,7 +46,7 @@ from tessera.stores.sessions import SessionRecord
 
 log = logging.getLogger("tessera.lean")
 
-Handler = Callable[[Scope, Receive, Tessera], Awaitable[ASGIApp]]
+Handler = Callable[[Scope, Receive], Awaitable[ASGIApp]]
 NO_STORE = {"Cache-Control": "no-store"}
 _JSON = "application/json"
 
@@ -49,7 +54,7 @@ _JSON = "application/json"
 _json = json_response
 
 
-async def get_me(scope: Scope, receive: Receive, t: Tessera) -> ASGIApp:
+async def get_me(scope: Scope, receive: Receive) -> ASGIApp:
     principal = principal_in(scope)
     if principal is None:
         raise not_authenticated()
@@ -57,7 +62,7 @@ async def get_me(scope: Scope, receive: Receive, t: Tessera) -> ASGIApp:
     return _json(principal.profile.me_body)
 
 
-async def healthz(scope: Scope, receive: Receive, t: Tessera) -> ASGIApp:
+async def healthz(scope: Scope, receive: Receive) -> ASGIApp:
     return _json(b'{"status":"ok"}')
 
 
@@ -72,44 +77,8 @@ async def _read_body(receive: Receive) -> bytes | None:
             return b"".join(chunks)
 
 
-def _service_key_ok(t: Tessera, presented: str) -> bool:
-    ok = False
-    for key in t.settings.service_keys:  # no early exit: every key is compared
-        ok |= bool(presented) and hmac.compare_digest(presented.encode(),
-                                                     key.get_secret_value().encode())
-    return ok
-
-
-def _client_secret(scope: Scope, fields: dict[str, list[str]]) -> str:
-    """The service key, by `Authorization: Bearer`, HTTP Basic (`client_secret_basic`: any
-    client id, the key as the secret) or the `client_secret` form field
-    (`client_secret_post`)."""
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            scheme, _, credentials = value.decode("latin-1").partition(" ")
-            scheme, credentials = scheme.lower(), credentials.strip()
-            if scheme == "bearer":
-                return credentials
-            if scheme == "basic":
-                try:
-                    decoded = base64.b64decode(credentials, validate=True).decode()
-                except (binascii.Error, ValueError):  # also non-ASCII input, bad UTF-8
-                    return ""
-                # RFC 6749 2.3.1: both parts are form-urlencoded before the Basic encoding.
-                return unquote(decoded.partition(":")[2].replace("+", " "))
-            return ""
-    return fields.get("client_secret", [""])[0]
-
-
-def require_service_key(scope: Scope, t: Tessera, fields: dict[str, list[str]]) -> None:
-    """Introspection and the revocation feed are for services holding a service key."""
-    if not _service_key_ok(t, _client_secret(scope, fields)):
-        raise Problem("invalid_client", "A valid service key is required.",
-                      headers={"WWW-Authenticate": 'Bearer realm="tessera-services", '
-                                                       'Basic realm="tessera-services"'})
-
-
-async def introspect(scope: Scope, receive: Receive, t: Tessera) -> ASGIApp:
+async def introspect(scope: Scope, receive: Receive, *, service_keys: Sequence[SecretStr],
+                     auth: TokenChecker, policy: PolicyCache) -> ASGIApp:
     """RFC 7662. Active while the session exists: the same check every endpoint makes."""
     body = await _read_body(receive)
     if body is None:
@@ -119,21 +88,21 @@ async def introspect(scope: Scope, receive: Receive, t: Tessera) -> ASGIApp:
         fields = parse_qs(body.decode(), max_num_fields=8)
     except (UnicodeDecodeError, ValueError):
         raise Problem("malformed_body", "The body must be a urlencoded form.") from None
-    require_service_key(scope, t, fields)
+    require_service_key(scope, service_keys, fields)
     tokens = fields.get("token")
     if not tokens or not tokens[0]:
         raise Problem("invalid_request", "The form field `token` is required (RFC 7662).")
     token = tokens[0]
-    principal = await t.auth.check(token) if len(token) <= MAX_TOKEN_LENGTH else None
+    principal = await auth.check(token) if len(token) <= MAX_TOKEN_LENGTH else None
     if principal is None:
         return _json(b'{"active":false}')
-    policy = await t.policy.get()
+    state = await policy.get()
     # The answer is a function of the token (its claims), its session record, the profile
     # and the policy state: the memos hand back the same objects while none of them changed,
     # so the rendered body is kept beside them.
     known = _introspected.get(token)
     if known is not None and known[0] is principal.session and known[1] is principal.profile \
-            and known[2] is policy:
+            and known[2] is state:
         return _json(known[3])
     raw = principal.claims
     # Rendered as Starlette's JSONResponse renders (compact, UTF-8), without building one.
@@ -141,11 +110,11 @@ async def introspect(scope: Scope, receive: Receive, t: Tessera) -> ASGIApp:
         "active": True, "sub": principal.user_id, "sid": principal.sid, "exp": raw.get("exp"),
         "iat": raw.get("iat"), "iss": raw.get("iss"), "aud": raw.get("aud"),
         "jti": raw.get("jti"), "token_type": "Bearer",
-        "policy_accepted": not must_consent(principal.profile.policy_seq, policy),
+        "policy_accepted": not must_consent(principal.profile.policy_seq, state),
         "amr": raw.get("amr", ["pwd"]), "auth_time": raw.get("auth_time", raw.get("iat")),
         "email_verified": bool(principal.profile.me.get("email_verified")),
     }, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-    _introspected.put(token, (principal.session, principal.profile, policy, body))
+    _introspected.put(token, (principal.session, principal.profile, state, body))
     return _json(body)
 
 
@@ -153,12 +122,31 @@ async def introspect(scope: Scope, receive: Receive, t: Tessera) -> ASGIApp:
 _introspected: Memo[str, tuple[SessionRecord, Profile, PolicyState, bytes]] = Memo()
 
 
-ROUTES: dict[tuple[str, str], Handler] = {
-    ("GET", "/me"): get_me,
-    ("GET", forward.PATH): forward.check,
-    ("POST", "/auth/introspect"): introspect,
-    ("GET", "/healthz"): healthz,
-}
+# The lean endpoints, (method, path); `handlers` builds each one's handler.
+ROUTES: tuple[tuple[str, str], ...] = (
+    ("GET", "/me"), ("GET", forward.PATH), ("POST", "/auth/introspect"), ("GET", "/healthz"),
+    ("POST", mfa.LOGIN_MFA_PATH))
+
+
+def handlers(t: Tessera) -> dict[tuple[str, str], Handler]:
+    """Each lean endpoint's handler with the collaborators it names, taken from the
+    lifespan's holder here and nowhere else."""
+    built: dict[tuple[str, str], Handler] = {
+        ("GET", "/me"): get_me,
+        ("GET", forward.PATH): partial(forward.check, settings=t.settings, usage=t.usage),
+        ("POST", "/auth/introspect"): partial(introspect, service_keys=t.settings.service_keys,
+                                              auth=t.auth, policy=t.policy),
+        ("GET", "/healthz"): healthz,
+        ("POST", mfa.LOGIN_MFA_PATH): partial(
+            mfa.login_mfa, settings=t.settings, db_factory=t.db_factory, factors=t.factors,
+            metrics=t.metrics, logins=t.logins, csrf_key=t.csrf_key,
+            audit_trail=t.audit_trail),
+    }
+    assert set(built) == set(ROUTES)
+    return built
+
+
+_ROUTE_SET = frozenset(ROUTES)
 
 
 class LeanRoutes:
@@ -168,6 +156,8 @@ class LeanRoutes:
                  other_paths: set[str]) -> None:
         self.app = app
         self.tessera = tessera
+        self._built_for: Tessera | None = None  # the holder `_handlers` were built from
+        self._handlers: dict[tuple[str, str], Handler] = {}
         # Paths only a lean handler serves: another method there is 405, as FastAPI says it.
         self.allow: dict[str, str] = {}
         for _method, path in ROUTES:
@@ -181,12 +171,14 @@ class LeanRoutes:
             root = scope.get("root_path", "")
             if root and path.startswith(root):
                 path = path[len(root):]
-            handler = ROUTES.get((scope["method"], path))
-            if handler is None and (path == forward.PATH or path.startswith(forward.PREFIX)):
-                handler = forward.check  # any method: Envoy asks with the original one
-            if handler is not None:
+            key: tuple[str, str] | None = (scope["method"], path)
+            if key not in _ROUTE_SET:
+                key = None
+                if path == forward.PATH or path.startswith(forward.PREFIX):
+                    key = ("GET", forward.PATH)  # any method: Envoy asks with the original one
+            if key is not None:
                 scope[ROUTE_KEY] = forward.PATH if path.startswith(forward.PREFIX) else path
-                await (await self._answer(handler, scope, receive))(scope, receive, send)
+                await (await self._answer(key, scope, receive))(scope, receive, send)
                 return
             allowed = self.allow.get(path)
             if allowed is not None:
@@ -195,9 +187,15 @@ class LeanRoutes:
                 return
         await self.app(scope, receive, send)
 
-    async def _answer(self, handler: Handler, scope: Scope, receive: Receive) -> ASGIApp:
+    def _handler(self, key: tuple[str, str]) -> Handler:
+        t = self.tessera()  # built by the lifespan: a new holder (a restart), new handlers
+        if t is not self._built_for:
+            self._handlers, self._built_for = handlers(t), t
+        return self._handlers[key]
+
+    async def _answer(self, key: tuple[str, str], scope: Scope, receive: Receive) -> ASGIApp:
         try:
-            return await handler(scope, receive, self.tessera())
+            return await self._handler(key)(scope, receive)
         except Problem as problem:
             return problem_response(problem.status, problem.code, problem.detail,
                                     problem.headers, **problem.extra)
@@ -252,6 +250,7 @@ OPENAPI: dict[str, dict[str, Any]] = {
                       **_problems((400, "invalid_request (no token) or malformed_body"),
                                   (401, "invalid_client"), _UNAVAILABLE)}}},
     **forward.OPENAPI,
+    **mfa.LOGIN_MFA_OPENAPI,
     "/healthz": {"get": {
         "tags": ["operations"], "summary": "Healthz", "operationId": "healthz",
         "responses": {"200": {"description": "the process runs", "content": {_JSON: {

@@ -8,12 +8,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope
 
 from tessera.api.auth import NO_STORE, check_origin, login_response
 from tessera.api.deps import (
-    AuditTrailDep,
     CsrfKeyDep,
     CurrentUser,
     DbDep,
@@ -26,7 +27,7 @@ from tessera.api.deps import (
     principal_of,
 )
 from tessera.api.me import confirm_attempt, password_text
-from tessera.api.schemas import Closed, SafeStr, SecondFactorIn
+from tessera.api.schemas import Closed, SafeStr, SecondFactorIn, read_json
 from tessera.config import Settings
 from tessera.domain import accounts, mfa
 from tessera.edge.privacy import forbid_tracking
@@ -244,17 +245,20 @@ async def remove_passkey(request: Request, passkey_id: Annotated[str, Path(max_l
 
 # --- logins -------------------------------------------------------------------------------
 
-@router.post("/auth/login/mfa", tags=["auth"], responses=problem_doc({
-    401: "invalid_code (wrong, replayed or used code or assertion); invalid_token (the "
-         "mfa_token is unknown, used or expired)",
-    403: "account_inactive", 429: "too_many_attempts"}))
-async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep, settings: SettingsDep,
-                    factors: SecondFactorsDep, metrics: MetricsDep, logins: LoginsDep,
-                    csrf_key: CsrfKeyDep, audit_trail: AuditTrailDep) -> JSONResponse:
-    """The second login step: the `mfa_token` from the 401 `mfa_required` of POST
-    /auth/login, and a TOTP code or a recovery code as `code`, or a passkey assertion as
-    `challenge_id` + `credential`. Answers as login does (body and cookies). At most 5 wrong
-    tries per mfa_token and 10 per account in the login window."""
+LOGIN_MFA_PATH = "/auth/login/mfa"
+
+
+async def login_mfa(scope: Scope, receive: Receive, *, settings: Settings,
+                    db_factory: async_sessionmaker[AsyncSession], factors: mfa.SecondFactors,
+                    metrics: Metrics, logins: accounts.Logins, csrf_key: bytes,
+                    audit_trail: AuditTrail) -> ASGIApp:
+    """POST /auth/login/mfa, the second login step (a lean handler: api/lean.py dispatches
+    it, `LOGIN_MFA_OPENAPI` declares it): the `mfa_token` from the 401 `mfa_required` of
+    POST /auth/login, and a TOTP code or a recovery code as `code`, or a passkey assertion
+    as `challenge_id` + `credential`. Answers as login does (body and cookies). At most 5
+    wrong tries per mfa_token and 10 per account in the login window."""
+    request = Request(scope, receive)
+    body = await read_json(request, MfaLoginIn)  # first, as FastAPI reads a route's body
     check_origin(request, settings)
     # One Redis round trip before the factor is checked (the token read, the attempt counted)
     # and one after (the session written, the token taken, the counter cleared: one script).
@@ -262,38 +266,62 @@ async def login_mfa(body: MfaLoginIn, request: Request, db: DbDep, settings: Set
     if step is None:
         raise mfa.invalid_mfa_token()
     user_id = step.user_id
-    if (body.code and body.credential is None and step.sealed_totp is not None
-            and step.unchanged and mfa.looks_like_totp(body.code)):
-        # The common case: a TOTP code, and the account as the first step left it. The
-        # factor came sealed in the mfa_token, and one statement takes the time step and
-        # reads the user's flags: no read of the user or the factor.
-        flags = await mfa.check_sealed_totp(factors, step, body.code)
-        if flags is not None:
-            return await _second_step_done(request, db, settings, metrics, logins, csrf_key,
-                                           audit_trail, flags, step, ["otp"])
-        # Not the sealed factor's code (a wrong code, a replay, or the factor was replaced
-        # since the first step): the check below, on the factor as it is now, decides.
-    user, totp = await mfa.login_state(db, user_id)
-    if user is None or mfa.password_fingerprint(user) != step.password:
-        raise mfa.invalid_mfa_token()  # the password changed (or the account went)
-    if user.restrict_processing or user.object_to_processing:
-        forbid_tracking(request.scope)  # whatever the answer
-    if body.credential is not None:
-        if "hwk" in step.amr:  # the first step was a passkey: the second must differ
+    async with db_factory() as db:
+        if (body.code and body.credential is None and step.sealed_totp is not None
+                and step.unchanged and mfa.looks_like_totp(body.code)):
+            # The common case: a TOTP code, and the account as the first step left it. The
+            # factor came sealed in the mfa_token, and one statement takes the time step
+            # and reads the user's flags: no read of the user or the factor.
+            flags = await mfa.check_sealed_totp(factors, step, body.code)
+            if flags is not None:
+                return await _second_step_done(request, db, settings, metrics, logins,
+                                               csrf_key, audit_trail, flags, step, ["otp"])
+            # Not the sealed factor's code (a wrong code, a replay, or the factor was
+            # replaced since the first step): the check below, on the factor as it is now,
+            # decides.
+        user, totp = await mfa.login_state(db, user_id)
+        if user is None or mfa.password_fingerprint(user) != step.password:
+            raise mfa.invalid_mfa_token()  # the password changed (or the account went)
+        if user.restrict_processing or user.object_to_processing:
+            forbid_tracking(scope)  # whatever the answer
+        if body.credential is not None:
+            if "hwk" in step.amr:  # the first step was a passkey: the second must differ
+                raise mfa.invalid_code()
+            assertion = await mfa.check_assertion(db, factors, body.challenge_id,
+                                                  body.credential, user_id=user_id)
+            earned = assertion.amr if assertion else None
+        elif body.code:
+            earned = await mfa.check_code_with(db, factors, user_id, body.code, totp)
+        else:
+            raise Problem("validation_error", "Send `code` or `challenge_id` + `credential`.",
+                          extra={"errors": [{"loc": ["body", "code"],
+                                             "msg": "Field required"}]})
+        if earned is None:
+            await accounts.audit(db, "login_mfa", user_id=user_id, outcome="failed")
             raise mfa.invalid_code()
-        assertion = await mfa.check_assertion(db, factors, body.challenge_id, body.credential,
-                                              user_id=user_id)
-        earned = assertion.amr if assertion else None
-    elif body.code:
-        earned = await mfa.check_code_with(db, factors, user_id, body.code, totp)
-    else:
-        raise Problem("validation_error", "Send `code` or `challenge_id` + `credential`.",
-                      extra={"errors": [{"loc": ["body", "code"], "msg": "Field required"}]})
-    if earned is None:
-        await accounts.audit(db, "login_mfa", user_id=user_id, outcome="failed")
-        raise mfa.invalid_code()
-    return await _second_step_done(request, db, settings, metrics, logins, csrf_key,
-                                   audit_trail, user, step, earned)
+        return await _second_step_done(request, db, settings, metrics, logins, csrf_key,
+                                       audit_trail, user, step, earned)
+
+
+# The lean handler's OpenAPI operation (api/lean.py merges it into the schema).
+LOGIN_MFA_OPENAPI: dict[str, dict[str, Any]] = {LOGIN_MFA_PATH: {"post": {
+    "tags": ["second factors", "auth"], "summary": "Login Mfa", "operationId": "login_mfa",
+    "description": " ".join((login_mfa.__doc__ or "").split()),
+    "requestBody": {"required": True, "content": {"application/json": {
+        "schema": MfaLoginIn.model_json_schema()}}},
+    "responses": {
+        "200": {"description": "logged in: the token (and the `session` and `csrf` cookies), "
+                               "as POST /auth/login answers",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/"
+                                                                    "TokenOut"}}}},
+        **{str(status): doc for status, doc in {
+            **problem_responses(400, 413, 422, 503),
+            **problem_doc({
+                401: "invalid_code (wrong, replayed or used code or assertion); "
+                     "invalid_token (the mfa_token is unknown, used or expired)",
+                403: "account_inactive, or csrf_failed (a browser's request from an origin "
+                     "not allowed)",
+                429: "too_many_attempts"})}.items()}}}}}
 
 
 async def _second_step_done(request: Request, db: AsyncSession, settings: Settings,
