@@ -326,16 +326,17 @@ def looks_like_totp(code: str) -> bool:
     return len(normalised) == TOTP_DIGITS and normalised.isdigit()
 
 
-async def check_sealed_totp(factors: SecondFactors, step: SecondStep,
-                            code: str) -> store.LoginFlags | None:
+async def check_sealed_totp(factors: SecondFactors, step: SecondStep, code: str, *,
+                            now: float | None = None) -> store.LoginFlags | None:
     """The second step's TOTP check when nothing that ends sessions happened since the
     first (`step.unchanged`) and the first step sealed the factor into the mfa_token: the
     code checked against that secret, and the time step taken in one statement that also
     proves the factor is still the same and hands back the user's flags (no read of the
-    user or the factor). None: a wrong code or a replay, nothing taken."""
+    user or the factor). None: a wrong code or a replay, nothing taken. `now`: the clock
+    (tests and the bench's floor)."""
     assert step.sealed_totp is not None
     secret = factors.box.decrypt(step.sealed_totp, step.user_id)
-    matched = matching_step(secret, code)
+    matched = matching_step(secret, code, now)
     if matched is None:
         return None
     return await store.accept_sealed_step(factors.engine, step.user_id, step.sealed_totp,
