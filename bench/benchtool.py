@@ -754,6 +754,7 @@ def cmd_mint_totp(a):
                     state = await dmfa.enrolled(db, user.id)
                 problem = await dmfa.mfa_required(t.factors, user, ["pwd"], state,
                                                   epoch=await t.logins.epoch(user.id))
+                assert problem is not None  # nothing ends this user's sessions meanwhile
                 totp = pyotp.TOTP(secret)
                 codes = [totp.at(s * dmfa.TOTP_PERIOD)
                          for s in range(first, first + TOTP_HORIZON_STEPS)]

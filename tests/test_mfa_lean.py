@@ -325,3 +325,91 @@ async def test_the_lean_second_step_is_in_the_schema_and_other_methods_are_405(
     refused = await client.get("/auth/login/mfa")
     assert_problem(refused, 405, "method_not_allowed")
     assert refused.headers["allow"] == "POST"
+
+
+async def _change_row(app: FastAPI, user_id: str, **values: Any) -> None:
+    """A change committed to the user's row whose sessions have not been ended yet: the
+    moment between a password change's (or a deactivation's) COMMIT and its revoke_all."""
+    async with app.state.tessera.db_factory() as db:
+        await db.exec(update(User).where(User.id == user_id).values(**values))
+        await db.commit()
+
+
+async def test_a_password_changed_but_not_yet_ending_sessions_voids_the_second_step(
+        app: FastAPI, client: httpx.AsyncClient) -> None:
+    """The epoch has not moved yet, so the fast path runs; the statement that takes the time
+    step also returns the password hash, and a changed one voids the mfa_token, as the full
+    check's fingerprint does."""
+    user, _, secret, _ = await user_with_totp(client)
+    pending = await mfa_token_for(client, user["email"])
+    await _change_row(app, user["id"], password_hash="$bcrypt-sha256$v=2,t=2b,r=4$x$y")
+    late = await client.post("/auth/login/mfa", json={"mfa_token": pending,
+                                                      "code": totp_code(secret, 1)})
+    assert_problem(late, 401, "invalid_token")
+
+
+async def test_a_restricted_users_refused_second_step_is_not_tracked(
+        app: FastAPI) -> None:
+    """Deactivated (the row committed, the epoch not yet moved): 403 account_inactive, and
+    for a restricted user that answer says `Tk: N` and sets no visitor cookie too."""
+    async with client_for(app) as client:
+        user, token, secret, _ = await user_with_totp(client)
+        await client.put("/me/restrictions", headers=bearer(token), json={
+            "restrict_processing": True, "object_to_processing": False})
+        pending = await mfa_token_for(client, user["email"])
+        await _change_row(app, user["id"], is_active=False)
+        client.cookies.clear()
+        refused = await client.post("/auth/login/mfa", json={"mfa_token": pending,
+                                                             "code": totp_code(secret, 1)})
+    assert_problem(refused, 403, "account_inactive")
+    assert refused.headers["tk"] == "N"
+    assert "visitor" not in refused.headers.get("set-cookie", "")
+
+
+async def test_a_client_that_leaves_mid_body_gets_400(app: FastAPI) -> None:
+    """As FastAPI answers a body it could not read: 400 malformed_body, no 500."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/auth/login/mfa", "raw_path": b"",
+             "root_path": "", "query_string": b"", "server": ("127.0.0.1", 80),
+             "client": ("127.0.0.1", 5000),
+             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                         (b"content-length", b"100")]}
+    await app(scope, receive, send)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400
+    assert b'"malformed_body"' in b"".join(m.get("body", b"") for m in sent[1:])
+
+
+async def test_a_pending_login_is_kept_only_while_the_epoch_holds(redis_url: str) -> None:
+    """`put` writes an mfa_token only if nothing ended the user's sessions since the first
+    factor was checked, and the user's list of pending tokens keeps only live ones."""
+    from tessera.stores import mfa_login
+    from tessera.stores.sessions import epoch_key
+
+    redis = Redis.from_url(redis_url)
+    user_id = secrets.token_hex(16)
+    try:
+        await redis.set(epoch_key(user_id), "5")
+        assert await mfa_login.put(redis, user_id, f"{user_id}.old", {"uid": user_id}, 30,
+                                   epoch="4") is False
+        assert await redis.exists(mfa_login.token_key(user_id, f"{user_id}.old")) == 0
+        assert await mfa_login.put(redis, user_id, f"{user_id}.a", {"uid": user_id}, 1,
+                                   epoch="5") is True
+        await asyncio.sleep(2.1)  # that one expired (and its entry is past its score)
+        assert await mfa_login.put(redis, user_id, f"{user_id}.b", {"uid": user_id}, 30,
+                                   epoch="5") is True
+        assert await redis.zrange(mfa_login.pending_key(user_id), 0, -1) == [
+            mfa_login.token_key(user_id, f"{user_id}.b").encode()]
+        await mfa_login.forget(redis, user_id)
+        assert await redis.exists(mfa_login.pending_key(user_id),
+                                  mfa_login.token_key(user_id, f"{user_id}.b")) == 0
+    finally:
+        await redis.delete(epoch_key(user_id))
+        await redis.aclose()

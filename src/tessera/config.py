@@ -73,7 +73,8 @@ class Settings(BaseSettings):
     mfa_issuer: str = Field("tessera", min_length=1, max_length=64)
     # The second login step: the mfa_token's life, wrong codes per token and per account
     # (the account's window is login_failure_window_seconds).
-    mfa_token_ttl_seconds: int = Field(300, ge=30)
+    # At most an hour: well inside the auth epoch's life (a day), which the token relies on.
+    mfa_token_ttl_seconds: int = Field(300, ge=30, le=3600)
     mfa_max_failures_per_token: int = Field(5, ge=1)
     mfa_max_failures_per_account: int = Field(10, ge=1)
     # Base URL of the pages (shared with mail links: one setting, TESSERA_PUBLIC_URL).

@@ -206,7 +206,8 @@ async def login(request: Request, db: DbDep, settings: SettingsDep, limiter: Lim
     enrolled = await mfa.enrolled(db, user.id)
     if enrolled.any:  # the password was right; the second step needs the mfa_token
         metrics.logins.labels("mfa_required").inc()
-        raise await mfa.mfa_required(factors, user, ["pwd"], enrolled, epoch=epoch)
+        raise (await mfa.mfa_required(factors, user, ["pwd"], enrolled, epoch=epoch)
+               or await accounts.superseded_login(db, user.id))
     return await login_response(request, db, settings, metrics, logins, csrf_key, user, ["pwd"],
                                 epoch=epoch)
 

@@ -274,6 +274,8 @@ async def login_mfa(scope: Scope, receive: Receive, *, settings: Settings,
             # and reads the user's flags: no read of the user or the factor.
             flags = await mfa.check_sealed_totp(factors, step, body.code)
             if flags is not None:
+                if mfa.password_fingerprint(flags) != step.password:
+                    raise mfa.invalid_mfa_token()  # changed, its sessions not yet ended
                 return await _second_step_done(request, db, settings, metrics, logins,
                                                csrf_key, audit_trail, flags, step, ["otp"])
             # Not the sealed factor's code (a wrong code, a replay, or the factor was
@@ -305,7 +307,9 @@ async def login_mfa(scope: Scope, receive: Receive, *, settings: Settings,
 
 # The lean handler's OpenAPI operation (api/lean.py merges it into the schema).
 LOGIN_MFA_OPENAPI: dict[str, dict[str, Any]] = {LOGIN_MFA_PATH: {"post": {
-    "tags": ["second factors", "auth"], "summary": "Login Mfa", "operationId": "login_mfa",
+    "tags": ["second factors", "auth"], "summary": "Login Mfa",
+    # as FastAPI named it while this was a route: generated clients keep their method name
+    "operationId": "login_mfa_auth_login_mfa_post",
     "description": " ".join((login_mfa.__doc__ or "").split()),
     "requestBody": {"required": True, "content": {"application/json": {
         "schema": MfaLoginIn.model_json_schema()}}},
@@ -331,6 +335,8 @@ async def _second_step_done(request: Request, db: AsyncSession, settings: Settin
                             earned: list[str]) -> JSONResponse:
     """The second factor was right: the session, if the account is active and the epoch
     read at the first step still holds."""
+    if user.restrict_processing or user.object_to_processing:
+        forbid_tracking(request.scope)  # whatever the answer
     if not user.is_active:
         raise Problem("account_inactive", "This account is deactivated.")
     try:
@@ -378,6 +384,8 @@ async def passkey_login(body: AssertionIn, request: Request, db: DbDep, settings
     if "mfa" not in amr:
         enrolled = await mfa.enrolled(db, user.id)
         if enrolled.totp:  # one factor here; the account asks for two: a code next
-            raise await mfa.mfa_required(factors, user, amr, enrolled, other_than="passkey",
-                                         epoch=await logins.epoch(user.id))
+            raise (await mfa.mfa_required(factors, user, amr, enrolled,
+                                          other_than="passkey",
+                                          epoch=await logins.epoch(user.id))
+                   or await accounts.superseded_login(db, user.id))
     return await login_response(request, db, settings, metrics, logins, csrf_key, user, amr)

@@ -17,7 +17,7 @@ from pydantic import (
     field_serializer,
     field_validator,
 )
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from tessera.errors import Problem
 from tessera.security.passwords import normalise_password
@@ -67,7 +67,10 @@ async def read_json(request: Request, model: type[Body]) -> Body:
     required`); a body that is not `application/json` (or `+json`), 422 (not an object);
     broken JSON, 422 (`JSON decode error` at its position); undecodable bytes, 400
     `malformed_body`; a body past the limit, 413 (the edge's receive raises)."""
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # FastAPI's answer to a body it could not read
+        raise Problem("malformed_body", "The request body could not be parsed.") from None
     if not raw:
         raise _invalid([{"loc": ["body"], "msg": "Field required"}])
     value: Any = raw

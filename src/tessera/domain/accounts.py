@@ -427,9 +427,10 @@ class Erasure:
         await db.commit()
         self.mail_worker.wake()
         await self.profiles.forget(user_id)
-        await mfa_login.forget(self.logins.sessions.redis, user_id)
         # Any login that raced the delete:
         await self.logins.revoke_all(user_id, "account_deleted")
+        # After the last epoch bump: a first step in flight can keep no token after this.
+        await mfa_login.forget(self.logins.sessions.redis, user_id)
         await self.scrub_traces()
 
     async def scrub_traces(self) -> None:
@@ -453,6 +454,6 @@ class Erasure:
         events.emit(db, "user.erased", {"user_id": user.id})
         await db.commit()
         await user_changed(self.profiles, user.id)
-        await mfa_login.forget(self.logins.sessions.redis, user.id)
         await self.logins.revoke_all(user.id, "minor_erased")
+        await mfa_login.forget(self.logins.sessions.redis, user.id)  # after the epoch bump
         await self.scrub_traces()

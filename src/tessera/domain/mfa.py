@@ -240,16 +240,17 @@ async def forgive_attempts(factors: SecondFactors, user_id: str) -> None:
 
 # --- the two-step login -------------------------------------------------------------------
 
-def password_fingerprint(user: User) -> str:
+def password_fingerprint(user: User | store.LoginFlags) -> str:
     """Binds an mfa_token to the password it was earned with: a change voids the token."""
     return hashlib.sha256((user.password_hash or "").encode()).hexdigest()[:32]
 
 
 async def mfa_required(factors: SecondFactors, user: User, amr: list[str], state: Enrolled, *,
-                       epoch: str, other_than: str | None = None) -> Problem:
-    """The first factor was right: a single-use token for the second step, in Redis. `epoch`:
-    the user's auth epoch as read before the first factor was checked; the second step's
-    session is written only if it is still the same."""
+                       epoch: str, other_than: str | None = None) -> Problem | None:
+    """The first factor was right: a single-use token for the second step, in Redis, and
+    the 401 that hands it out. `epoch`: the user's auth epoch as read before the first factor
+    was checked; the token is kept only if it is still the same (None: a change that ends
+    sessions came between, the login is superseded), and so is the second step's session."""
     # `<user id>.<secret>`: the second step finds the token under the user's hash tag, so it
     # is taken in the same Redis script that writes the session (stores/mfa_login.py).
     mfa_token = f"{user.id}.{secrets.token_urlsafe(32)}"
@@ -259,8 +260,9 @@ async def mfa_required(factors: SecondFactors, user: User, amr: list[str], state
         # The TOTP secret as stored (sealed: AES-GCM under a key of the service secret), so
         # that the second step checks a code without reading the factor (`check_sealed_totp`).
         record["tf"] = state.totp_sealed
-    await logins.put(factors.redis, user.id, mfa_token, record,
-                     factors.settings.mfa_token_ttl_seconds)
+    if not await logins.put(factors.redis, user.id, mfa_token, record,
+                            factors.settings.mfa_token_ttl_seconds, epoch=epoch):
+        return None
     return Problem("mfa_required", "A second factor is needed to finish logging in.",
                    extra={"mfa_token": mfa_token,
                           "methods": [m for m in state.methods if m != other_than],

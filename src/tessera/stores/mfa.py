@@ -162,6 +162,7 @@ class LoginFlags:
     is_active: bool
     restrict_processing: bool
     object_to_processing: bool
+    password_hash: str | None
 
 
 # The replay guard of a second step whose factor came with its mfa_token (`sealed`: the
@@ -175,16 +176,16 @@ _TAKE_SEALED_STEP = (sa.update(TotpFactor)
                      .values(last_step=sa.bindparam("step_no")))
 
 
-def _flag(column: Any) -> sa.ScalarSelect[bool]:
+def _flag(column: Any) -> sa.ScalarSelect[Any]:
     return sa.select(column).where(col(User.id) == sa.bindparam("uid")).scalar_subquery()
 
 
 # ... and the user's flags back from the same statement.
 _ACCEPT_SEALED_STEP = _TAKE_SEALED_STEP.returning(
     _flag(col(User.is_active)), _flag(col(User.restrict_processing)),
-    _flag(col(User.object_to_processing)))
+    _flag(col(User.object_to_processing)), _flag(col(User.password_hash)))
 _USER_FLAGS = sa.select(col(User.is_active), col(User.restrict_processing),
-                        col(User.object_to_processing)).where(
+                        col(User.object_to_processing), col(User.password_hash)).where(
     col(User.id) == sa.bindparam("uid"))
 
 
@@ -204,7 +205,7 @@ async def accept_sealed_step(engine: AsyncEngine, user_id: str, sealed: str,
     if row is None or row[0] is None:  # no step taken (or, impossibly, no user row)
         return None
     return LoginFlags(id=user_id, is_active=bool(row[0]), restrict_processing=bool(row[1]),
-                      object_to_processing=bool(row[2]))
+                      object_to_processing=bool(row[2]), password_hash=row[3])
 
 
 async def delete_totp(db: AsyncSession, user_id: str) -> None:

@@ -5,7 +5,8 @@ attempt counters, all under the user's `{user-id}` hash tag, beside the user's s
     tessera:{<uid>}:mfa:<sha256(mfa_token)>   hash: r = the record (JSON), n = tries so far;
                                               TTL = the mfa_token's life
     tessera:{<uid>}:rl:mfa-account            wrong second factors of the account (a window)
-    tessera:{<uid>}:mfa-pending               set: the user's mfa_token keys (erasure's list)
+    tessera:{<uid>}:mfa-pending               sorted set: the user's live mfa_token keys by
+                                              expiry (erasure's list; trimmed at each put)
 
 A second step costs two round trips, both writes: `begin` (read the token, count the attempt
 on the token and on the account, *before* the check) and the session's creation, which also
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -43,22 +45,37 @@ return {record, tries, redis.call('TTL', KEYS[1]), count, redis.call('TTL', KEYS
         redis.call('GET', KEYS[3]) or '0'}
 """
 
+# KEYS[1] the mfa_token, KEYS[2] the user's pending set, KEYS[3] the user's auth epoch;
+# ARGV[1] the record, ARGV[2] its TTL, ARGV[3] the epoch read before the first factor was
+# checked, ARGV[4] now (s). Writes nothing (0) if the epoch moved since: no pending login
+# outlives a change that ends sessions (an erasure may already have cleared the set).
+_PUT = """
+if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], 'r', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
+redis.call('ZADD', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[2]), KEYS[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
 # KEYS[1] the account's counter; ARGV[1] the window: {attempts, TTL}.
 _COUNT = """
 redis.call('SET', KEYS[1], 0, 'EX', ARGV[1], 'NX')
 return {redis.call('INCR', KEYS[1]), redis.call('TTL', KEYS[1])}
 """
 
-_scripts: weakref.WeakKeyDictionary[Any, tuple[AsyncScript, AsyncScript]] = (
+_scripts: weakref.WeakKeyDictionary[Any, tuple[AsyncScript, ...]] = (
     weakref.WeakKeyDictionary())
+_BEGIN_SCRIPT, _COUNT_SCRIPT, _PUT_SCRIPT = range(3)
 
 
 def _script(redis: AnyRedis, which: int) -> AsyncScript:
-    pair = _scripts.get(redis)
-    if pair is None:
-        pair = _scripts[redis] = (redis.register_script(_BEGIN),
-                                  redis.register_script(_COUNT))
-    return pair[which]
+    registered = _scripts.get(redis)
+    if registered is None:
+        registered = _scripts[redis] = tuple(
+            redis.register_script(text) for text in (_BEGIN, _COUNT, _PUT))
+    return registered[which]
 
 
 def token_key(user_id: str, mfa_token: str) -> str:
@@ -84,23 +101,25 @@ def pending_key(user_id: str) -> str:
 
 
 async def put(redis: AnyRedis, user_id: str, mfa_token: str, record: dict[str, Any],
-              ttl: int) -> None:
-    key, pending = token_key(user_id, mfa_token), pending_key(user_id)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(key, "r", json.dumps(record))
-        pipe.expire(key, ttl)
-        pipe.sadd(pending, key)  # lives as long as the newest token of the user's
-        pipe.expire(pending, ttl)
-        await pipe.execute()
+               ttl: int, *, epoch: str) -> bool:
+    """Keep a pending second step, if the user's auth epoch is still `epoch` (False: a
+    change that ends sessions came between; nothing written)."""
+    written = await _script(redis, _PUT_SCRIPT)(
+        keys=[token_key(user_id, mfa_token), pending_key(user_id), epoch_key(user_id)],
+        args=[json.dumps(record), ttl, epoch, int(time.time())])
+    return bool(written)
 
 
 async def forget(redis: AnyRedis, user_id: str) -> None:
     """The account is erased: its pending second steps go too (their records hold the
-    sealed TOTP secret), not only the ones a later epoch would refuse."""
+    sealed TOTP secret), not only the ones a later epoch would refuse. Call it after the
+    erasure's last epoch bump: a first step in flight then writes nothing (`put`)."""
     pending = pending_key(user_id)
     keys = [k.decode() if isinstance(k, bytes) else str(k)
-            for k in await redis.smembers(pending)]
-    await redis.delete(pending, *keys)
+            for k in await redis.zrange(pending, 0, -1)]
+    for start in range(0, len(keys), 500):
+        await redis.delete(*keys[start:start + 500])
+    await redis.delete(pending)
 
 
 async def begin(redis: AnyRedis, user_id: str, mfa_token: str, *, max_per_token: int,
@@ -109,8 +128,8 @@ async def begin(redis: AnyRedis, user_id: str, mfa_token: str, *, max_per_token:
     or expired) with this attempt counted on the token and on the account; 429 past either
     limit."""
     key = token_key(user_id, mfa_token)
-    out = await _script(redis, 0)(keys=[key, account_key(user_id), epoch_key(user_id)],
-                                  args=[window, max_per_token])
+    out = await _script(redis, _BEGIN_SCRIPT)(
+        keys=[key, account_key(user_id), epoch_key(user_id)], args=[window, max_per_token])
     if out is None:
         return None
     raw, tries, token_ttl, count, account_ttl, epoch = out
@@ -126,7 +145,7 @@ async def count_account_attempt(redis: AnyRedis, user_id: str, *, maximum: int,
                                 window: int) -> None:
     """An attempt at a second factor outside the login (enrolment, sensitive changes):
     counted on the same per-account counter as the login's; 429 past `maximum`."""
-    count, ttl = await _script(redis, 1)(keys=[account_key(user_id)], args=[window])
+    count, ttl = await _script(redis, _COUNT_SCRIPT)(keys=[account_key(user_id)], args=[window])
     if int(count) > maximum:
         raise too_many_attempts(int(ttl))
 
