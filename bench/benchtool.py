@@ -901,7 +901,7 @@ def cmd_floor_totp(a):
                     # ... RETURNING takes the step and reads the user's flags (own connection).
                     pending = dmfa.SecondStep(user_id=user.id, amr=["pwd"], password="",
                                               epoch="0", take="", forget=(),
-                                              sealed_totp=enc, epoch_now="0")
+                                              sealed_totp=enc)
                     return await dmfa.check_sealed_totp(t.factors, pending, code, now=now)
                 async with t.db_factory() as db:
                     if hasattr(dmfa, "check_code_with"):  # a tessera before the sealed factor

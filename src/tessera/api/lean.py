@@ -47,11 +47,7 @@ from tessera.stores.sessions import SessionRecord
 log = logging.getLogger("tessera.lean")
 
 Handler = Callable[[Scope, Receive], Awaitable[ASGIApp]]
-NO_STORE = {"Cache-Control": "no-store"}
 _JSON = "application/json"
-
-
-_json = json_response
 
 
 async def get_me(scope: Scope, receive: Receive) -> ASGIApp:
@@ -59,11 +55,11 @@ async def get_me(scope: Scope, receive: Receive) -> ASGIApp:
     if principal is None:
         raise not_authenticated()
     # Served from the profile cached in Redis: no database read on this hot path.
-    return _json(principal.profile.me_body)
+    return json_response(principal.profile.me_body)
 
 
 async def healthz(scope: Scope, receive: Receive) -> ASGIApp:
-    return _json(b'{"status":"ok"}')
+    return json_response(b'{"status":"ok"}')
 
 
 async def _read_body(receive: Receive) -> bytes | None:
@@ -95,7 +91,7 @@ async def introspect(scope: Scope, receive: Receive, *, service_keys: Sequence[S
     token = tokens[0]
     principal = await auth.check(token) if len(token) <= MAX_TOKEN_LENGTH else None
     if principal is None:
-        return _json(b'{"active":false}')
+        return json_response(b'{"active":false}')
     state = await policy.get()
     # The answer is a function of the token (its claims), its session record, the profile
     # and the policy state: the memos hand back the same objects while none of them changed,
@@ -103,7 +99,7 @@ async def introspect(scope: Scope, receive: Receive, *, service_keys: Sequence[S
     known = _introspected.get(token)
     if known is not None and known[0] is principal.session and known[1] is principal.profile \
             and known[2] is state:
-        return _json(known[3])
+        return json_response(known[3])
     raw = principal.claims
     # Rendered as Starlette's JSONResponse renders (compact, UTF-8), without building one.
     body = json.dumps({
@@ -115,7 +111,7 @@ async def introspect(scope: Scope, receive: Receive, *, service_keys: Sequence[S
         "email_verified": bool(principal.profile.me.get("email_verified")),
     }, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
     _introspected.put(token, (principal.session, principal.profile, state, body))
-    return _json(body)
+    return json_response(body)
 
 
 # token -> (session record, profile, policy state, body) of its last active answer

@@ -267,11 +267,11 @@ async def login_mfa(scope: Scope, receive: Receive, *, settings: Settings,
         raise mfa.invalid_mfa_token()
     user_id = step.user_id
     async with db_factory() as db:
-        if (body.code and body.credential is None and step.sealed_totp is not None
-                and step.unchanged and mfa.looks_like_totp(body.code)):
-            # The common case: a TOTP code, and the account as the first step left it. The
-            # factor came sealed in the mfa_token, and one statement takes the time step
-            # and reads the user's flags: no read of the user or the factor.
+        if body.code and body.credential is None and step.sealed_totp is not None:
+            # The common case, a TOTP code: the factor came sealed in the mfa_token, and one
+            # statement takes the time step and reads the user's row as it is now (a
+            # change that ends sessions after the first step still stops the session's
+            # creation: the epoch).
             flags = await mfa.check_sealed_totp(factors, step, body.code)
             if flags is not None:
                 if mfa.password_fingerprint(flags) != step.password:

@@ -256,7 +256,7 @@ async def mfa_required(factors: SecondFactors, user: User, amr: list[str], state
     mfa_token = f"{user.id}.{secrets.token_urlsafe(32)}"
     record = {"uid": user.id, "amr": amr, "pw": password_fingerprint(user),
               "at": int(time.time()), "ep": epoch}
-    if state.totp_sealed is not None and other_than != "totp":
+    if state.totp_sealed is not None:
         # The TOTP secret as stored (sealed: AES-GCM under a key of the service secret), so
         # that the second step checks a code without reading the factor (`check_sealed_totp`).
         record["tf"] = state.totp_sealed
@@ -282,13 +282,6 @@ class SecondStep:
     take: str
     forget: tuple[str, ...]
     sealed_totp: str | None = None  # the confirmed TOTP secret at the first step, sealed
-    epoch_now: str = ""  # the user's auth epoch as this step began
-
-    @property
-    def unchanged(self) -> bool:
-        """No change that ends sessions (password, deactivation, erasure, reset) happened
-        since the first step: the account is as that step found it."""
-        return self.epoch_now == self.epoch
 
 
 def _token_user(mfa_token: str) -> str | None:
@@ -319,23 +312,17 @@ async def begin_second_step(factors: SecondFactors, mfa_token: str) -> SecondSte
     return SecondStep(user_id=user_id, amr=list(record["amr"]), password=str(record["pw"]),
                       epoch=str(record.get("ep", "0")), take=pending.key,
                       forget=(logins.account_key(user_id),),
-                      sealed_totp=sealed if isinstance(sealed, str) else None,
-                      epoch_now=pending.epoch)
-
-
-def looks_like_totp(code: str) -> bool:
-    normalised = code.strip().replace(" ", "")
-    return len(normalised) == TOTP_DIGITS and normalised.isdigit()
+                      sealed_totp=sealed if isinstance(sealed, str) else None)
 
 
 async def check_sealed_totp(factors: SecondFactors, step: SecondStep, code: str, *,
                             now: float | None = None) -> store.LoginFlags | None:
-    """The second step's TOTP check when nothing that ends sessions happened since the
-    first (`step.unchanged`) and the first step sealed the factor into the mfa_token: the
-    code checked against that secret, and the time step taken in one statement that also
-    proves the factor is still the same and hands back the user's flags (no read of the
-    user or the factor). None: a wrong code or a replay, nothing taken. `now`: the clock
-    (tests and the bench's floor)."""
+    """The second step's TOTP check when the first step sealed the factor into the
+    mfa_token: the code checked against that secret, and the time step taken in one
+    statement that also proves the factor is still the same and hands back the user's row
+    as it is now (flags, password hash; no read of the user or the factor). None: not a
+    code of that factor, or a replay; nothing taken. `now`: the clock (tests and the
+    bench's floor)."""
     assert step.sealed_totp is not None
     secret = factors.box.decrypt(step.sealed_totp, step.user_id)
     matched = matching_step(secret, code, now)

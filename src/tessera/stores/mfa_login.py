@@ -29,20 +29,18 @@ from tessera.stores.ratelimit import too_many_attempts
 from tessera.stores.redis import AnyRedis
 from tessera.stores.sessions import epoch_key
 
-# KEYS[1] the mfa_token, KEYS[2] the account's counter, KEYS[3] the user's auth epoch;
-# ARGV[1] the account window (s), ARGV[2] the most tries per token. nil for an unknown token
-# (nothing counted); else {record, tries on the token, the token's TTL, attempts of the
-# account, its TTL, the epoch now}; a token past its limit counts no further attempt on the
-# account (as when two limiters ran apart).
+# KEYS[1] the mfa_token, KEYS[2] the account's counter; ARGV[1] the account window (s),
+# ARGV[2] the most tries per token. nil for an unknown token (nothing counted); else
+# {record, tries on the token, the token's TTL, attempts of the account, its TTL}; a token
+# past its limit counts no further attempt on the account (as when two limiters ran apart).
 _BEGIN = """
 local record = redis.call('HGET', KEYS[1], 'r')
 if not record then return nil end
 local tries = redis.call('HINCRBY', KEYS[1], 'n', 1)
-if tries > tonumber(ARGV[2]) then return {record, tries, redis.call('TTL', KEYS[1]), 0, 0, ''} end
+if tries > tonumber(ARGV[2]) then return {record, tries, redis.call('TTL', KEYS[1]), 0, 0} end
 redis.call('SET', KEYS[2], 0, 'EX', ARGV[1], 'NX')
 local count = redis.call('INCR', KEYS[2])
-return {record, tries, redis.call('TTL', KEYS[1]), count, redis.call('TTL', KEYS[2]),
-        redis.call('GET', KEYS[3]) or '0'}
+return {record, tries, redis.call('TTL', KEYS[1]), count, redis.call('TTL', KEYS[2])}
 """
 
 # KEYS[1] the mfa_token, KEYS[2] the user's pending set, KEYS[3] the user's auth epoch;
@@ -93,7 +91,6 @@ class PendingLogin:
     key: str  # the token's key: taken when the session is created
     user_id: str
     record: dict[str, Any]
-    epoch: str  # the user's auth epoch as this step began
 
 
 def pending_key(user_id: str) -> str:
@@ -129,16 +126,15 @@ async def begin(redis: AnyRedis, user_id: str, mfa_token: str, *, max_per_token:
     limit."""
     key = token_key(user_id, mfa_token)
     out = await _script(redis, _BEGIN_SCRIPT)(
-        keys=[key, account_key(user_id), epoch_key(user_id)], args=[window, max_per_token])
+        keys=[key, account_key(user_id)], args=[window, max_per_token])
     if out is None:
         return None
-    raw, tries, token_ttl, count, account_ttl, epoch = out
+    raw, tries, token_ttl, count, account_ttl = out
     if int(tries) > max_per_token:
         raise too_many_attempts(int(token_ttl))
     if int(count) > max_per_account:
         raise too_many_attempts(int(account_ttl))
-    return PendingLogin(key=key, user_id=user_id, record=json.loads(raw),
-                        epoch=epoch.decode() if isinstance(epoch, bytes) else str(epoch))
+    return PendingLogin(key=key, user_id=user_id, record=json.loads(raw))
 
 
 async def count_account_attempt(redis: AnyRedis, user_id: str, *, maximum: int,
