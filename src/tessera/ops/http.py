@@ -55,6 +55,55 @@ _TIMEOUT = _problem(408, b"Request Timeout", "request_timeout",
                     "The request headers did not arrive in time.")
 
 
+class _OneWrite:
+    """The connection's transport, holding a response head until its body's first bytes so
+    that both leave in one write (one system call, one TCP segment) instead of two: uvicorn
+    writes the head as soon as the app sends `http.response.start`. A held head is written
+    at the latest one loop turn later (a streamed body may start much later), and before a
+    close; writes keep their order."""
+
+    __slots__ = ("_transport", "_held", "_loop", "_armed")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._held: bytes | None = None
+        self._loop = loop
+        self._armed = False
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.writelines((held, data))
+        elif data[:5] == b"HTTP/" and data[-4:] == b"\r\n\r\n":  # a response head
+            self._held = data
+            if not self._armed:
+                self._armed = True
+                self._loop.call_soon(self._flush)
+        else:
+            self._transport.write(data)
+
+    def _flush(self) -> None:
+        self._armed = False
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + len(self._held or b"")
+
+    def __getattr__(self, name: str) -> Any:  # is_closing, get_extra_info, pause_reading ...
+        return getattr(self._transport, name)
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -66,6 +115,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.transport = _OneWrite(transport, self.loop)  # type: ignore[assignment]
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
