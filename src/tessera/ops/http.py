@@ -11,6 +11,11 @@ pure Python, several times slower on every request; this subclass keeps httptool
 - at most `TESSERA_HTTP_HEAD_TIMEOUT_SECONDS` from the connection (or from the first byte
   of a next request on a kept-alive one) to the end of the headers: past it, 408 and close.
 
+It also makes a response one write: uvicorn writes a response's head as soon as the app
+sends `http.response.start` and its body with the next message, two send system calls (and,
+with TCP_NODELAY, two segments) per response; `_OneWrite` holds the head until the body's
+first bytes (at most one loop turn, so a streamed body's head is not held back).
+
 Idle kept-alive connections close after `TESSERA_HTTP_KEEP_ALIVE_SECONDS` (uvicorn's own
 `timeout_keep_alive`). `tessera serve` uses it (`http="tessera.ops.http:BoundedHttpToolsProtocol"`).
 """
