@@ -29,11 +29,17 @@ PATH = "/auth/check"
 PREFIX = PATH + "/"
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+# The request headers original_request reads: the first of each, in one pass.
+_WANTED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-method", b"x-original-method",
+                     b"x-forwarded-uri", b"x-original-uri", b"x-forwarded-host"})
+
+
+def _headers(scope: Scope) -> dict[bytes, str]:
+    found: dict[bytes, str] = {}
     for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
+        if key in _WANTED and key not in found:
+            found[key] = value.decode("latin-1")
+    return found
 
 
 def original_request(scope: Scope, settings: Settings,
@@ -43,21 +49,22 @@ def original_request(scope: Scope, settings: Settings,
     tokens or personal data)."""
     client = scope.get("client")
     ip = client[0] if client else None
-    host = _header(scope, b"host")
+    headers = _headers(scope)
+    host = headers.get(b"host")
     if not trusted(direct_peer(scope), settings.forwarded_allow_ips):
         return ip, "GET", PATH, host
-    forwarded_for = _header(scope, b"x-forwarded-for")
+    forwarded_for = headers.get(b"x-forwarded-for")
     if not settings.proxy_headers and forwarded_for:
         ip = forwarded_for.rsplit(",", 1)[-1].strip() or ip  # as the proxy saw its client
     # Envoy's ext_authz (HTTP) sends the original method, and the original path after its
     # `path_prefix` (/auth/check/<path>).
     path: str = scope["path"]
     suffix = path[len(PATH):] if path.startswith(PATH + "/") else None
-    method = (_header(scope, b"x-forwarded-method") or _header(scope, b"x-original-method")
+    method = (headers.get(b"x-forwarded-method") or headers.get(b"x-original-method")
               or scope["method"]).upper()
-    uri = (_header(scope, b"x-forwarded-uri") or _header(scope, b"x-original-uri")
+    uri = (headers.get(b"x-forwarded-uri") or headers.get(b"x-original-uri")
            or (suffix or "/"))
-    host = _header(scope, b"x-forwarded-host") or host
+    host = headers.get(b"x-forwarded-host") or host
     return ip, method[:16], uri.split("?", 1)[0].split("#", 1)[0], host
 
 

@@ -36,7 +36,12 @@ def trusted(address: str | None, allowed: Iterable[str]) -> bool:
     CIDR notation, or `*`)."""
     if not address:
         return False
-    anyone, nets = _networks(tuple(allowed))
+    return _trusted(address, tuple(allowed))
+
+
+@lru_cache(maxsize=4096)  # GET /auth/check asks once per request, mostly for the same peers
+def _trusted(address: str, allowed: tuple[str, ...]) -> bool:
+    anyone, nets = _networks(allowed)
     if anyone:
         return True
     try:
