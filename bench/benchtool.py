@@ -1182,9 +1182,26 @@ SCENARIOS = [  # (scenario, label) in table order
                     "per-account limits)"),
     ("login-flood-attacker", "POST /auth/login, the flooding account (wrk; 429 past its "
                              "limit)"),
+    # issue 11's pairs, each pair's runs alternated ABBA (run.sh `pairs`)
+    ("pair-raw-ping", "pairs: GET /ping, raw ASGI app (no framework, no I/O)"),
+    ("pair-introspect", "pairs: POST /auth/introspect, alternated with raw /ping"),
+    ("pair-raw-redis", "pairs: GET /redis-ping, raw ASGI app (one Redis GET)"),
+    ("pair-me", "pairs: GET /me, alternated with raw /redis-ping"),
+    ("pair-fastapi-ping", "pairs: GET /ping, bare FastAPI"),
+    ("pair-healthz", "pairs: GET /healthz, alternated with FastAPI /ping"),
+    ("pair-me-check", "pairs: GET /me, alternated with /auth/check"),
+    ("pair-check", "pairs: GET /auth/check, alternated with GET /me"),
+]
+# issue 11's ratios from the pairs: (tessera scenario, reference scenario, target, goal)
+PAIRS = [
+    ("pair-me", "pair-raw-redis", "GET /me vs raw ASGI /redis-ping", 1.0),
+    ("pair-introspect", "pair-raw-ping", "introspection vs raw ASGI /ping", 0.3),
+    ("pair-healthz", "pair-fastapi-ping", "GET /healthz vs bare FastAPI GET /ping", 0.8),
+    ("pair-check", "pair-me-check", "GET /auth/check vs GET /me", 0.9),
 ]
 # the quiet check before a scenario is labelled with the first word of its name
-_PROBE_LABEL = {"me-dnt": "me", "mixed-me": "mixed", "mixed-login": "mixed",
+_PROBE_LABEL = {**{name: "pairs" for name, _ in SCENARIOS if name.startswith("pair-")},
+                "me-dnt": "me", "mixed-me": "mixed", "mixed-login": "mixed",
                 "me-half-dnt": "me-half", "login-mfa-step": "login-mfa", "login-py": "login-mfa",
                 "me-mail": "mail", "login-others": "login-flood",
                 "login-flood-attacker": "login-flood"}
@@ -1331,22 +1348,29 @@ def cmd_report(a):
         target("(cross-check: both figures from shared/bench/run.sh)",
                f"{t_me:.0f} vs {peer_me:.0f} req/s", f"{r:.2f}×", "≥ 10×", r >= 10)
     # Issue 11: the one edge and the lean endpoints, each against the framework-free ASGI app
-    # (`raw`) and bare FastAPI of the same shared run.
+    # (`raw`) and bare FastAPI: first as pairs alternated ABBA in this run (run.sh `pairs`),
+    # then from the shared run, where each figure was taken minutes from the other.
+    for mine, ref, name, goal in PAIRS:
+        if by.get(mine) and by.get(ref):
+            r = by[mine]["rps"] / by[ref]["rps"]
+            target(f"{name} (pair, runs alternated ABBA)",
+                   f"{by[mine]['rps']:.0f} vs {by[ref]['rps']:.0f} req/s", f"{r:.2f}×",
+                   f"≥ {goal}×", r >= goal)
     raw_ping, raw_redis = shared_rps("raw", "ping"), shared_rps("raw", "redis-ping")
     t_health, t_logout = shared_rps("tessera", "healthz"), shared_rps("tessera", "logout")
     peer_logout = shared_rps("peer", "logout")
     if t_me and raw_redis:
         r = t_me / raw_redis
-        target("GET /me vs raw ASGI /redis-ping (one plain Redis GET)",
+        target("GET /me vs raw ASGI /redis-ping (one plain Redis GET; shared run)",
                f"{t_me:.0f} vs {raw_redis:.0f} req/s", f"{r:.2f}×", "≥ 1.0×", r >= 1.0)
     t_in_shared = shared_rps("tessera", "introspect")
     if t_in_shared and raw_ping:
         r = t_in_shared / raw_ping
-        target("introspection vs raw ASGI /ping", f"{t_in_shared:.0f} vs {raw_ping:.0f} req/s",
+        target("introspection vs raw ASGI /ping (shared run)", f"{t_in_shared:.0f} vs {raw_ping:.0f} req/s",
                f"{r:.2f}×", "≥ 0.3×", r >= 0.3)
     if t_health and ping:
         r = t_health / ping
-        target("GET /healthz vs bare FastAPI GET /ping", f"{t_health:.0f} vs {ping:.0f} req/s",
+        target("GET /healthz vs bare FastAPI GET /ping (shared run)", f"{t_health:.0f} vs {ping:.0f} req/s",
                f"{r:.2f}×", "≥ 0.8×", r >= 0.8)
     if t_logout and peer_logout:
         r = t_logout / peer_logout
@@ -1363,7 +1387,7 @@ def cmd_report(a):
                "— (for reference)", None)
     if me and by.get("check"):
         r = by["check"]["rps"] / me["rps"]
-        target("GET /auth/check vs GET /me", f"{by['check']['rps']:.0f} vs {me['rps']:.0f} req/s",
+        target("GET /auth/check vs GET /me (scenarios check and me)", f"{by['check']['rps']:.0f} vs {me['rps']:.0f} req/s",
                f"{r:.2f}×", "≥ 0.9×", r >= 0.9)
     if by.get("introspect") and ping:
         r = by["introspect"]["rps"] / ping

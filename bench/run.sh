@@ -36,7 +36,7 @@ MEM_STEPS="${MEM_STEPS:-50000,100000}"   # VmRSS read after this many GET /me re
 HALF_DELAY_MS="${HALF_DELAY_MS:-20}"     # mean think time per connection, half-peak run
 PROFILE_SECS="${PROFILE_SECS:-20}"       # py-spy sampling time (0: no profile)
 PROFILE_RATE="${PROFILE_RATE:-50}"       # samples/s: py-spy pauses the worker per sample
-SCENARIOS="${SCENARIOS:-all}"            # or a subset: mem me check introspect register login login-mfa logout mixed half mail login-flood profile
+SCENARIOS="${SCENARIOS:-all}"            # or a subset: mem me pairs check introspect register login login-mfa logout mixed half mail login-flood profile
 SCENARIOS="${SCENARIOS//,/ }"            # (commas or spaces between names)
 SHARED="${SHARED:-1}"                    # 1: run ../shared/bench/run.sh too (side by side)
 SHARED_BENCH="${SHARED_BENCH:-$ROOT/../shared/bench}"
@@ -195,6 +195,68 @@ for i in $(seq 1 "$ME_RUNS"); do
     measure me "GET /me" "$i" "$CONNS" get.lua "$T/me" "$TOKEN"
   fi
 done
+fi
+
+# Issue 11's ratios measured pair by pair, each pair's runs alternated ABBA within this run
+# (as GET /me and DNT: 1 above): the shared harness measures its apps minutes apart from
+# tessera's, and this host's speed drifts by tens of percent between scenarios (the speed
+# probe). The shared harness's own apps (rawasgi.py, baseline.py), served by this venv's
+# uvicorn with the settings tessera runs on, pinned to the server CPU.
+if want pairs && [ -f "$SHARED_BENCH/rawasgi.py" ] && [ -f "$SHARED_BENCH/baseline.py" ]; then
+say "pairs: raw ASGI /ping vs introspection, raw /redis-ping vs GET /me, FastAPI /ping vs /healthz, GET /me vs /auth/check (ABBA)"
+read -r XPORT BPORT <<<"$(bt free-ports 2)"
+( exec env RAW_REDIS_URL="redis://127.0.0.1:$RPORT/1" $PIN_S "$VENV/bin/uvicorn" rawasgi:app \
+    --app-dir "$SHARED_BENCH" --host 127.0.0.1 --port "$XPORT" --workers 1 --loop uvloop \
+    --http httptools --no-access-log ) >"$STATE/pair-raw.log" 2>&1 &
+XPID=$!; PIDS+=("$XPID")
+( exec $PIN_S "$VENV/bin/uvicorn" baseline:app --app-dir "$SHARED_BENCH" --host 127.0.0.1 \
+    --port "$BPORT" --workers 1 --loop uvloop --http httptools --no-access-log ) \
+    >"$STATE/pair-fastapi.log" 2>&1 &
+BPID=$!; PIDS+=("$BPID")
+X="http://127.0.0.1:$XPORT"; B="http://127.0.0.1:$BPORT"
+if bt wait-http "$X/ping" --timeout 30 && bt wait-http "$B/ping" --timeout 30; then
+  WP=(--results "$RESULTS" --pin "$PIN_L" --pids "$TPID,$RPID,$XPID,$BPID"
+      --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU")
+  pm() {  # SCENARIO "REQUEST" RUN SCRIPT URL [ARGS...]: one measured run of a pair's side
+    local s=$1 req=$2 run=$3 script=$4 url=$5; shift 5
+    bt wrk "${WP[@]}" --scenario "$s" --request "$req" --run "$run" --conns "$CONNS" \
+      --script "$script" --duration "$DURATION" "$url" -- "$@"
+    settle
+  }
+  pw() {  # SCENARIO SCRIPT URL [ARGS...]: its warm-up
+    local s=$1 script=$2 url=$3; shift 3
+    bt wrk "${WP[@]}" --scenario "$s" --conns "$CONNS" --script "$script" --duration "$WARMUP" \
+      --warmup "$url" -- "$@" >/dev/null
+    settle
+  }
+  side() {  # NAME RUN: one side of a pair
+    case $1 in
+      raw-ping) pm pair-raw-ping "GET /ping (raw ASGI)" "$2" get.lua "$X/ping" - ;;
+      raw-redis) pm pair-raw-redis "GET /redis-ping (raw ASGI)" "$2" get.lua "$X/redis-ping" - ;;
+      fastapi-ping) pm pair-fastapi-ping "GET /ping (bare FastAPI)" "$2" get.lua "$B/ping" - ;;
+      introspect) pm pair-introspect "POST /auth/introspect" "$2" introspect.lua \
+                    "$T/auth/introspect" "$SERVICE_KEY" "$TOKEN" ;;
+      me) pm pair-me "GET /me" "$2" get.lua "$T/me" "$TOKEN" ;;
+      me-by-check) pm pair-me-check "GET /me" "$2" get.lua "$T/me" "$TOKEN" ;;
+      healthz) pm pair-healthz "GET /healthz" "$2" get.lua "$T/healthz" - ;;
+      check) pm pair-check "GET /auth/check" "$2" get.lua "$T/auth/check" "$TOKEN" ;;
+    esac
+  }
+  bt background --label pairs --results "$RESULTS" --cpu "$SERVER_CPU"
+  pw pair-raw-ping get.lua "$X/ping" -; pw pair-raw-redis get.lua "$X/redis-ping" -
+  pw pair-fastapi-ping get.lua "$B/ping" -
+  for p in "raw-ping introspect" "raw-redis me" "fastapi-ping healthz" "me-by-check check"; do
+    read -r a b <<<"$p"
+    for i in $(seq 1 "$ME_RUNS"); do
+      if [ $((i % 2)) = 1 ]; then side "$a" "$i"; side "$b" "$i"; else side "$b" "$i"; side "$a" "$i"; fi
+    done
+  done
+else
+  echo "bench/run.sh: the pair apps did not start (see $STATE/pair-*.log); no pairs" >&2
+fi
+kill -INT "$XPID" "$BPID" 2>/dev/null || true
+wait "$XPID" "$BPID" 2>/dev/null || true
+settle
 fi
 
 if want check; then
