@@ -266,8 +266,10 @@ class Edge:
         if not user_id or not state.get(TRACKING, True):
             return
         client = scope.get("client")
-        self.usage.add(user_id, client[0] if client else None, scope["method"], scope["path"],
-                       host.decode("latin-1") if host is not None else None, status, nbytes)
+        self.usage.record(user_id=user_id, ip=client[0] if client else None,
+                          method=scope["method"], path=scope["path"],
+                          host=host.decode("latin-1") if host is not None else None,
+                          status=status, nbytes=nbytes)
 
     def _measure(self, scope: Scope, status: int, start: float) -> None:
         """Requests and latency by route template (never by raw path: ids stay out)."""

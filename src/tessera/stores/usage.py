@@ -103,18 +103,12 @@ class UsageRecorder:
     def record(self, *, user_id: str, ip: str | None, method: str, path: str,
                host: str | None, status: int, nbytes: int) -> None:
         """Called on the request path: appends to memory only."""
-        self.add(user_id, ip, method, path, host, status, nbytes)
-
-    def add(self, user_id: str, ip: str | None, method: str, path: str, host: str | None,
-            status: int, nbytes: int) -> None:
-        """`record` with positional arguments, for the edge (once per tracked request)."""
         if user_id in self._forgotten:
             return
         self.accepted += 1
-        buffer = self._buffer
-        buffer.append((user_id, time.time_ns() // 1000, ip, method[:16], _clean(path, 512),
-                       _clean(host, 255) if host else None, status, nbytes))
-        if len(buffer) >= self._flush_events:
+        self._buffer.append((user_id, time.time_ns() // 1000, ip, method[:16], _clean(path, 512),
+                             _clean(host, 255) if host else None, status, nbytes))
+        if len(self._buffer) >= self._flush_events:
             self._wake.set()
 
     async def forget(self, user_id: str) -> None:
