@@ -215,20 +215,10 @@ XPID=$!; PIDS+=("$XPID")
 BPID=$!; PIDS+=("$BPID")
 X="http://127.0.0.1:$XPORT"; B="http://127.0.0.1:$BPORT"
 if bt wait-http "$X/ping" --timeout 30 && bt wait-http "$B/ping" --timeout 30; then
-  WP=(--results "$RESULTS" --pin "$PIN_L" --pids "$TPID,$RPID,$XPID,$BPID"
-      --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU")
-  pm() {  # SCENARIO "REQUEST" RUN SCRIPT URL [ARGS...]: one measured run of a pair's side
-    local s=$1 req=$2 run=$3 script=$4 url=$5; shift 5
-    bt wrk "${WP[@]}" --scenario "$s" --request "$req" --run "$run" --conns "$CONNS" \
-      --script "$script" --duration "$DURATION" "$url" -- "$@"
-    settle
-  }
-  pw() {  # SCENARIO SCRIPT URL [ARGS...]: its warm-up
-    local s=$1 script=$2 url=$3; shift 3
-    bt wrk "${WP[@]}" --scenario "$s" --conns "$CONNS" --script "$script" --duration "$WARMUP" \
-      --warmup "$url" -- "$@" >/dev/null
-    settle
-  }
+  W_ALONE=("${W[@]}")  # measure and warm, with the pair apps' CPU counted as ours
+  W=(--results "$RESULTS" --pin "$PIN_L" --pids "$TPID,$RPID,$XPID,$BPID"
+     --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU")
+  pm() { local s=$1 req=$2 run=$3; shift 3; measure "$s" "$req" "$run" "$CONNS" "$@"; }
   side() {  # NAME RUN: one side of a pair
     case $1 in
       raw-ping) pm pair-raw-ping "GET /ping (raw ASGI)" "$2" get.lua "$X/ping" - ;;
@@ -243,14 +233,16 @@ if bt wait-http "$X/ping" --timeout 30 && bt wait-http "$B/ping" --timeout 30; t
     esac
   }
   bt background --label pairs --results "$RESULTS" --cpu "$SERVER_CPU"
-  pw pair-raw-ping get.lua "$X/ping" -; pw pair-raw-redis get.lua "$X/redis-ping" -
-  pw pair-fastapi-ping get.lua "$B/ping" -
+  for w in "pair-raw-ping $X/ping" "pair-raw-redis $X/redis-ping" "pair-fastapi-ping $B/ping"; do
+    read -r s url <<<"$w"; warm "$s" "$CONNS" get.lua "$url" - >/dev/null; settle
+  done
   for p in "raw-ping introspect" "raw-redis me" "fastapi-ping healthz" "me-by-check check"; do
     read -r a b <<<"$p"
     for i in $(seq 1 "$ME_RUNS"); do
       if [ $((i % 2)) = 1 ]; then side "$a" "$i"; side "$b" "$i"; else side "$b" "$i"; side "$a" "$i"; fi
     done
   done
+  W=("${W_ALONE[@]}")
 else
   echo "bench/run.sh: the pair apps did not start (see $STATE/pair-*.log); no pairs" >&2
 fi
