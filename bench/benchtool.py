@@ -749,11 +749,14 @@ def cmd_mint_totp(a):
             if not a.tokens:
                 return [f"{u.email} {s}" for u, s in users]
             first = int(time.time() // dmfa.TOTP_PERIOD)
+            from tessera.domain.profiles import generation_key
             for user, secret in users:
+                # as accounts.authenticate: the epoch and the generation before the reads
+                epoch, generation = await t.sessions.epoch_with(user.id, generation_key(user.id))
                 async with t.db_factory() as db:
                     state = await dmfa.enrolled(db, user.id)
                 problem = await dmfa.mfa_required(t.factors, user, ["pwd"], state,
-                                                  epoch=await t.logins.epoch(user.id))
+                                                  epoch=epoch, generation=generation or "")
                 assert problem is not None  # nothing ends this user's sessions meanwhile
                 totp = pyotp.TOTP(secret)
                 codes = [totp.at(s * dmfa.TOTP_PERIOD)
@@ -866,20 +869,20 @@ def cmd_floor(a):
 
 
 def cmd_floor_totp(a):
-    """What the TOTP second step costs in-process, on the server's database (same TESSERA_*
+    """What the TOTP check costs in-process, on the server's Redis (same TESSERA_*
     environment; pin it to the server CPU while the server idles): (1) the check alone,
     decrypting the stored secret and comparing the code with the three steps of the drift
-    window (domain mfa.matching_step, pyotp); (2) what mfa.check_code does with it, in a
-    fresh database session as a request has: load the factor, the check, the conditional
-    UPDATE of last_step and the COMMIT. Each timed call spends a later time step than the
-    one before (the code of step s checked as at time s*30), so every UPDATE really writes."""
+    window (domain mfa.matching_step, pyotp); (2) what the full check (mfa.check_code_with)
+    does with it: the check and the replay guard, one Redis script (mfa_login.accept_step);
+    (3) what the one-script second step computes beside its script: the code's MAC for the
+    three steps (SecretBox.totp_mac). Each timed call spends a later time step than the one
+    before (the code of step s checked as at time s*30), so every guard really writes."""
     import pyotp
 
     async def main() -> list[dict]:
         from tessera.domain import mfa as dmfa
         from tessera.main import create_app
         from tessera.stores import mfa as store
-        from tessera.stores.models import User
 
         app = create_app()
         async with app.router.lifespan_context(app):
@@ -890,33 +893,17 @@ def cmd_floor_totp(a):
             totp = pyotp.TOTP(secret)
             box = t.factors.box
             async with t.db_factory() as db:
-                enc = (await store.get_totp(db, user.id)).secret_enc  # type: ignore[union-attr]
+                factor = await store.get_totp(db, user.id)
+            assert factor is not None
+            enc = factor.secret_enc
             step = int(time.time() // dmfa.TOTP_PERIOD) + 1
-            check, full, full_cpu = [], [], []
+            check, full, full_cpu, macs = [], [], [], []
 
             async def totp_step(code: str, now: float) -> object:
-                """What POST /auth/login/mfa does with a TOTP code, by its own functions."""
-                if hasattr(dmfa, "check_sealed_totp"):
-                    # The common path: the factor came sealed in the mfa_token; one UPDATE
-                    # ... RETURNING takes the step and reads the user's flags (own connection).
-                    pending = dmfa.SecondStep(user_id=user.id, amr=["pwd"], password="",
-                                              epoch="0", take="", forget=(),
-                                              sealed_totp=enc)
-                    return await dmfa.check_sealed_totp(t.factors, pending, code, now=now)
+                """The full check's TOTP part, by its own function (no database work)."""
                 async with t.db_factory() as db:
-                    if hasattr(dmfa, "check_code_with"):  # a tessera before the sealed factor
-                        _user, factor = await dmfa.login_state(db, user.id)
-                        return await dmfa.check_code_with(db, t.factors, user.id, code, factor,
-                                                          now=now)
-                    # a tessera from before login_state (to measure it for comparison)
-                    await db.get(User, user.id)
-                    factor = await store.get_totp(db, user.id)
-                    assert factor is not None
-                    found = dmfa.matching_step(box.decrypt(factor.secret_enc, user.id), code,
-                                               now=now)
-                    ok = found is not None and await store.accept_step(db, user.id, found)
-                    await db.commit()
-                    return ok
+                    return await dmfa.check_code_with(db, t.factors, user.id, code, factor,
+                                                      now=now)
 
             for _ in range(a.n):
                 code = totp.at(step * dmfa.TOTP_PERIOD)
@@ -926,12 +913,14 @@ def cmd_floor_totp(a):
                 check.append(time.perf_counter() - t0)
                 assert found == step
                 step += 1
-                # What POST /auth/login/mfa does for a TOTP code, by the same functions:
-                # the user with the factor (one SELECT), the check, the compare-and-set of
-                # last_step and its COMMIT, in a fresh database session. The code is of the
-                # current time step's neighbourhood only at real time, so the check runs as
-                # at time step*30, as above.
+                # The full check with its replay guard (one Redis script). The code is of
+                # the current time step's neighbourhood only at real time, so the check runs
+                # as at time step*30, as above.
                 code = totp.at(step * dmfa.TOTP_PERIOD)
+                t0 = time.perf_counter()
+                for s_ in (step - 1, step, step + 1):
+                    box.totp_mac(user.id, s_, code)
+                macs.append(time.perf_counter() - t0)
                 c0, t0 = time.process_time(), time.perf_counter()
                 earned = await totp_step(code, step * dmfa.TOTP_PERIOD)
                 full.append(time.perf_counter() - t0)
@@ -939,14 +928,16 @@ def cmd_floor_totp(a):
                 if not earned:
                     raise SystemExit("floor-totp: a fresh time step was refused")
                 step += 1
-        db_kind = "PostgreSQL" if "postgresql" in t.settings.resolved_database_url else "SQLite"
         return [
             {"kind": "floor", "floor": "TOTP check: decrypt secret + 3 codes of the drift "
              "window (mfa.matching_step, pyotp)", "best_us": min(check) * 1e6,
              "median_us": statistics.median(check) * 1e6, "unit": "per check"},
-            {"kind": "floor", "floor": f"TOTP step as the login does it: check against the "
-             f"factor sealed in the mfa_token + UPDATE last_step (compare-and-set) RETURNING "
-             f"the user's flags + COMMIT ({db_kind}, a connection each), wall",
+            {"kind": "floor", "floor": "the one-script second step's own work beside its "
+             "script: the code's MAC for 3 time steps (SecretBox.totp_mac)",
+             "best_us": min(macs) * 1e6, "median_us": statistics.median(macs) * 1e6,
+             "unit": "per step"},
+            {"kind": "floor", "floor": "TOTP step as the full check does it: check + replay "
+             "guard (mfa_login.accept_step, one Redis script), wall",
              "best_us": min(full) * 1e6,
              "median_us": statistics.median(full) * 1e6, "unit": "per step", "totp": True},
             {"kind": "floor", "floor": "the same, CPU time of this process (no fsync or "
@@ -1435,7 +1426,8 @@ def cmd_report(a):
                f"{cost['redis_commands']:.1f} ({cost['redis_scripts']:.1f} scripts: "
                f"{', '.join(cost['redis_command_names'])})", "—", "—", None)
     if totp_floor:
-        target("TOTP step in-process (user + factor, check, UPDATE, COMMIT; floor table), wall",
+        target("TOTP step in-process, the full check (check + replay guard in Redis; floor "
+               "table), wall",
                _fmt_us(totp_floor["median_us"]), "—", "< 1 ms", totp_floor["median_us"] < 1000)
     totp_cpu = next((f for f in floors if f.get("totp_cpu")), None)
     if totp_cpu:

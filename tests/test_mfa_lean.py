@@ -1,8 +1,9 @@
 """The second login step's cost and its races (issue 14, speed): what one POST /auth/login/mfa
 asks of Redis (seen with MONITOR on the real redis-server) and of the database (statements
 seen by a SQLAlchemy event listener), and that folding the steps together kept the rules:
-the mfa_token is single use, and a pending login does not outlive a change that ends
-sessions (deactivation and reactivation between the two steps)."""
+the mfa_token is single use, a TOTP code is accepted once whichever path checks it, and a
+pending login does not outlive a change to the user (deactivation and reactivation, a
+password change, a restriction, a factor replaced between the two steps)."""
 
 from __future__ import annotations
 
@@ -68,11 +69,11 @@ async def user_with_totp(client: httpx.AsyncClient) -> tuple[dict[str, Any], str
     return user, token, secret, codes
 
 
-async def test_a_second_step_asks_redis_twice(client: httpx.AsyncClient,
-                                              redis_url: str) -> None:
-    """One script before the code is checked (the mfa_token read, the attempt counted on the
-    token and the account) and one after (the token taken, the counter cleared, the session
-    written): each a single round trip, so a durable Redis (fsync per write) fsyncs twice."""
+async def test_a_totp_second_step_is_one_redis_script(client: httpx.AsyncClient,
+                                                     redis_url: str) -> None:
+    """The token read, the attempt counted on the token and the account, the code's MAC
+    compared, the time step taken, the token spent, the counter cleared and the session
+    written: one script, one round trip (a durable Redis fsyncs once)."""
     warm, _, warm_secret, _ = await user_with_totp(client)  # scripts loaded (SCRIPT LOAD once)
     assert (await client.post("/auth/login/mfa", json={
         "mfa_token": await mfa_token_for(client, warm["email"]),
@@ -88,22 +89,18 @@ async def test_a_second_step_asks_redis_twice(client: httpx.AsyncClient,
     # on the user's keys or on second-factor state.
     mine = [c for c in seen if c.get("client_type") != "lua"
             and (user["id"] in c["command"] or "mfa" in c["command"])]
-    assert [c["command"].split()[0].upper() for c in mine] == ["EVALSHA", "EVALSHA"], [
+    assert [c["command"].split()[0].upper() for c in mine] == ["EVALSHA"], [
         c["command"][:200] for c in mine]
     inside = [c["command"].split()[0].upper() for c in seen if c.get("client_type") == "lua"]
-    assert "HINCRBY" in inside and "ZADD" in inside  # the count, then the session
+    # the count, the step taken, the session
+    assert "HINCRBY" in inside and "HSET" in inside and "ZADD" in inside, inside
 
 
-async def test_a_second_step_commits_once(app: FastAPI, client: httpx.AsyncClient) -> None:
-    """The database work of a TOTP second step: one statement (the compare-and-set of the
-    last time step, which returns the user's flags; the factor came sealed in the
-    mfa_token) and one commit, no read; the audit event is buffered off the request's path
-    (stores/audit.py)."""
-    user, _, secret, _ = await user_with_totp(client)
-    mfa_token = await mfa_token_for(client, user["email"])
-    client.cookies.clear()
+def _watch_sql(app: FastAPI) -> tuple[list[str], list[int], Any]:
+    """The statements and commits this task makes (httpx's ASGI transport runs the app in
+    the test's task); call the returned function to stop watching."""
     engine = app.state.tessera.engine.sync_engine
-    here = asyncio.current_task()  # httpx's ASGI transport runs the app in this task
+    here = asyncio.current_task()
     statements: list[str] = []
     commits: list[int] = []
 
@@ -117,18 +114,29 @@ async def test_a_second_step_commits_once(app: FastAPI, client: httpx.AsyncClien
 
     event.listen(engine, "before_cursor_execute", on_statement)
     event.listen(engine, "commit", on_commit)
+
+    def stop() -> None:
+        event.remove(engine, "before_cursor_execute", on_statement)
+        event.remove(engine, "commit", on_commit)
+    return statements, commits, stop
+
+
+async def test_a_totp_second_step_does_no_database_work(app: FastAPI,
+                                                       client: httpx.AsyncClient) -> None:
+    """No statement and no commit: the replay guard is in Redis, the user's flags came with
+    the mfa_token (valid while the profile generation holds), and the audit event is
+    buffered off the request's path (stores/audit.py), yet written."""
+    user, _, secret, _ = await user_with_totp(client)
+    mfa_token = await mfa_token_for(client, user["email"])
+    client.cookies.clear()
+    statements, commits, stop = _watch_sql(app)
     try:
         done = await client.post("/auth/login/mfa", json={"mfa_token": mfa_token,
                                                           "code": totp_code(secret, 1)})
     finally:
-        event.remove(engine, "before_cursor_execute", on_statement)
-        event.remove(engine, "commit", on_commit)
+        stop()
     assert done.status_code == 200, done.text
-    writes = [s for s in statements if s.split()[0] in ("INSERT", "UPDATE", "DELETE")]
-    reads = [s for s in statements if s.split()[0] == "SELECT"]
-    assert [w.split()[:2] for w in writes] == [["UPDATE", "MFA_TOTP"]], statements
-    assert reads == [], statements
-    assert len(commits) == 1, statements
+    assert statements == [] and commits == [], statements
     await app.state.tessera.audit_trail.flush()  # the event is there once flushed
     async with app.state.tessera.db_factory() as db:
         from sqlmodel import select
@@ -254,21 +262,26 @@ async def test_a_restriction_made_between_the_steps_stops_tracking_the_login(
     assert "visitor" not in done.headers.get("set-cookie", "")
 
 
-async def test_the_second_step_without_update_returning(
-        app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the database cannot return rows from an UPDATE (SQLite before 3.35), the step
-    is taken and the flags read in one transaction: the same answers."""
-    engine = app.state.tessera.engine
-    monkeypatch.setattr(engine.dialect, "update_returning", False)
+async def test_a_restriction_made_before_the_first_step_travels_with_the_mfa_token(
+        app: FastAPI, client: httpx.AsyncClient) -> None:
+    """Restricted before the password step: the one-script second step takes the user's
+    flags from the mfa_token (nothing changed since), so the login is not tracked; and the
+    code it accepted is refused next time."""
     user, token, secret, _ = await user_with_totp(client)
     await client.put("/me/restrictions", headers=bearer(token), json={
         "restrict_processing": True, "object_to_processing": False})
     pending = await mfa_token_for(client, user["email"])
     client.cookies.clear()
-    done = await client.post("/auth/login/mfa", json={"mfa_token": pending,
-                                                      "code": totp_code(secret, 1)})
+    statements, _, stop = _watch_sql(app)
+    try:
+        done = await client.post("/auth/login/mfa", json={"mfa_token": pending,
+                                                          "code": totp_code(secret, 1)})
+    finally:
+        stop()
     assert done.status_code == 200, done.text
+    assert statements == []  # the one-script path, not the full check
     assert done.headers["tk"] == "N"
+    assert "visitor" not in done.headers.get("set-cookie", "")
     replay = await client.post("/auth/login/mfa", json={
         "mfa_token": await mfa_token_for(client, user["email"]), "code": totp_code(secret, 1)})
     assert_problem(replay, 401, "invalid_code")
@@ -328,42 +341,126 @@ async def test_the_lean_second_step_is_in_the_schema_and_other_methods_are_405(
 
 
 async def _change_row(app: FastAPI, user_id: str, **values: Any) -> None:
-    """A change committed to the user's row whose sessions have not been ended yet: the
-    moment between a password change's (or a deactivation's) COMMIT and its revoke_all."""
+    """A change committed to the user's row and nothing else yet: the moment between a
+    password change's (or a deactivation's) COMMIT and what follows it (the profile
+    generation moved, the sessions ended)."""
     async with app.state.tessera.db_factory() as db:
         await db.exec(update(User).where(User.id == user_id).values(**values))
         await db.commit()
 
 
-async def test_a_password_changed_but_not_yet_ending_sessions_voids_the_second_step(
+async def test_a_password_change_ends_the_session_of_a_second_step_in_its_window(
         app: FastAPI, client: httpx.AsyncClient) -> None:
-    """The epoch has not moved yet, so the fast path runs; the statement that takes the time
-    step also returns the password hash, and a changed one voids the mfa_token, as the full
-    check's fingerprint does."""
-    user, _, secret, _ = await user_with_totp(client)
+    """Between a password change's COMMIT and its revoke_all, a second step can still open
+    a session (as a password login whose hash check spans the commit does); the revoke_all
+    that follows ends it, and a pending token of before the change opens nothing after."""
+    user, _, secret, codes = await user_with_totp(client)
     pending = await mfa_token_for(client, user["email"])
+    later = await mfa_token_for(client, user["email"])
     await _change_row(app, user["id"], password_hash="$bcrypt-sha256$v=2,t=2b,r=4$x$y")
-    late = await client.post("/auth/login/mfa", json={"mfa_token": pending,
-                                                      "code": totp_code(secret, 1)})
-    assert_problem(late, 401, "invalid_token")
+    in_window = await client.post("/auth/login/mfa", json={"mfa_token": pending,
+                                                           "code": totp_code(secret, 1)})
+    assert in_window.status_code == 200, in_window.text
+    session_token = in_window.json()["access_token"]
+    client.cookies.clear()
+    assert (await client.get("/me", headers=bearer(session_token))).status_code == 200
+    await app.state.tessera.logins.revoke_all(user["id"], "password_changed")
+    assert_problem(await client.get("/me", headers=bearer(session_token)), 401,
+                   "not_authenticated")
+    # The epoch moved: the full check runs, and the token's password is not the row's.
+    assert_problem(await client.post("/auth/login/mfa", json={"mfa_token": later,
+                                                              "code": codes[0]}),
+                   401, "invalid_token")
 
 
 async def test_a_restricted_users_refused_second_step_is_not_tracked(
         app: FastAPI) -> None:
-    """Deactivated (the row committed, the epoch not yet moved): 403 account_inactive, and
-    for a restricted user that answer says `Tk: N` and sets no visitor cookie too."""
+    """Deactivated (the row committed and the profile generation moved, as `deactivate`
+    does before it ends the sessions): the full check runs, 403 account_inactive, and for a
+    restricted user that answer says `Tk: N` and sets no visitor cookie too."""
+    from tessera.domain import accounts
+
     async with client_for(app) as client:
         user, token, secret, _ = await user_with_totp(client)
         await client.put("/me/restrictions", headers=bearer(token), json={
             "restrict_processing": True, "object_to_processing": False})
         pending = await mfa_token_for(client, user["email"])
         await _change_row(app, user["id"], is_active=False)
+        await accounts.user_changed(app.state.tessera.profiles, user["id"])
         client.cookies.clear()
         refused = await client.post("/auth/login/mfa", json={"mfa_token": pending,
                                                              "code": totp_code(secret, 1)})
     assert_problem(refused, 403, "account_inactive")
     assert refused.headers["tk"] == "N"
     assert "visitor" not in refused.headers.get("set-cookie", "")
+
+
+async def test_a_code_is_accepted_once_whichever_path_checks_it(
+        client: httpx.AsyncClient) -> None:
+    """One replay guard for the one-script second step, the full check (sensitive changes)
+    and the enrolment: a code spent by one is refused by the others."""
+    user, token, secret, _ = await user_with_totp(client)
+    # the enrolment's code (of the current step) is spent: the login refuses it
+    assert_problem(await client.post("/auth/login/mfa", json={
+        "mfa_token": await mfa_token_for(client, user["email"]), "code": totp_code(secret)}),
+        401, "invalid_code")
+    # spent by the login's one script, refused by a sensitive change's full check
+    done = await client.post("/auth/login/mfa", json={
+        "mfa_token": await mfa_token_for(client, user["email"]),
+        "code": totp_code(secret, 1)})
+    assert done.status_code == 200, done.text
+    change = {"current_password": PASSWORD, "code": totp_code(secret, 1)}
+    assert_problem(await client.post("/me/mfa/recovery-codes", headers=bearer(token),
+                                     json=change), 401, "invalid_code")
+
+
+async def test_a_code_spent_by_a_sensitive_change_is_refused_at_login(
+        client: httpx.AsyncClient) -> None:
+    user, token, secret, _ = await user_with_totp(client)
+    pending = await mfa_token_for(client, user["email"])
+    change = await client.post("/me/mfa/recovery-codes", headers=bearer(token), json={
+        "current_password": PASSWORD, "code": totp_code(secret, 1)})
+    assert change.status_code == 200, change.text
+    assert_problem(await client.post("/auth/login/mfa", json={
+        "mfa_token": pending, "code": totp_code(secret, 1)}), 401, "invalid_code")
+
+
+async def test_the_pending_login_keeps_no_totp_secret_in_redis(
+        app: FastAPI, client: httpx.AsyncClient) -> None:
+    """The token's hash holds MACs of the codes of the steps it can be used in, keyed by
+    the service secret, not the TOTP secret (nor the code)."""
+    from tessera.stores import mfa_login
+
+    user, _, secret, _ = await user_with_totp(client)
+    pending = await mfa_token_for(client, user["email"])
+    redis = app.state.tessera.redis
+    stored = await redis.hgetall(mfa_login.token_key(user["id"], pending))
+    macs = {k: v for k, v in stored.items() if k.startswith("c")}
+    assert 10 <= len(macs) <= 24, sorted(stored)  # 5 minutes of 30-s steps, and the drift
+    values = " ".join(str(v) for v in stored.values())
+    assert secret not in values and totp_code(secret) not in values
+    assert all(len(v) == 32 for v in macs.values())
+    assert "tf" not in stored["r"]
+
+
+async def test_a_pending_login_without_code_macs_takes_the_full_check(
+        app: FastAPI, client: httpx.AsyncClient) -> None:
+    """A token whose record has only the record (written by a tessera before the one-script
+    step, or by a passkey's first step): the full check opens the session."""
+    from tessera.stores import mfa_login
+
+    user, _, secret, _ = await user_with_totp(client)
+    pending = await mfa_token_for(client, user["email"])
+    redis = app.state.tessera.redis
+    key = mfa_login.token_key(user["id"], pending)
+    fields = [k for k in await redis.hkeys(key) if k not in ("r", "n")]
+    await redis.hdel(key, *fields)
+    done = await client.post("/auth/login/mfa", json={"mfa_token": pending,
+                                                      "code": totp_code(secret, 1)})
+    assert done.status_code == 200, done.text
+    replay = await client.post("/auth/login/mfa", json={
+        "mfa_token": await mfa_token_for(client, user["email"]), "code": totp_code(secret, 1)})
+    assert_problem(replay, 401, "invalid_code")
 
 
 async def test_a_client_that_leaves_mid_body_gets_400(app: FastAPI) -> None:
@@ -413,3 +510,23 @@ async def test_a_pending_login_is_kept_only_while_the_epoch_holds(redis_url: str
     finally:
         await redis.delete(epoch_key(user_id))
         await redis.aclose()
+
+
+async def test_the_one_script_step_fails_closed_while_refused_deletions_wait(
+        app: FastAPI, client: httpx.AsyncClient) -> None:
+    """It trusts the epoch and generation kept in Redis, so while deletions Redis refused
+    (a deactivation's epoch bump, say) are not done it answers 503, as token checks do;
+    the token is left as it was."""
+    user, _, secret, _ = await user_with_totp(client)
+    pending = await mfa_token_for(client, user["email"])
+    gate = app.state.tessera.sessions.writes
+    gate._fail("test: refused deletions are not done yet")
+    try:
+        refused = await client.post("/auth/login/mfa", json={"mfa_token": pending,
+                                                             "code": totp_code(secret, 1)})
+    finally:
+        gate.failing = False
+    assert_problem(refused, 503, "unavailable")
+    done = await client.post("/auth/login/mfa", json={"mfa_token": pending,
+                                                      "code": totp_code(secret, 1)})
+    assert done.status_code == 200, done.text

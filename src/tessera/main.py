@@ -168,7 +168,7 @@ def create_app(settings: Settings | None = None) -> TesseraApp:
                 scrubber=scrubber, logins=logins,
                 erasure=Erasure(settings, logins, profiles, usage, audit_trail, mail, engine,
                                 scrubber),
-                factors=SecondFactors(settings, redis, limiter, SecretBox(secret), engine),
+                factors=SecondFactors(settings, redis, limiter, SecretBox(secret), profiles),
                 embedded_redis=embedded)
             edge.checker = checker
             usage.start()

@@ -44,12 +44,14 @@ from tessera.api.schemas import (
 )
 from tessera.config import Settings
 from tessera.domain import accounts, mail, mfa, recovery
-from tessera.domain.accounts import Logins, LoginSubject
+from tessera.domain.accounts import Logins
 from tessera.domain.auth import csrf_token_for
 from tessera.edge.privacy import forbid_tracking
 from tessera.errors import Problem, problem_doc, problem_responses
 from tessera.metrics import Metrics
 from tessera.security.passwords import normalise_password
+from tessera.security.tokens import IssuedToken
+from tessera.stores.models import User
 from tessera.stores.ratelimit import AttemptLimiter, ip_bucket
 from tessera.timeutil import from_epoch
 
@@ -190,7 +192,8 @@ async def login(request: Request, db: DbDep, settings: SettingsDep, limiter: Lim
             password = normalise_password(password, new=False)
         except ValueError:
             password = ""  # can match no stored hash; still costs one hash below
-        user, epoch = await accounts.authenticate(db, sessions, hasher, email, password)
+        user, epoch, generation = await accounts.authenticate(db, sessions, hasher, email,
+                                                              password)
     except Problem as problem:
         metrics.logins.labels("inactive" if problem.code == "account_inactive"
                               else "failed").inc()
@@ -206,14 +209,15 @@ async def login(request: Request, db: DbDep, settings: SettingsDep, limiter: Lim
     enrolled = await mfa.enrolled(db, user.id)
     if enrolled.any:  # the password was right; the second step needs the mfa_token
         metrics.logins.labels("mfa_required").inc()
-        raise (await mfa.mfa_required(factors, user, ["pwd"], enrolled, epoch=epoch)
+        raise (await mfa.mfa_required(factors, user, ["pwd"], enrolled, epoch=epoch,
+                                      generation=generation)
                or await accounts.superseded_login(db, user.id))
     return await login_response(request, db, settings, metrics, logins, csrf_key, user, ["pwd"],
                                 epoch=epoch)
 
 
 async def login_response(request: Request, db: AsyncSession, settings: Settings,
-                         metrics: Metrics, logins: Logins, csrf_key: bytes, user: LoginSubject,
+                         metrics: Metrics, logins: Logins, csrf_key: bytes, user: User,
                          amr: list[str], *, epoch: str | None = None, take: str | None = None,
                          forget: Sequence[str] = ()) -> JSONResponse:
     """The one way a login ends (password, second step, passkey): a session, its token in
@@ -229,6 +233,13 @@ async def login_response(request: Request, db: AsyncSession, settings: Settings,
     if issued is None:  # the password changed or the account ended while this one ran
         metrics.logins.labels("failed").inc()
         raise await accounts.superseded_login(db, user.id)
+    return logged_in(settings, metrics, csrf_key, issued)
+
+
+def logged_in(settings: Settings, metrics: Metrics, csrf_key: bytes,
+              issued: IssuedToken) -> JSONResponse:
+    """How every login answers once its session is written (`login_response`, and the TOTP
+    second step's one script): the token in the body, the `session` and `csrf` cookies."""
     metrics.logins.labels("ok").inc()
     csrf = csrf_token_for(csrf_key, issued.sid)
     body = TokenOut(access_token=issued.token, expires_in=issued.exp - issued.iat,

@@ -13,7 +13,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope
 
-from tessera.api.auth import NO_STORE, check_origin, login_response
+from tessera.api.auth import NO_STORE, check_origin, logged_in, login_response
 from tessera.api.deps import (
     CsrfKeyDep,
     CurrentUser,
@@ -164,7 +164,7 @@ async def disable_totp(request: Request, body: PasswordAndFactorIn, user: Curren
     if not (await mfa.enrolled(db, user.id)).totp:
         raise Problem("not_found", "TOTP is not enabled.")
     await _check_factor(db, factors, user, body)
-    await mfa.disable_totp(db, user.id)
+    await mfa.disable_totp(db, factors, user.id)
     await accounts.audit(db, "totp_disabled", user_id=user.id)
     return Response(status_code=204, headers=NO_STORE)
 
@@ -260,27 +260,38 @@ async def login_mfa(scope: Scope, receive: Receive, *, settings: Settings,
     request = Request(scope, receive)
     body = await read_json(request, MfaLoginIn)  # first, as FastAPI reads a route's body
     check_origin(request, settings)
-    # One Redis round trip before the factor is checked (the token read, the attempt counted)
-    # and one after (the session written, the token taken, the counter cleared: one script).
-    step = await mfa.begin_second_step(factors, body.mfa_token)
-    if step is None:
-        raise mfa.invalid_mfa_token()
+    code = mfa.totp_shaped(body.code) if body.credential is None else None
+    if code is not None:
+        # The common case, a TOTP code after a password: one Redis script checks the code
+        # against what the first step kept, takes the time step and writes the session,
+        # while nothing about the user changed since the first step; no database work.
+        fast = await mfa.finish_with_totp(factors, logins, body.mfa_token, code,
+                                          request.headers.get("user-agent"))
+        if fast is None:
+            raise mfa.invalid_mfa_token()
+        if fast.restricted:
+            forbid_tracking(scope)  # whatever the answer
+        if fast.issued is not None:
+            # Buffered (stores/audit.py): the step does no database work at all.
+            accounts.audit_later(audit_trail, "login_mfa", user_id=fast.user_id,
+                                 outcome="ok")
+            return logged_in(settings, metrics, csrf_key, fast.issued)
+        if fast.pending is None:  # a wrong code, or a replay
+            async with db_factory() as db:
+                await accounts.audit(db, "login_mfa", user_id=fast.user_id,
+                                     outcome="failed")
+            raise mfa.invalid_code()
+        step = fast.pending  # the user or the factor changed since: the full check decides
+    else:
+        # One Redis round trip before the factor is checked (the token read, the attempt
+        # counted) and one after (the session written, the token taken, the counter
+        # cleared: one script).
+        begun = await mfa.begin_second_step(factors, body.mfa_token)
+        if begun is None:
+            raise mfa.invalid_mfa_token()
+        step = begun
     user_id = step.user_id
     async with db_factory() as db:
-        if body.code and body.credential is None and step.sealed_totp is not None:
-            # The common case, a TOTP code: the factor came sealed in the mfa_token, and one
-            # statement takes the time step and reads the user's row as it is now (a
-            # change that ends sessions after the first step still stops the session's
-            # creation: the epoch).
-            flags = await mfa.check_sealed_totp(factors, step, body.code)
-            if flags is not None:
-                if mfa.password_fingerprint(flags) != step.password:
-                    raise mfa.invalid_mfa_token()  # changed, its sessions not yet ended
-                return await _second_step_done(request, db, settings, metrics, logins,
-                                               csrf_key, audit_trail, flags, step, ["otp"])
-            # Not the sealed factor's code (a wrong code, a replay, or the factor was
-            # replaced since the first step): the check below, on the factor as it is now,
-            # decides.
         user, totp = await mfa.login_state(db, user_id)
         if user is None or mfa.password_fingerprint(user) != step.password:
             raise mfa.invalid_mfa_token()  # the password changed (or the account went)
@@ -330,7 +341,7 @@ LOGIN_MFA_OPENAPI: dict[str, dict[str, Any]] = {LOGIN_MFA_PATH: {"post": {
 
 async def _second_step_done(request: Request, db: AsyncSession, settings: Settings,
                             metrics: Metrics, logins: accounts.Logins, csrf_key: bytes,
-                            audit_trail: AuditTrail, user: accounts.LoginSubject,
+                            audit_trail: AuditTrail, user: User,
                             step: mfa.SecondStep,
                             earned: list[str]) -> JSONResponse:
     """The second factor was right: the session, if the account is active and the epoch

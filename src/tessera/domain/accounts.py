@@ -7,7 +7,7 @@ import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.exc import IntegrityError
@@ -19,7 +19,7 @@ from tessera.config import Settings
 from tessera.domain import events, mail
 from tessera.domain.mail import MailWorker
 from tessera.domain.policy import NEVER_ACCEPTED, PolicyCache, PolicyState
-from tessera.domain.profiles import ProfileCache
+from tessera.domain.profiles import ProfileCache, generation_key
 from tessera.errors import Problem
 from tessera.metrics import Metrics
 from tessera.security.passwords import PasswordHasher
@@ -114,17 +114,20 @@ async def register_user(db: AsyncSession, hasher: PasswordHasher, *, email: str,
 
 
 async def authenticate(db: AsyncSession, sessions: SessionStore, hasher: PasswordHasher,
-                       email: str, password: str) -> tuple[User, str]:
-    """The user for these credentials, and the user's auth epoch read before the row the
-    password is checked against (hand it to `open_session`). An unknown email costs one hash,
-    like a wrong password. Every attempt is audited (by user id) here, where the user is
-    already at hand."""
+                       email: str, password: str) -> tuple[User, str, str]:
+    """The user for these credentials, and the user's auth epoch and profile generation read
+    before the row the password is checked against (hand the epoch to `open_session`; both
+    to a second step, domain/mfa.py `mfa_required`). An unknown email costs one hash, like a
+    wrong password. Every attempt is audited (by user id) here, where the user is already at
+    hand."""
     user = await find_by_email(db, email)
-    epoch = "0"
+    epoch, generation = "0", ""
     if user is not None:
         # The epoch first, then the row again: a change committed before it was bumped is
-        # seen in the row, one committed after it makes the session's creation fail.
-        epoch = await sessions.epoch(user.id)
+        # seen in the row, one committed after it makes the session's creation fail. The
+        # generation likewise (every committed change to a user moves it after its commit).
+        epoch, seen = await sessions.epoch_with(user.id, generation_key(user.id))
+        generation = seen or ""
         user = await fresh_user(db, user.id)
     ok, new_hash = await hasher.verify(password, user.password_hash if user else None,
                                        account=email_key(email))
@@ -139,7 +142,7 @@ async def authenticate(db: AsyncSession, sessions: SessionStore, hasher: Passwor
         await audit(db, "login", user_id=user_id, outcome="inactive")
         raise Problem("account_inactive", "This account is deactivated.")
     await audit(db, "login", user_id=user_id, outcome="ok")  # commits the rehash too
-    return user, epoch
+    return user, epoch, generation
 
 
 async def fresh_user(db: AsyncSession, user_id: str) -> User | None:
@@ -163,20 +166,6 @@ async def verify_password(hasher: PasswordHasher, user: User, password: str) -> 
     return ok
 
 
-class LoginSubject(Protocol):
-    """What a login needs of the user besides the credential: a `User` row, or the flags a
-    second step's one statement read (`stores.mfa.LoginFlags`)."""
-
-    @property
-    def id(self) -> str: ...
-    @property
-    def is_active(self) -> bool: ...
-    @property
-    def restrict_processing(self) -> bool: ...
-    @property
-    def object_to_processing(self) -> bool: ...
-
-
 @dataclass(frozen=True)
 class Logins:
     """Opening and ending sessions: a session is a signed token (`keys`, `settings` say for
@@ -188,7 +177,7 @@ class Logins:
     token_key: bytes
     metrics: Metrics
 
-    async def open(self, user: LoginSubject, user_agent: str | None, *, epoch: str,
+    async def open(self, user: User, user_agent: str | None, *, epoch: str,
                    amr: list[str] | None = None, auth_time: int | None = None,
                    take: str | None = None, forget: Sequence[str] = ()) -> IssuedToken | None:
         """A new session, if the user's auth epoch is still `epoch` (read before the
@@ -197,24 +186,33 @@ class Logins:
         `forget`: a single-use key spent and keys cleared in the same Redis script as the
         session's creation (a second login step's mfa_token and attempt counter;
         `SessionStore.create`)."""
+        issued, record = await self.prepare(user.id, user_agent, amr, auth_time=auth_time)
+        if not await self.sessions.create(record, epoch=epoch, take=take, forget=forget):
+            return None
+        self.opened()
+        return issued
+
+    async def prepare(self, user_id: str, user_agent: str | None, amr: list[str] | None,
+                      *, auth_time: int | None = None) -> tuple[IssuedToken, SessionRecord]:
+        """A session's signed token and its record, not written yet: `open` writes it, and
+        so does the TOTP second step's one script (domain/mfa.py `finish_with_totp`), which
+        then calls `opened`."""
         s = self.settings
         await self.keys.maybe_refresh()  # a rotation on another instance reaches this one
         now = int(time.time())
         amr = list(amr) if amr is not None else ["pwd"]
         auth_time = auth_time if auth_time is not None else now
-        issued = issue_token(self.keys, sub=user.id, sid=new_session_id(),
+        issued = issue_token(self.keys, sub=user_id, sid=new_session_id(),
                              ttl_seconds=s.session_ttl_seconds, issuer=s.issuer,
                              audience=s.audience, now=now, amr=amr, auth_time=auth_time)
-        created = await self.sessions.create(SessionRecord(
-            sid=issued.sid, user_id=user.id,
+        return issued, SessionRecord(
+            sid=issued.sid, user_id=user_id,
             token_hash=token_hash(self.token_key, issued.token),
             created_at=issued.iat, expires_at=issued.exp,
-            user_agent=(user_agent or "")[:256] or None, amr=amr, auth_time=auth_time),
-            epoch=epoch, take=take, forget=forget)
-        if not created:
-            return None
+            user_agent=(user_agent or "")[:256] or None, amr=amr, auth_time=auth_time)
+
+    def opened(self) -> None:
         self.metrics.sessions_issued.inc()
-        return issued
 
     async def epoch(self, user_id: str) -> str:
         """The user's auth epoch now (for a login whose credentials were checked elsewhere)."""

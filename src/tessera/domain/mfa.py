@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 
 import pyotp
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel.ext.asyncio.session import AsyncSession
 from webauthn import (
     generate_authentication_options,
@@ -38,7 +37,10 @@ from webauthn.helpers.structs import (
 )
 
 from tessera.config import Settings
+from tessera.domain.accounts import Logins
+from tessera.domain.profiles import ProfileCache, generation_key
 from tessera.errors import Problem
+from tessera.security.tokens import IssuedToken
 from tessera.stores import mfa as store
 from tessera.stores import mfa_login as logins
 from tessera.stores.keys import b64url, b64url_decode
@@ -55,14 +57,15 @@ RECOVERY_CODES = 10
 @dataclass(frozen=True)
 class SecondFactors:
     """What the second-factor rules use, built once: the settings (lifetimes, limits, the
-    relying party), Redis (single-use mfa_tokens and WebAuthn challenges), the attempt
-    limiter, and the box stored TOTP secrets and recovery codes are sealed with."""
+    relying party), Redis (single-use mfa_tokens, WebAuthn challenges, the TOTP replay
+    guard), the attempt limiter, the box stored TOTP secrets and recovery codes are sealed
+    with, and the profile cache (a factor change moves the user's generation)."""
 
     settings: Settings
     redis: AnyRedis
     limiter: AttemptLimiter
     box: store.SecretBox
-    engine: AsyncEngine  # the second step's one statement runs on a connection of its own
+    profiles: ProfileCache
 
 
 def invalid_code() -> Problem:
@@ -167,7 +170,10 @@ async def confirm_totp(db: AsyncSession, factors: SecondFactors, user: User,
         raise Problem("no_pending_totp", "Start a TOTP enrolment first (POST /me/mfa/totp).")
     await count_attempt(factors, user.id)
     step = matching_step(factors.box.decrypt(factor.secret_enc, user.id), code)
-    if step is None or not await store.confirm_totp(db, user.id, step):
+    # The first code is spent like every later one (the replay guard), before the commit.
+    if step is None or not await logins.accept_step(
+            factors.redis, user.id, logins.factor_id(factor.secret_enc), step) \
+            or not await store.confirm_totp(db, user.id):
         await db.rollback()
         raise Problem("invalid_enrolment_code", "The code is wrong or expired.")
     codes = store.new_recovery_codes(RECOVERY_CODES)
@@ -177,9 +183,12 @@ async def confirm_totp(db: AsyncSession, factors: SecondFactors, user: User,
     return codes
 
 
-async def disable_totp(db: AsyncSession, user_id: str) -> None:
+async def disable_totp(db: AsyncSession, factors: SecondFactors, user_id: str) -> None:
     await store.delete_totp(db, user_id)
     await db.commit()
+    # After the commit: a pending second step recorded with this factor's codes takes the
+    # full check (which finds no factor), not the one-script path (stores/mfa_login.py).
+    await factors.profiles.invalidate(user_id)
 
 
 async def regenerate_recovery_codes(db: AsyncSession, factors: SecondFactors,
@@ -203,17 +212,17 @@ async def check_code_with(db: AsyncSession, factors: SecondFactors, user_id: str
                           factor: store.TotpFactor | None, *,
                           now: float | None = None) -> list[str] | None:
     """`check_code` with the user's TOTP factor already loaded (the login loads it with the
-    user, in one query): one conditional UPDATE of the time step (the replay guard, atomic
-    across instances) and one COMMIT. `now`: the clock (tests and the bench's floor)."""
+    user, in one query): the time step taken in Redis (the replay guard, atomic across
+    instances; `mfa_login.accept_step`), or the recovery code's conditional UPDATE and
+    COMMIT. `now`: the clock (tests)."""
     if len(code) > 64:
         return None
     if factor is not None and factor.confirmed_at is not None:
         step = matching_step(factors.box.decrypt(factor.secret_enc, user_id), code, now)
         if step is not None:
-            if await store.accept_step(db, user_id, step):
-                await db.commit()
+            if await logins.accept_step(factors.redis, user_id,
+                                        logins.factor_id(factor.secret_enc), step):
                 return ["otp"]
-            await db.rollback()
             return None  # a replay within its window
     if len(store.normalise_code(code)) == 12 and await store.use_recovery_code(
             db, factors.box, user_id, code):
@@ -240,33 +249,59 @@ async def forgive_attempts(factors: SecondFactors, user_id: str) -> None:
 
 # --- the two-step login -------------------------------------------------------------------
 
-def password_fingerprint(user: User | store.LoginFlags) -> str:
+def password_fingerprint(user: User) -> str:
     """Binds an mfa_token to the password it was earned with: a change voids the token."""
     return hashlib.sha256((user.password_hash or "").encode()).hexdigest()[:32]
 
 
+# The first step's amr the one-script second step signs its token for (`finish_with_totp`):
+# a password. A passkey's first step (amr hwk) takes the full check.
+_PASSWORD_FIRST = json.dumps(["pwd"])
+
+
+def _code_macs(factors: SecondFactors, user_id: str, secret: str, start: float,
+               ttl: int) -> dict[str, str]:
+    """`c<step>`: the MAC of the TOTP code of each time step an mfa_token issued at `start`
+    and living `ttl` s can be used in (one step of drift either side), for at most 24 steps
+    (a longer life: the later steps take the full check)."""
+    totp = _totp(secret)
+    first = int(start // TOTP_PERIOD) - 1
+    last = min(int((start + ttl) // TOTP_PERIOD) + 1, first + 23)
+    return {f"c{step}": factors.box.totp_mac(user_id, step, totp.at(step * TOTP_PERIOD))
+            for step in range(first, last + 1)}
+
+
 async def mfa_required(factors: SecondFactors, user: User, amr: list[str], state: Enrolled, *,
-                       epoch: str, other_than: str | None = None) -> Problem | None:
+                       epoch: str, generation: str | None = None,
+                       other_than: str | None = None) -> Problem | None:
     """The first factor was right: a single-use token for the second step, in Redis, and
     the 401 that hands it out. `epoch`: the user's auth epoch as read before the first factor
     was checked; the token is kept only if it is still the same (None: a change that ends
-    sessions came between, the login is superseded), and so is the second step's session."""
+    sessions came between, the login is superseded), and so is the second step's session.
+    `generation`: the user's profile generation, read with the epoch before the user's row
+    and factors: given, and with TOTP enrolled, the token gets what the one-script second
+    step needs (`finish_with_totp`); it runs only while neither has moved since."""
     # `<user id>.<secret>`: the second step finds the token under the user's hash tag, so it
     # is taken in the same Redis script that writes the session (stores/mfa_login.py).
     mfa_token = f"{user.id}.{secrets.token_urlsafe(32)}"
+    now = time.time()
+    ttl = factors.settings.mfa_token_ttl_seconds
     record = {"uid": user.id, "amr": amr, "pw": password_fingerprint(user),
-              "at": int(time.time()), "ep": epoch}
-    if state.totp_sealed is not None:
-        # The TOTP secret as stored (sealed: AES-GCM under a key of the service secret), so
-        # that the second step checks a code without reading the factor (`check_sealed_totp`).
-        record["tf"] = state.totp_sealed
-    if not await logins.put(factors.redis, user.id, mfa_token, record,
-                            factors.settings.mfa_token_ttl_seconds, epoch=epoch):
+              "at": int(now), "ep": epoch}
+    fields: dict[str, str] = {}
+    if state.totp_sealed is not None and generation is not None:
+        secret = factors.box.decrypt(state.totp_sealed, user.id)
+        fields = {"a": json.dumps(amr), "e": epoch, "g": generation,
+                  "f": "1" if user.restrict_processing or user.object_to_processing else "0",
+                  "k": logins.factor_id(state.totp_sealed),
+                  **_code_macs(factors, user.id, secret, now, ttl)}
+    if not await logins.put(factors.redis, user.id, mfa_token, record, ttl, epoch=epoch,
+                            fields=fields):
         return None
     return Problem("mfa_required", "A second factor is needed to finish logging in.",
                    extra={"mfa_token": mfa_token,
                           "methods": [m for m in state.methods if m != other_than],
-                          "expires_in": factors.settings.mfa_token_ttl_seconds})
+                          "expires_in": ttl})
 
 
 @dataclass(frozen=True)
@@ -281,7 +316,6 @@ class SecondStep:
     epoch: str
     take: str
     forget: tuple[str, ...]
-    sealed_totp: str | None = None  # the confirmed TOTP secret at the first step, sealed
 
 
 def _token_user(mfa_token: str) -> str | None:
@@ -305,31 +339,73 @@ async def begin_second_step(factors: SecondFactors, mfa_token: str) -> SecondSte
                                  max_per_token=s.mfa_max_failures_per_token,
                                  max_per_account=s.mfa_max_failures_per_account,
                                  window=s.login_failure_window_seconds)
+    return _second_step(user_id, pending)
+
+
+def _second_step(user_id: str, pending: logins.PendingLogin | None) -> SecondStep | None:
     if pending is None or pending.record.get("uid") != user_id:
         return None
     record = pending.record
-    sealed = record.get("tf")
     return SecondStep(user_id=user_id, amr=list(record["amr"]), password=str(record["pw"]),
                       epoch=str(record.get("ep", "0")), take=pending.key,
-                      forget=(logins.account_key(user_id),),
-                      sealed_totp=sealed if isinstance(sealed, str) else None)
+                      forget=(logins.account_key(user_id),))
 
 
-async def check_sealed_totp(factors: SecondFactors, step: SecondStep, code: str, *,
-                            now: float | None = None) -> store.LoginFlags | None:
-    """The second step's TOTP check when the first step sealed the factor into the
-    mfa_token: the code checked against that secret, and the time step taken in one
-    statement that also proves the factor is still the same and hands back the user's row
-    as it is now (flags, password hash; no read of the user or the factor). None: not a
-    code of that factor, or a replay; nothing taken. `now`: the clock (tests and the
-    bench's floor)."""
-    assert step.sealed_totp is not None
-    secret = factors.box.decrypt(step.sealed_totp, step.user_id)
-    matched = matching_step(secret, code, now)
-    if matched is None:
+def totp_shaped(code: str | None) -> str | None:
+    """The code as six digits (spaces taken out, as `matching_step` does), or None: a code
+    the one-script second step can check."""
+    if code is None:
         return None
-    return await store.accept_sealed_step(factors.engine, step.user_id, step.sealed_totp,
-                                          matched)
+    code = code.strip().replace(" ", "")
+    return code if len(code) == TOTP_DIGITS and code.isdigit() else None
+
+
+@dataclass(frozen=True)
+class Finish:
+    """What `finish_with_totp` did: `issued` the session's token (logged in); or
+    `pending` the second step the full check must finish (the attempt already counted);
+    or neither, a wrong or replayed code. `restricted`: the user restricted processing or
+    objected to it (as of the first step, which nothing changed since)."""
+
+    user_id: str
+    issued: IssuedToken | None = None
+    pending: SecondStep | None = None
+    restricted: bool = False
+
+
+async def finish_with_totp(factors: SecondFactors, accounts_logins: Logins, mfa_token: str,
+                           code: str, user_agent: str | None) -> Finish | None:
+    """The TOTP second step in one Redis round trip and no database work
+    (stores/mfa_login.py `finish`): the code's MAC for each step it may be of (now, or one
+    either side), compared with those the first step kept, the step taken, the token spent
+    and the session written in one script, while the user's epoch and profile generation
+    are still those of the first step. None for an unknown, used or expired token. `code`:
+    six digits (`totp_shaped`)."""
+    user_id = _token_user(mfa_token)
+    if user_id is None:
+        return None
+    current = int(time.time() // TOTP_PERIOD)
+    macs = [(step, factors.box.totp_mac(user_id, step, code))
+            for step in (current - 1, current, current + 1)]
+    issued, session = await accounts_logins.prepare(user_id, user_agent,
+                                                    full_amr(["pwd"], ["otp"]))
+    s = factors.settings
+    out = await logins.finish(factors.redis, accounts_logins.sessions, user_id, mfa_token,
+                              amr=_PASSWORD_FIRST, macs=macs, session=session,
+                              generation_key=generation_key(user_id),
+                              max_per_token=s.mfa_max_failures_per_token,
+                              max_per_account=s.mfa_max_failures_per_account,
+                              window=s.login_failure_window_seconds)
+    if out is None:
+        return None
+    if out.pending is not None:
+        step = _second_step(user_id, out.pending)
+        return None if step is None else Finish(user_id, pending=step)
+    restricted = out.flags == "1"
+    if not out.done:
+        return Finish(user_id, restricted=restricted)
+    accounts_logins.opened()
+    return Finish(user_id, issued=issued, restricted=restricted)
 
 
 async def login_state(db: AsyncSession, user_id: str) -> tuple[User | None,

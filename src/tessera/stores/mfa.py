@@ -1,7 +1,8 @@
 """Second factors in SQL: TOTP secrets (encrypted), recovery codes (hashed), passkeys.
 
-Every check that consumes something (a TOTP time step, a recovery code, a passkey's sign
-counter) is one conditional UPDATE, so two instances can never both accept the same code.
+Every check that consumes something (a recovery code, a passkey's sign counter) is one
+conditional UPDATE, so two instances can never both accept the same code; a TOTP time step
+is taken in Redis (stores/mfa_login.py `accept_step`), beside the sessions it opens.
 """
 
 from __future__ import annotations
@@ -10,13 +11,10 @@ import hashlib
 import hmac
 import os
 import secrets
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import Field, SQLModel, col, delete, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -35,7 +33,8 @@ class TotpFactor(SQLModel, table=True):
     secret_enc: str = Field(max_length=255)  # AES-GCM under a key derived from the secret
     created_at: datetime = _ts(default_factory=utcnow)
     confirmed_at: datetime | None = _ts(default=None)
-    # The last RFC 6238 time step accepted: only a greater one is accepted next (no replay).
+    # No longer read or written: the last accepted time step is kept in Redis
+    # (stores/mfa_login.py `accept_step`). The column stays for a rollback to 0.x.
     last_step: int = Field(default=0, sa_type=sa.BigInteger)
 
 
@@ -81,6 +80,7 @@ class SecretBox:
     def __init__(self, secret: bytes) -> None:
         self._aead = AESGCM(keys.derive_key(secret, b"totp-secret-encryption"))
         self._code_key = keys.derive_key(secret, b"recovery-code-hash")
+        self._totp_mac_key = keys.derive_key(secret, b"totp-code-mac")
 
     def encrypt(self, plaintext: str, user_id: str) -> str:
         nonce = os.urandom(12)
@@ -93,6 +93,13 @@ class SecretBox:
     def code_hash(self, normalised_code: str) -> str:
         # Codes carry 60 random bits: a keyed hash is as good as a slow one here.
         return hmac.new(self._code_key, normalised_code.encode(), hashlib.sha256).hexdigest()
+
+    def totp_mac(self, user_id: str, step: int, code: str) -> str:
+        """A keyed MAC of a TOTP code of a time step: the first login step keeps these for
+        the steps its mfa_token can be used in, so the second compares the code sent
+        without the secret (stores/mfa_login.py `finish`); worthless without the key."""
+        message = f"{user_id}:{step}:{code}".encode()
+        return hmac.new(self._totp_mac_key, message, hashlib.sha256).hexdigest()[:32]
 
 
 async def factor_counts(db: AsyncSession, user_id: str) -> tuple[str | None, int, int]:
@@ -135,77 +142,12 @@ async def put_pending_totp(db: AsyncSession, user_id: str, secret_enc: str) -> N
     await db.commit()
 
 
-async def confirm_totp(db: AsyncSession, user_id: str, step: int) -> bool:
+async def confirm_totp(db: AsyncSession, user_id: str) -> bool:
     result = await db.exec(
         update(TotpFactor)
         .where(col(TotpFactor.user_id) == user_id, col(TotpFactor.confirmed_at).is_(None))
-        .values(confirmed_at=utcnow(), last_step=step))
+        .values(confirmed_at=utcnow()))
     return bool(result.rowcount)
-
-
-async def accept_step(db: AsyncSession, user_id: str, step: int) -> bool:
-    """Take `step` as used if no equal or later step was accepted before (atomic)."""
-    result = await db.exec(
-        update(TotpFactor)
-        .where(col(TotpFactor.user_id) == user_id, col(TotpFactor.confirmed_at).is_not(None),
-               col(TotpFactor.last_step) < step)
-        .values(last_step=step))
-    return bool(result.rowcount)
-
-
-@dataclass(frozen=True)
-class LoginFlags:
-    """What a login needs of the user's row besides the credential: its id, whether it is
-    active, and the two rights that stop tracking."""
-
-    id: str
-    is_active: bool
-    restrict_processing: bool
-    object_to_processing: bool
-    password_hash: str | None
-
-
-# The replay guard of a second step whose factor came with its mfa_token (`sealed`: the
-# secret as the first step read it): the step is taken only if that factor is still the
-# user's, confirmed, and no equal or later step was accepted.
-_TAKE_SEALED_STEP = (sa.update(TotpFactor)
-                     .where(col(TotpFactor.user_id) == sa.bindparam("uid"),
-                            col(TotpFactor.secret_enc) == sa.bindparam("sealed_secret"),
-                            col(TotpFactor.confirmed_at).is_not(None),
-                            col(TotpFactor.last_step) < sa.bindparam("step_no"))
-                     .values(last_step=sa.bindparam("step_no")))
-
-
-def _flag(column: Any) -> sa.ScalarSelect[Any]:
-    return sa.select(column).where(col(User.id) == sa.bindparam("uid")).scalar_subquery()
-
-
-# ... and the user's flags back from the same statement.
-_ACCEPT_SEALED_STEP = _TAKE_SEALED_STEP.returning(
-    _flag(col(User.is_active)), _flag(col(User.restrict_processing)),
-    _flag(col(User.object_to_processing)), _flag(col(User.password_hash)))
-_USER_FLAGS = sa.select(col(User.is_active), col(User.restrict_processing),
-                        col(User.object_to_processing), col(User.password_hash)).where(
-    col(User.id) == sa.bindparam("uid"))
-
-
-async def accept_sealed_step(engine: AsyncEngine, user_id: str, sealed: str,
-                             step: int) -> LoginFlags | None:
-    """`accept_step` for the login's second step, on a connection of its own and without
-    the ORM: one statement, committed (UPDATE ... RETURNING; an UPDATE then a SELECT in one
-    transaction where the database has no RETURNING on UPDATE, as SQLite before 3.35).
-    None: a replay, or the factor changed or went since the first step."""
-    params = {"uid": user_id, "sealed_secret": sealed, "step_no": step}
-    async with engine.begin() as conn:
-        if engine.dialect.update_returning:
-            row = (await conn.execute(_ACCEPT_SEALED_STEP, params)).first()
-        else:
-            taken = await conn.execute(_TAKE_SEALED_STEP, params)
-            row = (await conn.execute(_USER_FLAGS, params)).first() if taken.rowcount else None
-    if row is None or row[0] is None:  # no step taken (or, impossibly, no user row)
-        return None
-    return LoginFlags(id=user_id, is_active=bool(row[0]), restrict_processing=bool(row[1]),
-                      object_to_processing=bool(row[2]), password_hash=row[3])
 
 
 async def delete_totp(db: AsyncSession, user_id: str) -> None:

@@ -26,7 +26,7 @@ import hmac
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from redis.asyncio.cluster import RedisCluster
 
@@ -85,29 +85,40 @@ end
 return deleted
 """
 
-# Writes the session KEYS[2] (record ARGV[2], TTL ARGV[3]) and indexes it in KEYS[3] (sid
-# ARGV[4], score ARGV[5]) only if the epoch KEYS[1] is still ARGV[1]; returns the number of
-# the user's live sessions, or -1 (nothing written) if the epoch moved. With ARGV[7] = '1',
-# KEYS[4] is a single-use key of the user's (the mfa_token of a second login step): it is
-# deleted first, and if it was gone already, -2 and nothing else happens; KEYS[5..] (the
-# step's attempt counter) are deleted with the session's creation.
-_CREATE = """
+# The Lua that writes a session: the record (TTL `ttl`) and its entry in the user's index
+# (sid -> score, the expiry), the index trimmed of expired entries and kept as long as its
+# longest-lived session; returns the number of the user's live sessions. Shared by `_CREATE`
+# and the second login step's one script (stores/mfa_login.py); `SessionStore.write_args`
+# gives its arguments.
+WRITE_SESSION = """
+local function write_session(session_key, index_key, record, ttl, sid, score, now)
+  ttl = tonumber(ttl)
+  now = tonumber(now)
+  redis.call('SET', session_key, record, 'EX', ttl)
+  redis.call('ZADD', index_key, score, sid)
+  redis.call('ZREMRANGEBYSCORE', index_key, '-inf', now)
+  local longest = redis.call('ZRANGE', index_key, -1, -1, 'WITHSCORES')
+  local index_ttl = ttl
+  if longest[2] then
+    local rest = math.floor(tonumber(longest[2])) - now
+    if rest > index_ttl then index_ttl = rest end
+  end
+  redis.call('EXPIRE', index_key, index_ttl)
+  return redis.call('ZCARD', index_key)
+end
+"""
+
+# Writes the session KEYS[2] and indexes it in KEYS[3] (ARGV[2..6]: `write_args`) only if
+# the epoch KEYS[1] is still ARGV[1]; returns the number of the user's live sessions, or -1
+# (nothing written) if the epoch moved. With ARGV[7] = '1', KEYS[4] is a single-use key of
+# the user's (the mfa_token of a second login step): it is deleted first, and if it was
+# gone already, -2 and nothing else happens; KEYS[5..] (the step's attempt counter) are
+# deleted with the session's creation.
+_CREATE = WRITE_SESSION + """
 if ARGV[7] == '1' and redis.call('DEL', KEYS[4]) == 0 then return -2 end
 if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return -1 end
 for i = 5, #KEYS do redis.call('DEL', KEYS[i]) end
-local now = tonumber(ARGV[6])
-local ttl = tonumber(ARGV[3])
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl)
-redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-local longest = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
-local index_ttl = ttl
-if longest[2] then
-  local rest = math.floor(tonumber(longest[2])) - now
-  if rest > index_ttl then index_ttl = rest end
-end
-redis.call('EXPIRE', KEYS[3], index_ttl)
-return redis.call('ZCARD', KEYS[3])
+return write_session(KEYS[2], KEYS[3], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 """
 
 
@@ -169,6 +180,28 @@ class SessionStore:
         raw = await self.redis.get(epoch_key(user_id))
         return str(raw) if raw is not None else "0"
 
+    async def epoch_with(self, user_id: str, also: str) -> tuple[str, str | None]:
+        """`epoch`, and one more key of the same user (same hash slot) in the same MGET:
+        the first login step reads the profile generation with it."""
+        epoch, extra = await self.redis.mget([epoch_key(user_id), also])
+        return (str(epoch) if epoch is not None else "0",
+                str(extra) if extra is not None else None)
+
+    @staticmethod
+    def write_keys(record: SessionRecord) -> list[str]:
+        """The keys `WRITE_SESSION`'s `write_session` writes: the session, the index."""
+        return [_session_key(record.user_id, record.sid), _index_key(record.user_id)]
+
+    @staticmethod
+    def write_args(record: SessionRecord) -> list[str | int]:
+        """`write_session`'s arguments after its two keys: the record, its TTL, the sid,
+        the score (the expiry, with the sub-second of creation so the oldest sorts first),
+        now."""
+        now = int(time.time())
+        # vars, not asdict: the fields are plain values (asdict deep-copies them, slowly)
+        return [json.dumps(vars(record)), max(1, record.expires_at - now), record.sid,
+                repr(record.expires_at + time.time() % 1), now]
+
     async def create(self, record: SessionRecord, *, epoch: str, take: str | None = None,
                      forget: Sequence[str] = ()) -> bool:
         """Write the session if the user's epoch is still `epoch`; False (nothing written) if a
@@ -176,25 +209,25 @@ class SessionStore:
         same user (hash tag), deleted in the same script; `AlreadyTaken` (nothing written) if
         it was gone. `forget` (with `take`): keys of the same user deleted with the session's
         creation."""
-        now = int(time.time())
-        ttl = max(1, record.expires_at - now)
-        index = _index_key(record.user_id)
-        keys = [epoch_key(record.user_id), _session_key(record.user_id, record.sid), index]
+        keys = [epoch_key(record.user_id), *self.write_keys(record)]
         if take is not None:
             keys += [take, *forget]
-        # Score: the expiry, with the sub-second of creation so the oldest sorts first.
         count = int(await self._create(
-            keys=keys,
-            args=[epoch, json.dumps(asdict(record)), ttl, record.sid,
-                  repr(record.expires_at + time.time() % 1), now, "1" if take else "0"]))
+            keys=keys, args=[epoch, *self.write_args(record), "1" if take else "0"]))
         if count == -2:
             raise AlreadyTaken()
         if count < 0:
             return False
-        if count > MAX_SESSIONS_PER_USER:  # a login loop must not grow a user's sessions forever
-            for sid in await self.redis.zrange(index, 0, count - MAX_SESSIONS_PER_USER - 1):
-                await self.delete(record.user_id, str(sid))
+        await self.trim(record.user_id, count)
         return True
+
+    async def trim(self, user_id: str, count: int) -> None:
+        """After a session was written and the user has `count`: a login loop must not grow
+        a user's sessions forever (the oldest past MAX_SESSIONS_PER_USER end)."""
+        if count > MAX_SESSIONS_PER_USER:
+            for sid in await self.redis.zrange(_index_key(user_id), 0,
+                                               count - MAX_SESSIONS_PER_USER - 1):
+                await self.delete(user_id, str(sid))
 
     async def get(self, user_id: str, sid: str) -> SessionRecord | None:
         return _decode(await self.redis.get(_session_key(user_id, sid)))
