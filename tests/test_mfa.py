@@ -328,7 +328,9 @@ async def test_export_lists_factors_without_secrets_and_deletion_removes_them(
     redis = app.state.tessera.redis
     await mfa_token_for(client, user["email"])  # a login left at its second step
     pending = [k async for k in redis.scan_iter(match=f"tessera:{{{user['id']}}}:mfa*")]
-    assert pending  # the mfa_token (its record holds the sealed TOTP secret) and its list
+    assert pending  # the mfa_token (its record holds MACs of codes) and its list
+    guard = f"tessera:{{{user['id']}}}:totp-steps"
+    assert await redis.exists(guard)  # the enrolment's code was spent there
     deleted = await client.request("DELETE", "/me", headers=bearer(token), json={
         "password": PASSWORD, "code": codes[0]})
     assert deleted.status_code == 204
@@ -337,6 +339,9 @@ async def test_export_lists_factors_without_secrets_and_deletion_removes_them(
         assert (await db.exec(select(RecoveryCode)
                               .where(RecoveryCode.user_id == user["id"]))).all() == []
     assert await redis.exists(*pending) == 0
+    # No key of the user's is left but the auth epoch (a bare counter, docs/security.md).
+    left = [k async for k in redis.scan_iter(match=f"tessera:{{{user['id']}}}:*")]
+    assert left == [f"tessera:{{{user['id']}}}:epoch"], left
 
 
 async def test_tokens_and_introspection_say_how_the_user_authenticated(client) -> None:

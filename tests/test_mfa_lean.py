@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -529,4 +530,30 @@ async def test_the_one_script_step_fails_closed_while_refused_deletions_wait(
     assert_problem(refused, 503, "unavailable")
     done = await client.post("/auth/login/mfa", json={"mfa_token": pending,
                                                       "code": totp_code(secret, 1)})
+    assert done.status_code == 200, done.text
+
+
+async def test_a_step_past_the_kept_macs_takes_the_full_check(
+        base_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An mfa_token that lives longer than the 24 steps whose MACs the first step keeps
+    (TESSERA_MFA_TOKEN_TTL_SECONDS=900): a right code of a step without its MAC (or whose
+    neighbours have none) is checked by the full check, not refused."""
+    import types
+
+    import pyotp
+
+    from tessera.domain import mfa as dmfa
+    from tests.conftest import running_app
+
+    async with running_app(**{**base_settings, "mfa_token_ttl_seconds": 900}) as app:
+        async with client_for(app) as client:
+            user, _, secret, _ = await user_with_totp(client)
+            start = time.time()
+            pending = await mfa_token_for(client, user["email"])
+            step = int(start // 30) - 1 + 24  # the first step kept MACs up to step - 1
+            offset = step * 30 + 1 - time.time()
+            monkeypatch.setattr(dmfa, "time", types.SimpleNamespace(
+                time=lambda: time.time() + offset))
+            done = await client.post("/auth/login/mfa", json={
+                "mfa_token": pending, "code": pyotp.TOTP(secret).at(step * 30)})
     assert done.status_code == 200, done.text

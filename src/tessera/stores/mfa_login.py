@@ -97,7 +97,7 @@ return 1
 # (`SessionStore.write_args`), 11.. (time step, MAC of the code sent for it) pairs.
 # Returns nil: unknown token (nothing counted); {1, ttl} past a limit (as `_BEGIN`, a token
 # past its limit counts no attempt on the account); {2, record}: counted, and the full
-# check decides (the user or factor changed, another amr, or no MAC for these steps);
+# check decides (the user or factor changed, another amr, or a step without its MAC);
 # {3, flags}: counted, a wrong code or a replay; {4, flags, sessions}: done.
 _FINISH = WRITE_SESSION + """
 local f = redis.call('HMGET', KEYS[1], 'r', 'a', 'e', 'g', 'f', 'k')
@@ -110,15 +110,12 @@ if f[2] ~= ARGV[4] or f[3] ~= (redis.call('GET', KEYS[3]) or '0')
     or f[4] ~= (redis.call('GET', KEYS[4]) or '') or not f[6] then
   return {2, f[1]}
 end
-local known, matched = false, nil
+local matched = nil
 for i = 11, #ARGV, 2 do
   local mac = redis.call('HGET', KEYS[1], 'c' .. ARGV[i])
-  if mac then
-    known = true
-    if mac == ARGV[i + 1] then matched = ARGV[i] end
-  end
+  if not mac then return {2, f[1]} end
+  if mac == ARGV[i + 1] then matched = ARGV[i] end
 end
-if not known then return {2, f[1]} end
 if not matched or (tonumber(redis.call('HGET', KEYS[5], f[6])) or 0) >= tonumber(matched) then
   return {3, f[5]}
 end
@@ -190,15 +187,16 @@ async def put(redis: AnyRedis, user_id: str, mfa_token: str, record: dict[str, A
 
 
 async def forget(redis: AnyRedis, user_id: str) -> None:
-    """The account is erased: its pending second steps go too (their records hold the
-    sealed TOTP secret), not only the ones a later epoch would refuse. Call it after the
-    erasure's last epoch bump: a first step in flight then writes nothing (`put`)."""
+    """The account is erased: its pending second steps go too (their records name the user
+    and hold MACs of codes), not only the ones a later epoch would refuse, and so do its
+    attempt counter and TOTP replay guard. Call it after the erasure's last epoch bump: a
+    first step in flight then writes nothing (`put`)."""
     pending = pending_key(user_id)
     keys = [k.decode() if isinstance(k, bytes) else str(k)
             for k in await redis.zrange(pending, 0, -1)]
     for start in range(0, len(keys), 500):
         await redis.delete(*keys[start:start + 500])
-    await redis.delete(pending)
+    await redis.delete(pending, account_key(user_id), steps_key(user_id))
 
 
 async def begin(redis: AnyRedis, user_id: str, mfa_token: str, *, max_per_token: int,
