@@ -557,3 +557,63 @@ async def test_a_step_past_the_kept_macs_takes_the_full_check(
             done = await client.post("/auth/login/mfa", json={
                 "mfa_token": pending, "code": pyotp.TOTP(secret).at(step * 30)})
     assert done.status_code == 200, done.text
+
+
+@pytest.mark.parametrize("change", ["deactivate", "password"])
+async def test_a_change_cut_short_after_its_commit_still_stops_a_pending_second_step(
+        app: FastAPI, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    """The process ends (here: what follows the COMMIT fails) after a deactivation's or a
+    password change's commit, before the profile generation moves after it and before the
+    sessions end: the generation moved before the commit too, so a second step begun
+    before the change takes the full check, which reads the row and refuses."""
+    from tessera.domain import accounts
+
+    async def cut_short(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the process ended here")
+
+    async with client_for(app) as client:
+        user, token, secret, codes = await user_with_totp(client)
+        pending = await mfa_token_for(client, user["email"])
+        monkeypatch.setattr(accounts, "user_changed", cut_short)
+        if change == "deactivate":
+            cut = await client.post("/me/deactivate", headers=bearer(token))
+        else:
+            cut = await client.post("/me/password", headers=bearer(token), json={
+                "current_password": PASSWORD, "new_password": "another-long-password-9",
+                "code": codes[0]})
+        monkeypatch.undo()
+        assert cut.status_code == 500  # what the test made of the rest of the change
+        client.cookies.clear()
+        late = await client.post("/auth/login/mfa", json={"mfa_token": pending,
+                                                          "code": totp_code(secret, 1)})
+    if change == "deactivate":
+        assert_problem(late, 403, "account_inactive")
+    else:
+        assert_problem(late, 401, "invalid_token")  # the token's password is not the row's
+
+
+async def test_a_new_enrolment_never_replaces_a_confirmed_factor(
+        app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An enrolment that started while the previous one was being confirmed (its check saw
+    no confirmed factor) must not delete the confirmed factor: 409, the factor stays."""
+    from tessera.domain import mfa as dmfa
+    from tessera.errors import Problem
+    from tessera.stores.models import User as UserRow
+
+    user, token, secret, _ = await user_with_totp(client)
+    t = app.state.tessera
+
+    async def not_yet_confirmed(db: Any, user_id: str) -> None:
+        return None  # what the racing request read, before the confirmation committed
+
+    async with t.db_factory() as db:
+        row = await db.get(UserRow, user["id"])
+        assert row is not None
+        monkeypatch.setattr(dmfa.store, "get_totp", not_yet_confirmed)
+        with pytest.raises(Problem) as refused:
+            await dmfa.start_totp(db, t.factors, row)
+        monkeypatch.undo()
+    assert refused.value.code == "totp_already_enabled"
+    done = await client.post("/auth/login/mfa", json={
+        "mfa_token": await mfa_token_for(client, user["email"]), "code": totp_code(secret, 1)})
+    assert done.status_code == 200, done.text

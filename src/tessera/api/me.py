@@ -187,7 +187,8 @@ async def confirm_email(body: EmailTokenIn, db: DbDep, settings: SettingsDep,
 async def change_password(request: Request, body: PasswordChangeIn, user: CurrentUser,
                           principal: CurrentSession, db: DbDep, settings: SettingsDep,
                           limiter: LimiterDep, hasher: HasherDep, mail_worker: MailWorkerDep,
-                          logins: LoginsDep, factors: SecondFactorsDep) -> Response:
+                          profiles: ProfilesDep, logins: LoginsDep,
+                          factors: SecondFactorsDep) -> Response:
     await confirm_attempt(settings, limiter, user, request)
 
     async def second_factor() -> None:
@@ -195,7 +196,7 @@ async def change_password(request: Request, body: PasswordChangeIn, user: Curren
                                         challenge_id=body.challenge_id,
                                         credential=body.credential)
 
-    await accounts.change_password(db, settings, hasher, mail_worker, logins, user,
+    await accounts.change_password(db, settings, hasher, mail_worker, profiles, logins, user,
                                    password_text(body.current_password), body.new_password,
                                    keep_sid=principal.sid, check_factor=second_factor)
     await limiter.forgive("password-confirm", user.id, all_of_them=True)

@@ -282,6 +282,15 @@ async def user_changed(profiles: ProfileCache, user_id: str) -> None:
     await profiles.invalidate(user_id)
 
 
+async def user_changing(profiles: ProfileCache, user_id: str) -> None:
+    """Before the commit of a change that must stop a login half done (a deactivation, a
+    new password, a TOTP factor removed), besides `user_changed` after it: the generation
+    moves before the commit too, so a second step begun before the change takes the full
+    check, which reads the row, even if the process ends between the commit and what
+    follows it (domain/mfa.py `finish_with_totp`)."""
+    await profiles.invalidate(user_id)
+
+
 async def set_restrictions(db: AsyncSession, profiles: ProfileCache, user: User, *,
                            restrict: bool, object_to: bool) -> User:
     user.restrict_processing = restrict
@@ -331,8 +340,8 @@ async def reactivate(db: AsyncSession, profiles: ProfileCache, logins: Logins, u
 
 
 async def change_password(db: AsyncSession, settings: Settings, hasher: PasswordHasher,
-                          mail_worker: MailWorker, logins: Logins, user: User, current: str,
-                          new: str, keep_sid: str,
+                          mail_worker: MailWorker, profiles: ProfileCache, logins: Logins,
+                          user: User, current: str, new: str, keep_sid: str,
                           check_factor: Callable[[], Awaitable[None]] | None = None) -> None:
     """`check_factor`: the second-factor check, run once the current password is right."""
     if not await verify_password(hasher, user, current):
@@ -346,8 +355,10 @@ async def change_password(db: AsyncSession, settings: Settings, hasher: Password
     mail.queue_password_changed(db, settings, user, "with the current password")
     await audit(db, "password_changed", user_id=user.id, commit=False)
     events.emit(db, "user.password_changed", {"user_id": user.id})
+    await user_changing(profiles, user.id)
     await db.commit()
     mail_worker.wake()
+    await user_changed(profiles, user.id)
     await logins.revoke_all(user.id, "password_changed", keep_sid=keep_sid)
 
 
@@ -358,6 +369,7 @@ async def deactivate(db: AsyncSession, profiles: ProfileCache, logins: Logins, u
     db.add(user)
     await audit(db, "deactivated", user_id=user.id, actor_id=actor_id, commit=False)
     events.emit(db, "user.deactivated", {"user_id": user.id})
+    await user_changing(profiles, user.id)
     await db.commit()
     await user_changed(profiles, user.id)
     await logins.revoke_all(user.id, "deactivated")

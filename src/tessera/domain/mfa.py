@@ -37,7 +37,7 @@ from webauthn.helpers.structs import (
 )
 
 from tessera.config import Settings
-from tessera.domain.accounts import Logins
+from tessera.domain.accounts import Logins, user_changing
 from tessera.domain.profiles import ProfileCache, generation_key
 from tessera.errors import Problem
 from tessera.security.tokens import IssuedToken
@@ -157,7 +157,13 @@ async def start_totp(db: AsyncSession, factors: SecondFactors, user: User) -> di
         raise Problem("totp_already_enabled",
                       "TOTP is already active; disable it first to enrol a new authenticator.")
     secret = pyotp.random_base32()  # 160 bits, as RFC 4226 recommends for SHA-1
-    await store.put_pending_totp(db, user.id, factors.box.encrypt(secret, user.id))
+    try:
+        await store.put_pending_totp(db, user.id, factors.box.encrypt(secret, user.id))
+    except IntegrityError:  # confirmed by a concurrent request since the check above
+        await db.rollback()
+        raise Problem("totp_already_enabled",
+                      "TOTP is already active; disable it first to enrol a new "
+                      "authenticator.") from None
     uri = _totp(secret).provisioning_uri(name=user.email or user.id,
                                          issuer_name=factors.settings.mfa_issuer)
     return {"secret": secret, "otpauth_uri": uri}
@@ -185,9 +191,11 @@ async def confirm_totp(db: AsyncSession, factors: SecondFactors, user: User,
 
 async def disable_totp(db: AsyncSession, factors: SecondFactors, user_id: str) -> None:
     await store.delete_totp(db, user_id)
+    # A pending second step recorded with this factor's codes takes the full check (which
+    # finds no factor), not the one-script path (stores/mfa_login.py): the generation moves
+    # before the commit and after it (accounts.user_changing).
+    await user_changing(factors.profiles, user_id)
     await db.commit()
-    # After the commit: a pending second step recorded with this factor's codes takes the
-    # full check (which finds no factor), not the one-script path (stores/mfa_login.py).
     await factors.profiles.invalidate(user_id)
 
 

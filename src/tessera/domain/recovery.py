@@ -20,6 +20,7 @@ from tessera.domain.accounts import (
     audit,
     email_key,
     find_by_email,
+    user_changing,
     verify_password,
 )
 from tessera.domain.mail import MailWorker
@@ -124,6 +125,7 @@ async def confirm_reset(db: AsyncSession, settings: Settings, hasher: PasswordHa
     mail.queue_password_changed(db, settings, user, "with a password reset link")
     events.emit(db, "user.password_changed", {"user_id": user.id})
     await audit(db, "password_reset", user_id=user.id, commit=False)
+    await user_changing(profiles, user.id)
     await db.commit()
     mail_worker.wake()
     await profiles.invalidate(user.id)

@@ -136,8 +136,10 @@ async def user_with_totp(db: AsyncSession, user_id: str) -> tuple[User | None,
 
 
 async def put_pending_totp(db: AsyncSession, user_id: str, secret_enc: str) -> None:
-    """A new, unconfirmed secret (replacing an unconfirmed one)."""
-    await db.exec(delete(TotpFactor).where(col(TotpFactor.user_id) == user_id))
+    """A new, unconfirmed secret (replacing an unconfirmed one, never a confirmed one: an
+    enrolment confirmed meanwhile makes the insert fail, IntegrityError)."""
+    await db.exec(delete(TotpFactor).where(col(TotpFactor.user_id) == user_id,
+                                           col(TotpFactor.confirmed_at).is_(None)))
     db.add(TotpFactor(user_id=user_id, secret_enc=secret_enc))
     await db.commit()
 
