@@ -122,6 +122,8 @@ def _serve(env: dict[str, str], timeout: float = 60) -> subprocess.Popen[str]:
     (("--appendonly", "no", "--save", "60", "1"), "appendonly no"),
     (("--appendonly", "yes", "--appendfsync", "no", "--save", ""), "appendfsync no"),
     (("--appendonly", "yes", "--rename-command", "CONFIG", ""), "TESSERA_REDIS_DURABILITY=trusted"),
+    (("--appendonly", "yes", "--save", "", "--maxmemory", "64mb", "--maxmemory-policy",
+      "volatile-ttl"), "maxmemory-policy volatile-ttl"),
 ])
 def test_serve_refuses_a_redis_that_may_forget_logouts(
         base_settings: dict[str, Any], tmp_path: Path, redis_args: tuple[str, ...],

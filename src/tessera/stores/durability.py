@@ -48,7 +48,22 @@ def _persistence_problem(config: Mapping[Any, Any]) -> str | None:
     if fsync not in DURABLE_FSYNC:
         return (f"Redis writes its append-only file with appendfsync {fsync or '?'}: set "
                 "appendfsync always or everysec, or TESSERA_REDIS_DURABILITY=off to accept that")
+    policy = str(config.get("maxmemory-policy", "noeviction")).lower()
+    if str(config.get("maxmemory", "0")) != "0" and policy != "noeviction":
+        # Sessions, epochs, attempt counters and the TOTP replay guard all live in Redis:
+        # an evicted epoch or guard is a check forgotten, not a cache miss.
+        return (f"Redis may evict keys (maxmemory-policy {policy} with a maxmemory set): "
+                "a logout, an attempt counter or a TOTP replay guard could be forgotten; "
+                "set maxmemory-policy noeviction (or maxmemory 0), or "
+                "TESSERA_REDIS_DURABILITY=off to accept that")
     return None
+
+
+async def _config(client: AnyRedis, **node: Any) -> dict[Any, Any]:
+    """The settings `_persistence_problem` reads (of one cluster node, with `target_nodes`)."""
+    config = dict(await client.config_get("append*", **node))
+    config.update(await client.config_get("maxmemory*", **node))
+    return config
 
 
 async def persistence_problem(client: AnyRedis) -> str | None:
@@ -57,12 +72,11 @@ async def persistence_problem(client: AnyRedis) -> str | None:
     try:
         if isinstance(client, RedisCluster):
             for node in client.get_primaries():
-                config = await client.config_get("append*", target_nodes=node)
-                problem = _persistence_problem(config)
+                problem = _persistence_problem(await _config(client, target_nodes=node))
                 if problem:
                     return f"{problem} (node {node.name})"
             return None
-        return _persistence_problem(await client.config_get("append*"))
+        return _persistence_problem(await _config(client))
     except redis.exceptions.ResponseError as exc:  # CONFIG renamed, or not allowed (ACL)
         if isinstance(exc, _WRITE_REFUSALS):
             raise
