@@ -156,9 +156,10 @@ def factor_id(secret_enc: str) -> str:
     return hashlib.sha256(secret_enc.encode()).hexdigest()[:16]
 
 
-# A step may be matched until the clock is one step past it (one step of drift), so it is
-# remembered while a later code could still name it: 5 steps of 30 s is ample.
-STEPS_TTL_SECONDS = 150
+# A step may be matched until the clock is one step past it (one step of drift), 90 s at
+# most after it was accepted; it is remembered for 10 minutes, which also covers instances
+# whose clocks disagree by minutes.
+STEPS_TTL_SECONDS = 600
 
 
 @dataclass(frozen=True)
