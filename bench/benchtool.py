@@ -459,11 +459,29 @@ def cmd_mfa_step_cost(a):
     for _ in range(a.warm_steps):
         step(next(pool))
     hz = os.sysconf("SC_CLK_TCK")
-    t0, r0 = _pid_ticks(a.pid), _pid_ticks(a.redis_pid)
-    walls = [step(next(pool)) for _ in range(a.steps)]
-    t1, r1 = _pid_ticks(a.pid), _pid_ticks(a.redis_pid)
-    cpu_us = (t1 - t0) / hz / a.steps * 1e6
-    redis_cpu_us = (r1 - r0) / hz / a.steps * 1e6
+    # The steps in blocks, alternated (ABBA) with blocks of GET /healthz on the same
+    # connection, one at a time too: the server's CPU for an empty request says how fast
+    # the host is meanwhile (its speed swings within a run; docs/performance.md).
+    blocks = 4
+    per_block = max(1, a.steps // blocks)
+    walls: list[float] = []
+    step_ticks = redis_ticks = ref_ticks = ref_n = 0
+    for b in range(blocks):
+        for kind in (("steps", "ref") if b % 2 == 0 else ("ref", "steps")):
+            t0, r0 = _pid_ticks(a.pid), _pid_ticks(a.redis_pid)
+            if kind == "steps":
+                walls += [step(next(pool)) for _ in range(per_block)]
+                step_ticks += _pid_ticks(a.pid) - t0
+                redis_ticks += _pid_ticks(a.redis_pid) - r0
+            else:
+                for _ in range(per_block * 3):
+                    c.request("GET", "/healthz")
+                ref_ticks += _pid_ticks(a.pid) - t0
+                ref_n += per_block * 3
+    steps = per_block * blocks
+    cpu_us = step_ticks / hz / steps * 1e6
+    redis_cpu_us = redis_ticks / hz / steps * 1e6
+    ref_us = ref_ticks / hz / ref_n * 1e6
 
     seen: list[dict] = []
     marker = "bench:mfa-cost-marker:" + os.urandom(6).hex()
@@ -490,16 +508,17 @@ def cmd_mfa_step_cost(a):
     sent = [x for x in seen if x.get("client_type") != "lua"]
     scripts = [x for x in sent if x["command"].split()[0].upper() in ("EVALSHA", "EVAL")]
     walls.sort()
-    rec = {"kind": "mfa-cost", "steps": a.steps, "failures": failures,
-           "cpu_us": cpu_us, "redis_cpu_us": redis_cpu_us,
+    rec = {"kind": "mfa-cost", "steps": steps, "failures": failures,
+           "cpu_us": cpu_us, "redis_cpu_us": redis_cpu_us, "healthz_cpu_us": ref_us,
            "wall_p50_us": _pct([w * 1e6 for w in walls], 50),
            "wall_mean_us": statistics.mean(walls) * 1e6,
            "redis_commands": len(sent) / a.monitor_steps,
            "redis_scripts": len(scripts) / a.monitor_steps,
            "redis_command_names": sorted({x["command"].split()[0].upper() for x in sent})}
     _append(a.results, rec)
-    print(f"  mfa-step-cost: {a.steps} steps one at a time: server CPU {_fmt_us(cpu_us)}/step "
-          f"(+ Redis {_fmt_us(redis_cpu_us)}), wall p50 {_fmt_us(rec['wall_p50_us'])}; "
+    print(f"  mfa-step-cost: {steps} steps one at a time: server CPU {_fmt_us(cpu_us)}/step "
+          f"(+ Redis {_fmt_us(redis_cpu_us)}; GET /healthz alternated with them: "
+          f"{_fmt_us(ref_us)}), wall p50 {_fmt_us(rec['wall_p50_us'])}; "
           f"{rec['redis_commands']:.1f} Redis commands/step ({rec['redis_scripts']:.1f} "
           f"scripts: {', '.join(rec['redis_command_names'])}); {failures} not 200",
           file=sys.stderr)
@@ -1417,6 +1436,11 @@ def cmd_report(a):
                "row; the issue: a TOTP login costs one bcrypt verify plus well under 1 ms)",
                f"{_fmt_us(cost['cpu_us'])} (+ Redis {_fmt_us(cost['redis_cpu_us'])}) vs "
                f"{_ms(verify['median_us'])}", f"{r:.1%}", "< 1 ms", cost["cpu_us"] < 1000)
+        if cost.get("healthz_cpu_us"):
+            target("(the same host meanwhile: GET /healthz one at a time, its blocks alternated "
+                   "with the steps'; the step costs this many empty requests)",
+                   _fmt_us(cost["healthz_cpu_us"]),
+                   f"{cost['cpu_us'] / cost['healthz_cpu_us']:.1f}×", "—", None)
         r = cost["wall_p50_us"] / verify["median_us"]
         target("second step, wall time per step, one sequential client (p50) vs one bcrypt "
                "verify", f"{_fmt_us(cost['wall_p50_us'])} vs {_ms(verify['median_us'])}",

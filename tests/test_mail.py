@@ -595,3 +595,26 @@ def test_an_operator_can_override_a_template(tmp_path: Path, base_settings) -> N
     _, _, escaped = render(settings, "email_change_notice", {
         "email": "a@example.com", "new_email": "<b>x</b>@example.com", "to": "a@example.com"})
     assert "<b>x</b>" not in escaped and "&lt;b&gt;x&lt;/b&gt;" in escaped
+
+
+async def test_a_reset_asks_for_the_second_factor_where_one_is_enrolled(
+        client, smtp) -> None:
+    """A mailbox alone does not take an account with a factor over (issue 14): the reset
+    link needs a TOTP or recovery code too, and nothing changes before both are right."""
+    from tests.test_mfa import enrol_totp, totp_code
+
+    user, session_token = await registered_token(client)
+    secret, _ = await enrol_totp(client, session_token)
+    token = await _reset_mail(client, smtp, user["email"])
+    assert_problem(await client.post("/auth/password-reset/confirm", json={
+        "token": token, "new_password": NEW_PASSWORD}), 401, "mfa_required")
+    assert_problem(await client.post("/auth/password-reset/confirm", json={
+        "token": token, "new_password": NEW_PASSWORD, "code": "000000"}), 401, "invalid_code")
+    assert (await client.get("/me", headers=bearer(session_token))).status_code == 200
+    done = await client.post("/auth/password-reset/confirm", json={
+        "token": token, "new_password": NEW_PASSWORD, "code": totp_code(secret, 1)})
+    assert done.status_code == 204, done.text
+    assert_problem(await client.get("/me", headers=bearer(session_token)), 401,
+                   "not_authenticated")
+    # the new password, and still the factor
+    assert_problem(await login(client, user["email"], NEW_PASSWORD), 401, "mfa_required")
