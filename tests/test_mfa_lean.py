@@ -97,9 +97,10 @@ async def test_a_totp_second_step_is_one_redis_script(client: httpx.AsyncClient,
     assert "HINCRBY" in inside and "HSET" in inside and "ZADD" in inside, inside
 
 
-def _watch_sql(app: FastAPI) -> tuple[list[str], list[int], Any]:
-    """The statements and commits this task makes (httpx's ASGI transport runs the app in
-    the test's task); call the returned function to stop watching."""
+async def _step_watched(app: FastAPI, client: httpx.AsyncClient, mfa_token: str,
+                        code: str) -> tuple[httpx.Response, list[str], list[int]]:
+    """POST /auth/login/mfa, with the statements and commits it made (httpx's ASGI
+    transport runs the app in the test's task)."""
     engine = app.state.tessera.engine.sync_engine
     here = asyncio.current_task()
     statements: list[str] = []
@@ -115,11 +116,13 @@ def _watch_sql(app: FastAPI) -> tuple[list[str], list[int], Any]:
 
     event.listen(engine, "before_cursor_execute", on_statement)
     event.listen(engine, "commit", on_commit)
-
-    def stop() -> None:
+    try:
+        done = await client.post("/auth/login/mfa", json={"mfa_token": mfa_token,
+                                                          "code": code})
+    finally:
         event.remove(engine, "before_cursor_execute", on_statement)
         event.remove(engine, "commit", on_commit)
-    return statements, commits, stop
+    return done, statements, commits
 
 
 async def test_a_totp_second_step_does_no_database_work(app: FastAPI,
@@ -130,12 +133,8 @@ async def test_a_totp_second_step_does_no_database_work(app: FastAPI,
     user, _, secret, _ = await user_with_totp(client)
     mfa_token = await mfa_token_for(client, user["email"])
     client.cookies.clear()
-    statements, commits, stop = _watch_sql(app)
-    try:
-        done = await client.post("/auth/login/mfa", json={"mfa_token": mfa_token,
-                                                          "code": totp_code(secret, 1)})
-    finally:
-        stop()
+    done, statements, commits = await _step_watched(app, client, mfa_token,
+                                                    totp_code(secret, 1))
     assert done.status_code == 200, done.text
     assert statements == [] and commits == [], statements
     await app.state.tessera.audit_trail.flush()  # the event is there once flushed
@@ -273,12 +272,7 @@ async def test_a_restriction_made_before_the_first_step_travels_with_the_mfa_tok
         "restrict_processing": True, "object_to_processing": False})
     pending = await mfa_token_for(client, user["email"])
     client.cookies.clear()
-    statements, _, stop = _watch_sql(app)
-    try:
-        done = await client.post("/auth/login/mfa", json={"mfa_token": pending,
-                                                          "code": totp_code(secret, 1)})
-    finally:
-        stop()
+    done, statements, _ = await _step_watched(app, client, pending, totp_code(secret, 1))
     assert done.status_code == 200, done.text
     assert statements == []  # the one-script path, not the full check
     assert done.headers["tk"] == "N"

@@ -35,6 +35,7 @@ from tessera.stores.sessions import SessionRecord, SessionStore
 from tessera.stores.usage import UsageRecorder
 
 audit_log = logging.getLogger("tessera.audit")
+log = logging.getLogger("tessera.accounts")
 
 
 def email_key(email: str) -> str:
@@ -287,8 +288,15 @@ async def user_changing(profiles: ProfileCache, user_id: str) -> None:
     new password, a TOTP factor removed), besides `user_changed` after it: the generation
     moves before the commit too, so a second step begun before the change takes the full
     check, which reads the row, even if the process ends between the commit and what
-    follows it (domain/mfa.py `finish_with_totp`)."""
-    await profiles.invalidate(user_id)
+    follows it (domain/mfa.py `finish_with_totp`). Best effort: a failure here must not stop
+    the change. The bump after the commit still runs, and while Redis refuses writes the
+    one-script step is closed anyway (a refused bump is kept and done later, as
+    `ProfileCache.invalidate` does)."""
+    try:
+        await profiles.invalidate(user_id)
+    except Exception as exc:
+        log.warning("profile generation not moved before a change to user %s: %s", user_id,
+                    type(exc).__name__)
 
 
 async def set_restrictions(db: AsyncSession, profiles: ProfileCache, user: User, *,
