@@ -37,7 +37,7 @@ from webauthn.helpers.structs import (
 )
 
 from tessera.config import Settings
-from tessera.domain.accounts import Logins, user_changing
+from tessera.domain.accounts import Logins, user_changed, user_changing
 from tessera.domain.profiles import ProfileCache, generation_key
 from tessera.errors import Problem
 from tessera.security.tokens import IssuedToken
@@ -139,9 +139,10 @@ def _totp(secret: str) -> pyotp.TOTP:
 
 def matching_step(secret: str, code: str, now: float | None = None) -> int | None:
     """The time step (now, or one either side for clock drift) whose code this is."""
-    code = code.strip().replace(" ", "")
-    if len(code) != TOTP_DIGITS or not code.isdigit():
+    shaped = totp_shaped(code)
+    if shaped is None:
         return None
+    code = shaped
     totp = _totp(secret)
     current = int((time.time() if now is None else now) // TOTP_PERIOD)
     found = None
@@ -196,7 +197,7 @@ async def disable_totp(db: AsyncSession, factors: SecondFactors, user_id: str) -
     # before the commit and after it (accounts.user_changing).
     await user_changing(factors.profiles, user_id)
     await db.commit()
-    await factors.profiles.invalidate(user_id)
+    await user_changed(factors.profiles, user_id)
 
 
 async def regenerate_recovery_codes(db: AsyncSession, factors: SecondFactors,
